@@ -1,0 +1,95 @@
+"""The backend contract: what the runner asks of each model.
+
+Both backends (llava_rad_medical_only.LLaVARadMedical, medgemma_enhanced.MedGemmaMedical)
+subclass :class:`VLMBackend`. The runner never knows which model it drives.
+
+    backend.score(image, questions, findings)  -> list[QuestionScore], one per question
+    backend.grid                               -> (rows, cols) of the image-token grid
+    backend.geometry(width, height)            -> Geometry: where the grid sits on the image
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from medvlm.geometry import Geometry
+
+
+@dataclass(frozen=True)
+class QuestionScore:
+    """What one question about one image yields.
+
+    question     the question text as asked (without the answer-format suffix)
+    prompt       the full prompt text the model saw (image placeholder left symbolic)
+    p_yes        P(yes) / (P(yes) + P(no)) at the answering position, summed over every
+                 yes/no token id (casings, leading-space forms)
+    coverage     P(yes) + P(no): how much of the next-token mass the two answers hold
+    answer       "yes" if p_yes >= 0.5 else "no"
+    attention    float32 [n_layers, n_image_tokens] (head-aggregated) or
+                 [n_layers, n_heads, n_image_tokens] (head_mode "none"): the attention the
+                 chosen query tokens pay to each image token, averaged over those query
+                 tokens, raw softmax mass (not renormalised over the image)
+    layers       the layer indices the first axis of `attention` stands for
+    image_mass   float32 [n_layers]: total attention mass on the image span per layer
+                 (before head aggregation: mean over heads)
+    n_query_tokens  how many query tokens were averaged
+    generated_text  free-text answer when generation was requested, else None
+    generated_answer "yes" / "no" / None (unparseable or not requested)
+    """
+
+    question: str
+    prompt: str
+    p_yes: float
+    coverage: float
+    answer: str
+    attention: np.ndarray
+    layers: tuple[int, ...]
+    image_mass: np.ndarray
+    n_query_tokens: int
+    generated_text: str | None = None
+    generated_answer: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class VLMBackend(ABC):
+    """A model that answers yes/no questions about one image and reports where it looked."""
+
+    #: registry name ("llava_rad", "medgemma")
+    name: str = ""
+
+    @property
+    @abstractmethod
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of the image-token grid; rows * cols image tokens, row-major."""
+
+    @abstractmethod
+    def geometry(self, width: int, height: int) -> Geometry:
+        """How an original image of width x height maps onto the model's token grid."""
+
+    @abstractmethod
+    def score(
+        self,
+        image: Image.Image,
+        questions: Sequence[str],
+        findings: Sequence[str] | None = None,
+    ) -> list[QuestionScore]:
+        """Score questions about one image in one batched pass.
+
+        image      the original image (RGB or L), any size
+        questions  Q question strings
+        findings   Q finding phrases (used by query mode "finding"), or None
+        returns    Q QuestionScore, in the order of `questions`
+        """
+
+    def describe(self) -> dict:
+        """Facts for the manifest: model id, revision, dtype, attention implementation,
+        prompt template, query mode, layers and head mode."""
+        return {"name": self.name}
+
+    def unload(self) -> None:
+        """Free the model's memory (GPU included)."""
