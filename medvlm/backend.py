@@ -91,5 +91,6 @@ class VLMBackend(ABC):
         prompt template, query mode, layers and head mode."""
         return {"name": self.name}
 
+    @abstractmethod
     def unload(self) -> None:
         """Free the model's memory (GPU included)."""

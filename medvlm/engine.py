@@ -1,0 +1,153 @@
+"""Shared-prefix scoring: the prefix (system text + image) runs once with use_cache; all
+question suffixes of one image run as one right-padded batch on a copy of that cache.
+
+Both backends feed this the pieces of their own model:
+    decoder            the text decoder (LlamaModel, Gemma3TextModel): input_ids -> hidden
+    head               hidden [n, d] -> logits [n, vocab] (lm_head, plus any final softcap)
+    attention_modules  decoder.layers[i].self_attn, for the row capture
+From one forward pass over the suffixes it reads the next-token logits at the last real
+token of each row and the attention rows of the chosen query tokens over the image span.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from medvlm.capture import CaptureSpec, capture_rows
+from medvlm.scoring import AnswerTokens, yes_probability
+
+
+@dataclass(frozen=True)
+class SuffixScores:
+    """One forward over Q question suffixes.
+
+    logits      [Q, vocab] float32: next-token logits at each row's last real token
+    p_yes       [Q] float64;  coverage [Q] float64
+    attention   [Q, L, n_image] or [Q, L, H, n_image] float32: rows averaged over each
+                question's valid query tokens (head mode "none" keeps heads)
+    image_mass  [Q, L] float32: attention mass on the image span (mean over heads/queries)
+    layers      the L layer indices
+    n_query     [Q] number of query tokens averaged per question
+    """
+
+    logits: torch.Tensor
+    p_yes: torch.Tensor
+    coverage: torch.Tensor
+    attention: torch.Tensor
+    image_mass: torch.Tensor
+    layers: tuple[int, ...]
+    n_query: torch.Tensor
+
+
+def repeat_cache(cache, n: int):
+    """A copy of a batch-1 prefix cache repeated to batch n (the original is untouched)."""
+    out = copy.deepcopy(cache)
+    out.batch_repeat_interleave(n)
+    return out
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists -> (ids [Q, S] long, mask [Q, S] long)."""
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("every suffix needs at least one token")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long, device=device)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def query_tensors(positions: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row query positions -> (index [Q, nq] long, valid [Q, nq] bool), padded with 0."""
+    if any(len(p) == 0 for p in positions):
+        raise ValueError("every question needs at least one query position")
+    width = max(len(p) for p in positions)
+    index = torch.zeros((len(positions), width), dtype=torch.long, device=device)
+    valid = torch.zeros((len(positions), width), dtype=torch.bool, device=device)
+    for i, p in enumerate(positions):
+        index[i, : len(p)] = torch.tensor(list(p), dtype=torch.long, device=device)
+        valid[i, : len(p)] = True
+    return index, valid
+
+
+@torch.no_grad()
+def score_suffixes(
+    *,
+    decoder: torch.nn.Module,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    attention_modules: Sequence[torch.nn.Module],
+    prefix_cache,
+    prefix_len: int,
+    suffixes: Sequence[Sequence[int]],
+    query_positions: Sequence[Sequence[int]],
+    pad_id: int,
+    image_span: tuple[int, int],
+    layers: tuple[int, ...],
+    head_mode: str,
+    answer_tokens: AnswerTokens,
+) -> SuffixScores:
+    """Score Q suffixes against one prefix cache in one forward.
+
+    suffixes         Q token lists that follow the prefix
+    query_positions  Q lists of positions within each suffix whose attention rows are kept
+                     (the answering token is len(suffix) - 1)
+    image_span       (start, end) absolute positions of the image tokens in the prefix
+    """
+    device = next(decoder.parameters()).device
+    n = len(suffixes)
+    if len(query_positions) != n:
+        raise ValueError(f"expected {n} query position lists, found {len(query_positions)}")
+    for s, q in zip(suffixes, query_positions, strict=True):
+        if max(q) >= len(s) or min(q) < 0:
+            raise ValueError(f"query position {max(q)} outside a suffix of {len(s)} tokens")
+    if not 0 <= image_span[0] < image_span[1] <= prefix_len:
+        raise ValueError(f"image span {image_span} is not inside the {prefix_len}-token prefix")
+    ids, mask = pad_right(suffixes, pad_id, device)
+    width = ids.shape[1]
+    attn_mask = torch.cat([torch.ones((n, prefix_len), dtype=torch.long, device=device), mask], dim=1)
+    position_ids = (torch.arange(width, device=device) + prefix_len).unsqueeze(0).expand(n, -1)
+    q_index, q_valid = query_tensors(query_positions, device)
+    spec = CaptureSpec(
+        layers=layers,
+        query_index=q_index,
+        query_valid=q_valid,
+        key_span=image_span,
+        n_keys=prefix_len + width,
+        head_mode=head_mode,
+    )
+    cache = repeat_cache(prefix_cache, n)
+    with capture_rows(attention_modules, spec) as cap:
+        out = decoder(
+            input_ids=ids,
+            attention_mask=attn_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+    last = mask.sum(1) - 1
+    hidden = out.last_hidden_state[torch.arange(n, device=device), last]
+    logits = head(hidden).float()
+    p_yes, coverage = yes_probability(logits, answer_tokens)
+    n_valid = q_valid.sum(1).clamp_min(1)
+    per_layer, mass = [], []
+    for layer in layers:
+        pattern = cap.hook_pattern[layer]  # [Q, (H,) nq, n_image]
+        q_axis = pattern.ndim - 2
+        denom = n_valid.view(n, *([1] * (pattern.ndim - 1))).float()
+        per_layer.append(pattern.sum(q_axis) / denom.squeeze(q_axis))
+        mass.append(cap.hook_image_mass[layer].sum(1) / n_valid.float())
+    return SuffixScores(
+        logits=logits,
+        p_yes=p_yes,
+        coverage=coverage,
+        attention=torch.stack(per_layer, dim=1),
+        image_mass=torch.stack(mass, dim=1),
+        layers=tuple(layers),
+        n_query=n_valid,
+    )
