@@ -12,6 +12,7 @@ token of each row and the attention rows of the chosen query tokens over the ima
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -41,6 +42,23 @@ class SuffixScores:
     image_mass: torch.Tensor
     layers: tuple[int, ...]
     n_query: torch.Tensor
+
+
+def new_cache(text_config):
+    """An empty DynamicCache laid out for the text config (sliding layers where it has them)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=text_config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+def cache_kwargs(module: torch.nn.Module, cache) -> dict:
+    """{"cache": cache} or {"past_key_values": cache}, whichever the forward takes
+    (transformers renamed it in 5.x)."""
+    params = inspect.signature(module.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
 def repeat_cache(cache, n: int):
@@ -127,8 +145,8 @@ def score_suffixes(
             input_ids=ids,
             attention_mask=attn_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(decoder, cache),
         )
     last = mask.sum(1) - 1
     hidden = out.last_hidden_state[torch.arange(n, device=device), last]

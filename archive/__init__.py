@@ -1,0 +1,1 @@
+"""Reference implementations: the slow, obviously-correct paths the fast code is tested against."""

@@ -1,0 +1,61 @@
+"""MedGemma reference: one full prompt per question, eager attention, output_attentions=True.
+
+Slow and memory-hungry (every layer's T x T matrix) but obviously correct: the fast path in
+medgemma_enhanced.py (SDPA, shared prefix cache, batched suffixes, row capture) is tested
+against it in float32 on the tiny model, and benchmarked against it on the GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+@contextlib.contextmanager
+def eager_text_attention(model):
+    """Switch the text model to eager attention for the duration (vision tower untouched)."""
+    text = model.config.get_text_config()
+    saved = text._attn_implementation
+    text._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        text._attn_implementation = saved
+
+
+@torch.no_grad()
+def medgemma_reference(backend, image, question: str) -> dict:
+    """Full forward for one question.
+
+    returns {
+      "input_ids":  [T] long,
+      "logits":     [vocab] float32 at the last token,
+      "attentions": list over layers of [heads, T, T] float32 (eager softmax),
+      "image_span": (start, end),
+      "p_yes": float, "coverage": float,
+    }
+    """
+    from medvlm.scoring import yes_probability
+
+    model, processor = backend.model, backend.processor
+    inputs = processor.apply_chat_template(
+        backend._messages(question, image.convert("RGB")), add_generation_prompt=True, tokenize=True,
+        return_dict=True, return_tensors="pt",
+    )  # fmt: skip
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    with eager_text_attention(model):
+        out = model(**inputs, output_attentions=True, use_cache=False)
+    ids = inputs["input_ids"][0]
+    span = backend._image_span(ids.tolist())
+    logits = out.logits[0, -1].float()
+    p_yes, coverage = yes_probability(logits[None], backend.answer_tokens)
+    return {
+        "input_ids": ids.cpu(),
+        "logits": logits.cpu(),
+        "attentions": [a[0].float().cpu() for a in out.attentions],
+        "image_span": span,
+        "p_yes": float(p_yes[0]),
+        "coverage": float(coverage[0]),
+    }

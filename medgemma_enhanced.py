@@ -1,0 +1,406 @@
+"""MedGemma backend: google/medgemma-4b-it (Gemma3ForConditionalGeneration) with exact
+question-to-image attention at SDPA's cost.
+
+    from medgemma_enhanced import load_medgemma, MedGemmaMedical
+    model, processor = load_medgemma()                      # google/medgemma-4b-it, bf16
+    backend = MedGemmaMedical(model, processor)
+    scores = backend.score(image, ["Is there a pleural effusion?"])
+    scores[0].p_yes, scores[0].attention.shape              # float, (34, 256)
+
+    # without weights: the tiny random-weight copy of the architecture
+    backend = MedGemmaMedical.tiny()
+
+Model facts (checked against the loaded config and processor by check_medgemma_facts):
+SigLIP at 896 px, patch 14 -> 64 x 64 patches, average-pooled 4 x 4 -> 256 image tokens in
+a row-major 16 x 16 grid (token j is cell (j // 16, j % 16)); the processor squashes the
+image to a square without cropping; image soft tokens (config.image_token_id) sit between
+<start_of_image> and <end_of_image>; 34 text layers, 8 query heads over 4 KV heads.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from medvlm.aggregate import resolve_layers
+from medvlm.backend import QuestionScore, VLMBackend
+from medvlm.capture import attention_modules_of
+from medvlm.config import MedicalAttentionConfig
+from medvlm.engine import cache_kwargs, new_cache, score_suffixes
+from medvlm.geometry import Geometry, square_resize_geometry
+from medvlm.queries import suffix_query_positions
+from medvlm.scoring import answer_from_p, parse_free_text, resolve_answer_tokens
+
+DEFAULT_MODEL_ID = "google/medgemma-4b-it"
+MIN_TRANSFORMERS = "4.55"
+
+# The real model's facts (google/medgemma-4b-it); derived facts are checked for any Gemma3.
+MM_TOKENS_PER_IMAGE = 256
+GRID = (16, 16)
+IMAGE_SIZE = 896
+PATCH_SIZE = 14
+NUM_TEXT_LAYERS = 34
+TURN_MARKERS = ("<start_of_turn>user", "<start_of_turn>model")
+
+QUANTIZATION = (None, "4bit", "8bit")
+
+
+class FactError(ValueError):
+    """A fact the code relies on does not hold for the loaded model or processor."""
+
+
+@dataclass(frozen=True)
+class MedGemmaFacts:
+    """What check_medgemma_facts verified, for the manifest."""
+
+    mm_tokens_per_image: int
+    grid: tuple[int, int]
+    image_size: int
+    patch_size: int
+    image_token_id: int
+    boi_token_id: int
+    eoi_token_id: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    layer_types: tuple[str, ...]
+    sliding_window: int | None
+
+
+def check_medgemma_facts(model, processor, model_id: str = "") -> MedGemmaFacts:
+    """Compare the facts the code relies on with the loaded config and processor.
+
+    Raises FactError naming the fact, what was expected and what was found.
+    """
+    cfg = model.config
+    text, vision = cfg.get_text_config(), cfg.vision_config
+    tok = processor.tokenizer
+
+    def need(ok: bool, fact: str, expected, found):
+        if not ok:
+            raise FactError(f"MedGemma fact does not hold: {fact}: expected {expected}, found {found}")
+
+    n_img = int(cfg.mm_tokens_per_image)
+    side = math.isqrt(n_img)
+    need(side * side == n_img, "mm_tokens_per_image is a square grid", "a square number", n_img)
+    patches = vision.image_size // vision.patch_size
+    need(vision.image_size % vision.patch_size == 0, "image_size divisible by patch_size",
+         f"{vision.image_size} % {vision.patch_size} == 0", vision.image_size % vision.patch_size)
+    need(patches % side == 0, "patch grid pools evenly into the token grid",
+         f"{patches} divisible by {side}", patches % side)
+    need(getattr(processor, "image_seq_length", None) == n_img, "processor.image_seq_length",
+         n_img, getattr(processor, "image_seq_length", None))
+    need(tok.convert_tokens_to_ids(tok.image_token) == cfg.image_token_id, "image soft token id",
+         cfg.image_token_id, tok.convert_tokens_to_ids(tok.image_token))
+    need(tok.convert_tokens_to_ids(tok.boi_token) == cfg.boi_token_id, "<start_of_image> id",
+         cfg.boi_token_id, tok.convert_tokens_to_ids(tok.boi_token))
+    need(tok.convert_tokens_to_ids(tok.eoi_token) == cfg.eoi_token_id, "<end_of_image> id",
+         cfg.eoi_token_id, tok.convert_tokens_to_ids(tok.eoi_token))
+    seq = processor.full_image_sequence
+    need(seq.count(tok.image_token) == n_img, "image tokens in the processor's image sequence",
+         n_img, seq.count(tok.image_token))
+    ip = processor.image_processor
+    size = ip.size if isinstance(ip.size, dict) else dict(ip.size)
+    need(size.get("height") == vision.image_size and size.get("width") == vision.image_size,
+         "image processor resizes to the vision tower's square input",
+         f"{vision.image_size} x {vision.image_size}", size)
+    need(not getattr(ip, "do_pan_and_scan", False), "pan-and-scan off (one crop per image)", False, True)
+    need(not getattr(ip, "do_center_crop", False), "no center crop (square resize)", False, True)
+    need(text.attn_logit_softcapping is None, "no attention logit softcapping", None,
+         text.attn_logit_softcapping)
+    need(text.num_attention_heads % text.num_key_value_heads == 0, "heads divisible by KV heads",
+         f"{text.num_attention_heads} % {text.num_key_value_heads} == 0",
+         text.num_attention_heads % text.num_key_value_heads)
+    probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]}]
+    rendered = processor.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+    for marker in (*TURN_MARKERS, tok.boi_token):
+        need(marker in rendered, f"chat template marker {marker!r}", "present", "absent")
+    if "medgemma-4b" in (model_id or getattr(cfg, "_name_or_path", "")):
+        real = {"mm_tokens_per_image": (n_img, MM_TOKENS_PER_IMAGE), "grid": ((side, side), GRID),
+                "vision image_size": (vision.image_size, IMAGE_SIZE),
+                "vision patch_size": (vision.patch_size, PATCH_SIZE),
+                "text layers": (text.num_hidden_layers, NUM_TEXT_LAYERS)}  # fmt: skip
+        for fact, (found, expected) in real.items():
+            need(found == expected, f"medgemma-4b {fact}", expected, found)
+    return MedGemmaFacts(
+        mm_tokens_per_image=n_img,
+        grid=(side, side),
+        image_size=int(vision.image_size),
+        patch_size=int(vision.patch_size),
+        image_token_id=int(cfg.image_token_id),
+        boi_token_id=int(cfg.boi_token_id),
+        eoi_token_id=int(cfg.eoi_token_id),
+        n_layers=int(text.num_hidden_layers),
+        n_heads=int(text.num_attention_heads),
+        n_kv_heads=int(text.num_key_value_heads),
+        layer_types=tuple(getattr(text, "layer_types", ()) or ()),
+        sliding_window=getattr(text, "sliding_window", None),
+    )
+
+
+def load_medgemma(
+    model_id_or_path: str = DEFAULT_MODEL_ID,
+    dtype: torch.dtype | str | None = None,
+    quantization: str | None = None,
+    device_map: str | dict | None = "auto",
+):
+    """Load MedGemma and its processor: returns (model, processor).
+
+    dtype         default bfloat16 on CUDA (fp16 overflows in Gemma3), float32 on CPU
+    quantization  None, "4bit" or "8bit" (bitsandbytes, CUDA only)
+    device_map    passed to from_pretrained ("auto" places on the GPU when there is one)
+    The gated hub model needs `huggingface-cli login` after accepting its terms.
+    """
+    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+
+    if quantization not in QUANTIZATION:
+        raise ValueError(f"unknown quantization {quantization!r}; valid: 4bit, 8bit or None")
+    cuda = torch.cuda.is_available()
+    if dtype is None:
+        dtype = torch.bfloat16 if cuda else torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype == torch.float16:
+        raise ValueError("MedGemma overflows in float16; use bfloat16 (or float32)")
+    kwargs = {"attn_implementation": "sdpa", "device_map": device_map if cuda else None}
+    if quantization:
+        if not cuda:
+            raise ValueError(f"{quantization} quantization needs a CUDA GPU (bitsandbytes)")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+            if quantization == "4bit"
+            else BitsAndBytesConfig(load_in_8bit=True)
+        )
+    try:
+        model = Gemma3ForConditionalGeneration.from_pretrained(model_id_or_path, dtype=dtype, **kwargs)
+        processor = AutoProcessor.from_pretrained(model_id_or_path)
+    except OSError as e:
+        raise OSError(
+            f"could not load MedGemma from {model_id_or_path!r}: {e}\n"
+            "For the gated hub model: accept its terms on Hugging Face and run `huggingface-cli login`; "
+            "or pass a local folder holding config.json, the weights and the processor files."
+        ) from e
+    model.eval()
+    check_medgemma_facts(model, processor, model_id_or_path)
+    return model, processor
+
+
+class MedGemmaMedical(VLMBackend):
+    """Scores yes/no questions about one image and captures question-to-image attention."""
+
+    name = "medgemma"
+
+    def __init__(self, model, processor, config: MedicalAttentionConfig | None = None, model_id: str = ""):
+        self.config = config or MedicalAttentionConfig()
+        self.model = model
+        self.processor = processor
+        self.model_id = model_id or getattr(model.config, "_name_or_path", "")
+        self.facts = check_medgemma_facts(model, processor, self.model_id)
+        self.random_weights = bool(getattr(model.config, "tiny_random_weights", False))
+        self.answer_tokens = resolve_answer_tokens(processor.tokenizer)
+        self.layers = resolve_layers(self.config.layers, self.facts.n_layers)
+        self._decoder = model.model.language_model
+        self._attention = attention_modules_of(self._decoder)
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_path: str = DEFAULT_MODEL_ID,
+        config: MedicalAttentionConfig | None = None,
+        dtype=None,
+        quantization: str | None = None,
+        device_map="auto",
+    ) -> MedGemmaMedical:
+        model, processor = load_medgemma(model_id_or_path, dtype, quantization, device_map)
+        return cls(model, processor, config, model_id_or_path)
+
+    @classmethod
+    def tiny(cls, config: MedicalAttentionConfig | None = None, seed: int = 0, device=None) -> MedGemmaMedical:
+        """The tiny random-weight copy of the architecture (tests, demo, timing)."""
+        from medvlm.tiny_medgemma import tiny_medgemma
+
+        model, processor = tiny_medgemma(seed=seed)
+        if device is not None:
+            model.to(device)
+        return cls(model, processor, config, model_id="tiny-random-medgemma")
+
+    # -- contract ------------------------------------------------------------------------
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.facts.grid
+
+    def geometry(self, width: int, height: int) -> Geometry:
+        return square_resize_geometry(width, height, self.facts.image_size, self.facts.grid)
+
+    def describe(self) -> dict:
+        text = self.model.config.get_text_config()
+        return {
+            "name": self.name,
+            "model_id": self.model_id,
+            "revision": getattr(self.model.config, "_commit_hash", None),
+            "dtype": str(next(self.model.parameters()).dtype),
+            "attention_implementation": "sdpa + medvlm_rows exact row capture",
+            "prompt_template": self.prompt_text("{question}"),
+            "answer_suffix": self.config.answer_suffix,
+            "query_mode": self.config.query_mode,
+            "layers": list(self.layers),
+            "head_mode": self.config.attention_head_mode,
+            "grid": list(self.grid),
+            "n_image_tokens": self.facts.mm_tokens_per_image,
+            "sliding_window": getattr(text, "sliding_window", None),
+            "answer_token_ids": {"yes": list(self.answer_tokens.yes_ids), "no": list(self.answer_tokens.no_ids)},
+            "random_weights": self.random_weights,
+        }
+
+    def unload(self) -> None:
+        device = next(self.model.parameters()).device
+        del self.model, self._decoder, self._attention
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- prompts -------------------------------------------------------------------------
+    def _messages(self, question: str, image=None) -> list[dict]:
+        img = {"type": "image", "image": image} if image is not None else {"type": "image"}
+        return [{"role": "user", "content": [img, {"type": "text", "text": self.config.full_question(question)}]}]
+
+    def prompt_text(self, question: str) -> str:
+        """The chat prompt with the image left as <start_of_image> (for records)."""
+        return self.processor.apply_chat_template(self._messages(question), add_generation_prompt=True, tokenize=False)
+
+    def _tokenize(self, question: str) -> tuple[list[int], list[tuple[int, int]], str]:
+        """Full prompt ids with the image sequence expanded, their char offsets, and the text."""
+        tok = self.processor.tokenizer
+        text = self.prompt_text(question)
+        if text.count(tok.boi_token) != 1:
+            raise FactError(f"expected one {tok.boi_token} in the prompt, found {text.count(tok.boi_token)}")
+        text = text.replace(tok.boi_token, self.processor.full_image_sequence)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]], text
+
+    def _image_span(self, ids: Sequence[int]) -> tuple[int, int]:
+        pos = [i for i, t in enumerate(ids) if t == self.facts.image_token_id]
+        n = self.facts.mm_tokens_per_image
+        if len(pos) != n:
+            raise FactError(f"expected {n} image tokens, found {len(pos)}")
+        if pos[-1] - pos[0] + 1 != n:
+            raise FactError(f"image tokens are not contiguous (span {pos[0]}..{pos[-1]} for {n} tokens)")
+        return pos[0], pos[0] + n
+
+    # -- scoring -------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, image: Image.Image, questions: Sequence[str], findings: Sequence[str] | None = None):
+        if not questions:
+            raise ValueError("no questions to score")
+        if findings is not None and len(findings) != len(questions):
+            raise ValueError(f"expected {len(questions)} findings, found {len(findings)}")
+        image = image.convert("RGB")
+        device = next(self.model.parameters()).device
+        tokenized = [self._tokenize(q) for q in questions]
+        ids0 = tokenized[0][0]
+        start, end = self._image_span(ids0)
+        eoi = end
+        if ids0[eoi] != self.facts.eoi_token_id:
+            raise FactError(f"expected <end_of_image> right after the image tokens, found id {ids0[eoi]}")
+        prefix_len = eoi + 1
+        prefix = ids0[:prefix_len]
+        # the reference tokenisation: the processor on the first prompt, as the model card does
+        ref = self.processor.apply_chat_template(
+            self._messages(questions[0], image), add_generation_prompt=True, tokenize=True,
+            return_dict=True, return_tensors="pt",
+        )  # fmt: skip
+        if ref["input_ids"][0].tolist() != ids0:
+            raise FactError("the prompt's token ids differ from the processor's own tokenisation")
+        suffixes, queries = [], []
+        for i, (ids, offsets, text) in enumerate(tokenized):
+            if ids[:prefix_len] != prefix:
+                raise FactError(f"question {i} does not share the image prefix of question 0")
+            suffix = ids[prefix_len:]
+            s_off = [(a - offsets[prefix_len][0], b - offsets[prefix_len][0]) for a, b in offsets[prefix_len:]]
+            s_text = text[offsets[prefix_len][0]:]
+            finding = findings[i] if findings is not None else None
+            q = self.config.full_question(questions[i]) if self.config.query_mode == "answer" else questions[i].strip()
+            queries.append(suffix_query_positions(self.config.query_mode, s_off, s_text, q, finding, len(suffix)))
+            suffixes.append(suffix)
+        pixel_values = ref["pixel_values"].to(device=device, dtype=next(self.model.parameters()).dtype)
+        tt = ref["token_type_ids"][:, :prefix_len].to(device)
+        cache = new_cache(self.model.config.get_text_config())
+        self.model.model(
+            input_ids=torch.tensor([prefix], device=device),
+            pixel_values=pixel_values,
+            attention_mask=torch.ones((1, prefix_len), dtype=torch.long, device=device),
+            token_type_ids=tt,
+            use_cache=True,
+            **cache_kwargs(self.model.model, cache),
+        )
+        out = score_suffixes(
+            decoder=self._decoder,
+            head=self._head,
+            attention_modules=self._attention,
+            prefix_cache=cache,
+            prefix_len=prefix_len,
+            suffixes=suffixes,
+            query_positions=queries,
+            pad_id=self.processor.tokenizer.pad_token_id,
+            image_span=(start, end),
+            layers=self.layers,
+            head_mode=self.config.attention_head_mode,
+            answer_tokens=self.answer_tokens,
+        )
+        generated = self.generate(image, questions) if self.config.generate else [None] * len(questions)
+        results = []
+        for i, q in enumerate(questions):
+            p = float(out.p_yes[i])
+            results.append(
+                QuestionScore(
+                    question=q,
+                    prompt=self.prompt_text(q),
+                    p_yes=p,
+                    coverage=float(out.coverage[i]),
+                    answer=answer_from_p(p),
+                    attention=out.attention[i].cpu().numpy().astype(np.float32),
+                    layers=out.layers,
+                    image_mass=out.image_mass[i].cpu().numpy().astype(np.float32),
+                    n_query_tokens=int(out.n_query[i]),
+                    generated_text=generated[i],
+                    generated_answer=parse_free_text(generated[i]) if generated[i] is not None else None,
+                    extra={"image_span": [start, end], "prefix_len": prefix_len},
+                )
+            )
+        return results
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.lm_head(hidden)
+        cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @torch.no_grad()
+    def generate(self, image: Image.Image, questions: Sequence[str]) -> list[str]:
+        """Greedy free-text answers, batched over the questions (left-padded, KV cached)."""
+        tok = self.processor.tokenizer
+        old_side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            batch = self.processor.apply_chat_template(
+                [self._messages(q, image.convert("RGB")) for q in questions], add_generation_prompt=True,
+                tokenize=True, return_dict=True, return_tensors="pt", padding=True,
+            )  # fmt: skip
+        finally:
+            tok.padding_side = old_side
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(next(self.model.parameters()).dtype)
+        out = self.model.generate(**batch, max_new_tokens=self.config.max_new_tokens, do_sample=False)
+        new = out[:, batch["input_ids"].shape[1]:]
+        return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]

@@ -1,0 +1,165 @@
+"""A tiny random-weight MedGemma: the real Gemma3ForConditionalGeneration and Gemma3Processor
+classes, built in memory with a tokenizer made here (no downloads).
+
+The structural facts of the real model hold: 256 image tokens per image, pooled 4 x 4 from a
+64 x 64 patch grid into a row-major 16 x 16 grid; image soft tokens between <start_of_image>
+and <end_of_image>; sliding and global layers; GQA (2 query heads per KV head); the Gemma3
+chat format. Only sizes shrink (SigLIP at 128 px with 2 px patches, a 64-wide text model).
+For tests, the demo and timing only: its outputs mean nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessor,
+    Gemma3Processor,
+    PreTrainedTokenizerFast,
+)
+
+SPECIALS = (
+    "<pad>", "<eos>", "<bos>", "<unk>", "<mask>",
+    "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+)  # fmt: skip
+
+# Words that become single tokens, so that answers and common question words are realistic.
+WORDS = (
+    "yes", "Yes", "YES", "no", "No", "NO", "user", "model", "Answer", "or", "is", "there",
+    "Is", "Does", "the", "a", "an", "this", "image", "chest", "show", "lung", "heart",
+    "effusion", "pneumothorax", "cardiomegaly", "view", "PA", "CT", "CR", "MR",
+)  # fmt: skip
+
+# The Gemma3 chat format: <bos><start_of_turn>user\n{system\n\n}{content}<end_of_turn>\n
+# <start_of_turn>model\n ; images render as <start_of_image>.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+def tiny_gemma_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-fallback BPE tokenizer in Gemma's style (spaces as "▁", no prefix space)."""
+    vocab: dict[str, int] = {}
+    for tok in SPECIALS:
+        vocab[tok] = len(vocab)
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    chars = sorted({c for w in WORDS for c in w} | set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ?.,\n") | {"▁"})
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in WORDS:  # build the word left to right, then "▁" + word
+        cur = word[0]
+        for c in word[1:]:
+            nxt = cur + c
+            if nxt not in vocab:
+                vocab[nxt] = len(vocab)
+                merges.append((cur, c))
+            cur = nxt
+        if "▁" + word not in vocab:
+            vocab["▁" + word] = len(vocab)
+            merges.append(("▁", word))
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="▁", behavior="merged_with_next")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens(list(SPECIALS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        extra_special_tokens={
+            "image_token": "<image_soft_token>",
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+        },
+        add_bos_token=False,
+    )
+
+
+def tiny_medgemma(seed: int = 0, sliding_window: int = 512) -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
+    """(model, processor): a random-weight Gemma3ForConditionalGeneration in float32, eval mode.
+
+    sliding_window  the local layers' window; smaller than the prompt (about 280 tokens) to
+                    make the sliding mask matter in tests
+    """
+    tokenizer = tiny_gemma_tokenizer()
+    vocab = len(tokenizer)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
+    config = Gemma3Config(
+        text_config={
+            "vocab_size": vocab,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 6,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": sliding_window,
+            "layer_types": [
+                "sliding_attention" if (i + 1) % 3 else "full_attention" for i in range(6)
+            ],
+            "max_position_embeddings": 2048,
+            "pad_token_id": ids["<pad>"],
+            "bos_token_id": ids["<bos>"],
+            "eos_token_id": [ids["<eos>"], ids["<end_of_turn>"]],
+        },
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 128,
+            "patch_size": 2,
+            "vision_use_head": False,
+        },
+        mm_tokens_per_image=256,
+        boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
+        pad_token_id=ids["<pad>"],
+        bos_token_id=ids["<bos>"],
+        eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # the projector starts at zeros: give the image a real signal
+        proj = model.model.multi_modal_projector.mm_input_projection_weight
+        proj.normal_(0.0, 0.5)
+    model.eval()
+    model.config.tiny_random_weights = True
+    image_processor = Gemma3ImageProcessor(
+        size={"height": 128, "width": 128},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_pan_and_scan=False,
+    )
+    processor = Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        image_seq_length=256,
+    )
+    return model, processor
