@@ -61,7 +61,8 @@ def tiny_gemma_tokenizer() -> PreTrainedTokenizerFast:
         vocab[tok] = len(vocab)
     for b in range(256):
         vocab[f"<0x{b:02X}>"] = len(vocab)
-    chars = sorted({c for w in WORDS for c in w} | set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ?.,\n") | {"▁"})
+    letters = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ?.,\n")
+    chars = sorted({c for w in WORDS for c in w} | letters | {"▁"})
     for c in chars:
         vocab.setdefault(c, len(vocab))
     merges: list[tuple[str, str]] = []
