@@ -209,6 +209,7 @@ class MedGemmaMedical(VLMBackend):
         self.layers = resolve_layers(self.config.layers, self.facts.n_layers)
         self._decoder = model.model.language_model
         self._attention = attention_modules_of(self._decoder)
+        self.keep_logits = False  # tests: keep each question's next-token logits in extra["logits"]
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -373,7 +374,12 @@ class MedGemmaMedical(VLMBackend):
                     n_query_tokens=int(out.n_query[i]),
                     generated_text=generated[i],
                     generated_answer=parse_free_text(generated[i]) if generated[i] is not None else None,
-                    extra={"image_span": [start, end], "prefix_len": prefix_len},
+                    extra={
+                        "image_span": [start, end],
+                        "prefix_len": prefix_len,
+                        "query_positions": queries[i],
+                        **({"logits": out.logits[i].cpu()} if self.keep_logits else {}),
+                    },
                 )
             )
         return results

@@ -1,0 +1,184 @@
+"""MedGemma backend on the tiny random Gemma3: fast path vs full-prompt eager reference."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from conftest import max_diff
+
+from archive.reference import medgemma_reference
+from medgemma_enhanced import FactError, MedGemmaMedical, check_medgemma_facts
+from medvlm.config import MedicalAttentionConfig
+from medvlm.tiny_medgemma import tiny_medgemma
+
+QUESTIONS = [
+    "Is there a pleural effusion?",
+    "Does the chest show cardiomegaly on this PA view?",
+    "Is there a pneumothorax?",
+    "Is the heart enlarged?",
+]
+FINDINGS = ["effusion", "cardiomegaly", "pneumothorax", "heart"]
+
+
+@pytest.fixture(scope="module")
+def tiny_parts():
+    return tiny_medgemma(sliding_window=24)  # the prompt (~300 tokens) outgrows the window
+
+
+def _backend(parts, **cfg):
+    model, processor = parts
+    return MedGemmaMedical(model, processor, MedicalAttentionConfig(**cfg))
+
+
+@pytest.mark.parametrize("query_mode", ["answer", "question", "finding"])
+def test_batched_prefix_scoring_equals_full_prompt_eager(tiny_parts, rgb_image, query_mode):
+    backend = _backend(tiny_parts, attention_head_mode="none", query_mode=query_mode)
+    backend.keep_logits = True
+    scores = backend.score(rgb_image, QUESTIONS, FINDINGS)
+    assert len({len(backend._tokenize(q)[0]) for q in QUESTIONS}) > 1, "questions should differ in length"
+    for i, (q, s) in enumerate(zip(QUESTIONS, scores, strict=True)):
+        ref = medgemma_reference(backend, rgb_image, q)
+        d = max_diff(s.extra["logits"], ref["logits"])
+        assert d <= 1e-5, f"question {i}: logits differ by {d:.3g}"
+        assert abs(s.p_yes - ref["p_yes"]) <= 1e-6
+        assert abs(s.coverage - ref["coverage"]) <= 1e-6
+        start, end = ref["image_span"]
+        T = len(ref["input_ids"])
+        prefix_len = s.extra["prefix_len"]
+        positions = [prefix_len + p for p in s.extra["query_positions"]]
+        if query_mode == "answer":
+            assert positions == [T - 1]
+        assert len(positions) == s.n_query_tokens
+        for li, layer in enumerate(s.layers):
+            expected = ref["attentions"][layer][:, positions, start:end].mean(1)  # [head, n_image]
+            d = max_diff(s.attention[li], expected)
+            assert d <= 1e-5, f"question {i} layer {layer}: rows differ by {d:.3g}"
+            mass = ref["attentions"][layer][:, positions, start:end].sum(-1).mean().item()
+            assert abs(s.image_mass[li] - mass) <= 1e-5
+
+
+def test_finding_tokens_are_the_phrase(tiny_parts, rgb_image):
+    backend = _backend(tiny_parts, query_mode="finding")
+    s = backend.score(rgb_image, ["Is there a pneumothorax?"], ["pneumothorax"])[0]
+    ids, _, _ = backend._tokenize("Is there a pneumothorax?")
+    toks = [ids[s.extra["prefix_len"] + p] for p in s.extra["query_positions"]]
+    assert backend.processor.tokenizer.decode(toks).strip() == "pneumothorax"
+    with pytest.raises(ValueError, match="does not occur"):
+        backend.score(rgb_image, ["Is there a pneumothorax?"], ["effusion"])
+
+
+def test_shapes_and_head_modes(tiny_parts, rgb_image):
+    for mode in ("mean", "max", "entropy"):
+        s = _backend(tiny_parts, attention_head_mode=mode, layers="last_half").score(rgb_image, QUESTIONS[:2])[0]
+        assert s.attention.shape == (3, 256) and s.layers == (3, 4, 5)
+        assert np.all(s.attention >= 0) and np.all(np.isfinite(s.attention))
+        assert 0.0 <= s.p_yes <= 1.0 and 0.0 < s.coverage <= 1.0
+        assert s.answer == ("yes" if s.p_yes >= 0.5 else "no")
+    assert _backend(tiny_parts).grid == (16, 16)
+
+
+def test_attention_peak_lands_on_the_planted_grid_cell(rgb_image):
+    """Plant, in every layer, a key at image token j aligned with the answering query: the
+    captured map (prefix cache + batched suffix path) must peak at j = row * 16 + col.
+    (A window wider than the prompt, so every layer can see the image.)"""
+    backend = _backend(tiny_medgemma(sliding_window=512), attention_head_mode="mean")
+    row, col = 5, 11
+    j = row * 16 + col
+    ids, _, _ = backend._tokenize(QUESTIONS[0])
+    start = ids.index(backend.facts.image_token_id)
+    target = torch.ones(16)
+    hooks = []
+
+    def plant_key(module, args, out):  # out [batch, kv_head, seq, head_dim]; prefix pass holds the image
+        if out.shape[2] > start + j:
+            out = out.clone()
+            out[:, :, start + j, :] = 8.0 * target
+        return out
+
+    def plant_query(module, args, out):  # the last suffix token's query points the same way
+        if out.shape[2] < start:
+            out = out.clone()
+            out[:, :, :, :] = target
+        return out
+
+    for layer in backend._decoder.layers:
+        hooks.append(layer.self_attn.k_norm.register_forward_hook(plant_key))
+        hooks.append(layer.self_attn.q_norm.register_forward_hook(plant_query))
+    try:
+        s = backend.score(rgb_image, QUESTIONS[:1])[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    for li in range(len(s.layers)):
+        peak = int(np.argmax(s.attention[li]))
+        assert (peak // 16, peak % 16) == (row, col), f"layer {li}: peak at {divmod(peak, 16)}"
+    geom = backend.geometry(300, 200)
+    x0, y0, x1, y1 = geom.cell_box(row, col)
+    assert geom.point_to_cell((x0 + x1) / 2, (y0 + y1) / 2) == (row, col)
+
+
+def test_projector_pools_patches_row_major(tiny_parts):
+    """Patch (pr, pc) of the 64 x 64 SigLIP grid feeds token (pr // 4) * 16 + pc // 4."""
+    model, _ = tiny_parts
+    proj = model.model.multi_modal_projector
+    hidden = model.config.vision_config.hidden_size
+    for pr, pc in [(0, 0), (9, 50), (63, 2)]:
+        x = torch.zeros(1, 64 * 64, hidden)
+        x[0, pr * 64 + pc] = 100.0
+        with torch.no_grad():
+            out = proj(x)[0]
+        base = proj(torch.zeros(1, 64 * 64, hidden))[0]
+        changed = ((out - base).abs().sum(-1) > 1e-6).nonzero().flatten().tolist()
+        assert changed == [(pr // 4) * 16 + pc // 4]
+
+
+def test_broken_facts_are_refused(tiny_parts):
+    model, processor = tiny_parts
+    cfg = model.config
+    saved = cfg.mm_tokens_per_image
+    try:
+        cfg.mm_tokens_per_image = 250
+        with pytest.raises(FactError, match="expected a square number, found 250"):
+            check_medgemma_facts(model, processor)
+        cfg.mm_tokens_per_image = 225
+        with pytest.raises(FactError, match="pools evenly into the token grid: expected 64 divisible by 15"):
+            check_medgemma_facts(model, processor)
+    finally:
+        cfg.mm_tokens_per_image = saved
+    processor.image_seq_length = 64
+    try:
+        with pytest.raises(FactError, match="processor.image_seq_length: expected 256, found 64"):
+            check_medgemma_facts(model, processor)
+    finally:
+        processor.image_seq_length = 256
+    saved = cfg.image_token_id
+    try:
+        cfg.image_token_id = saved + 1
+        with pytest.raises(FactError, match="image soft token id"):
+            check_medgemma_facts(model, processor)
+    finally:
+        cfg.image_token_id = saved
+    processor.image_processor.do_pan_and_scan = True
+    try:
+        with pytest.raises(FactError, match="pan-and-scan"):
+            check_medgemma_facts(model, processor)
+    finally:
+        processor.image_processor.do_pan_and_scan = False
+    # the real model's sizes are enforced for the real model id
+    with pytest.raises(FactError, match="medgemma-4b vision image_size: expected 896, found 128"):
+        check_medgemma_facts(model, processor, model_id="google/medgemma-4b-it")
+
+
+def test_generation_is_batched_and_parsed(tiny_parts, rgb_image):
+    backend = _backend(tiny_parts, generate=True, max_new_tokens=4)
+    scores = backend.score(rgb_image, QUESTIONS[:2])
+    for s in scores:
+        assert isinstance(s.generated_text, str)
+        assert s.generated_answer in (None, "yes", "no")
+
+
+def test_describe_says_random_weights(tiny_parts):
+    d = _backend(tiny_parts).describe()
+    assert d["random_weights"] is True and d["grid"] == [16, 16] and "{question} Answer yes or no." in d["prompt_template"]
+    assert dataclasses.is_dataclass(_backend(tiny_parts).facts)
