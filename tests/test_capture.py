@@ -81,7 +81,8 @@ def test_without_the_mask_function_capture_refuses(tiny, rgb_image):
     saved = AttentionMaskInterface._global_mapping.pop(ATTN_IMPLEMENTATION)
     try:
         with pytest.raises(RuntimeError, match="no attention mask"):
-            with torch.no_grad(), capture_rows(attention_modules_of(model.model.language_model), _spec(model, T, [T - 1])):
+            mods = attention_modules_of(model.model.language_model)
+            with torch.no_grad(), capture_rows(mods, _spec(model, T, [T - 1])):
                 AttentionMaskInterface._global_mapping.pop(ATTN_IMPLEMENTATION, None)
                 model(**inputs)
     finally:
@@ -94,4 +95,5 @@ def test_spec_rejects_bad_shapes():
     with pytest.raises(ValueError, match="outside"):
         CaptureSpec((0,), torch.zeros((1, 1), dtype=torch.long), torch.ones((1, 1), dtype=torch.bool), (2, 9), 5)
     with pytest.raises(ValueError, match="attention_head_mode"):
-        CaptureSpec((0,), torch.zeros((1, 1), dtype=torch.long), torch.ones((1, 1), dtype=torch.bool), None, 5, "median")
+        one = torch.ones((1, 1), dtype=torch.bool)
+        CaptureSpec((0,), torch.zeros((1, 1), dtype=torch.long), one, None, 5, "median")

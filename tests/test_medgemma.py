@@ -180,5 +180,6 @@ def test_generation_is_batched_and_parsed(tiny_parts, rgb_image):
 
 def test_describe_says_random_weights(tiny_parts):
     d = _backend(tiny_parts).describe()
-    assert d["random_weights"] is True and d["grid"] == [16, 16] and "{question} Answer yes or no." in d["prompt_template"]
+    assert d["random_weights"] is True and d["grid"] == [16, 16]
+    assert "{question} Answer yes or no." in d["prompt_template"]
     assert dataclasses.is_dataclass(_backend(tiny_parts).facts)
