@@ -1,0 +1,167 @@
+"""The results store: an append-only results.jsonl plus per-study attention maps.
+
+    output_dir/results.jsonl                 one record per (model, study_id, finding, variant_id)
+    output_dir/results.shard-R.jsonl         the same, one file per process when sharded
+    output_dir/attention/<model>/<study>.npz float16 maps keyed "<finding>|<variant_id>",
+                                             with "<key>|layers" holding the layer indices
+
+Crash safety: a study's maps are written to a temporary file and renamed into place before
+its records are appended; records are flushed and fsynced as written. A process killed
+mid-study leaves either no records for that study (it is redone on resume; the maps file is
+replaced) or a partial last line, which is cut off before the next append. A key written
+again (a failed row retried on resume) supersedes the earlier record when read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+KEY = ("model", "study_id", "finding", "variant_id")
+RESULTS_GLOB = "results*.jsonl"
+
+
+def _safe_name(study_id: str) -> str:
+    """A file name for a study id: readable where possible, unique always."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(study_id))[:60]
+    digest = hashlib.sha1(str(study_id).encode()).hexdigest()[:10]
+    return f"{stem}-{digest}"
+
+
+def map_key(finding: str, variant_id: int) -> str:
+    return f"{finding}|{int(variant_id)}"
+
+
+class ResultsStore:
+    """Append-only store for one output folder.
+
+    shard  None for a single process; an integer rank to write results.shard-R.jsonl
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, shard: int | None = None):
+        self.root = Path(output_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = "results.jsonl" if shard is None else f"results.shard-{int(shard)}.jsonl"
+        self.path = self.root / name
+        self._repair_tail()
+
+    # -- writing -----------------------------------------------------------------------
+    def _repair_tail(self) -> None:
+        """Cut a partial last line left by a killed process (it was never a record)."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        with open(self.path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return
+            data = self.path.read_bytes()
+            cut = data.rfind(b"\n") + 1
+            f.truncate(cut)
+
+    def map_path(self, model: str, study_id: str) -> Path:
+        return self.root / "attention" / model / f"{_safe_name(study_id)}.npz"
+
+    def write_study(self, model: str, study_id: str, records: list[dict], maps: dict[str, tuple]) -> None:
+        """Write one study's maps (atomically), then append its records.
+
+        records  dicts with at least the KEY fields, status and error
+        maps     {map_key(finding, variant): (layers [L] int, attention [L, ...] float)}
+        """
+        for r in records:
+            missing = [k for k in KEY if k not in r]
+            if missing:
+                raise ValueError(f"record lacks {missing}")
+            if r["model"] != model or str(r["study_id"]) != str(study_id):
+                raise ValueError(f"record for {r['model']}/{r['study_id']} written under {model}/{study_id}")
+        if maps:
+            path = self.map_path(model, study_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            arrays = {}
+            for key, (layers, att) in maps.items():
+                arrays[key] = np.asarray(att, dtype=np.float16)
+                arrays[f"{key}|layers"] = np.asarray(layers, dtype=np.int32)
+            tmp = path.with_name(path.name + ".tmp.npz")
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        self.append(records)
+
+    def append(self, records: Iterable[dict]) -> None:
+        lines = "".join(json.dumps(r, default=_json_default, allow_nan=True) + "\n" for r in records)
+        if not lines:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+
+    # -- reading -----------------------------------------------------------------------
+    def done_keys(self, statuses: tuple[str, ...] = ("ok",)) -> set[tuple]:
+        """Keys whose latest record has one of the statuses (default: finished rows)."""
+        df = read_results(self.root)
+        if df.empty:
+            return set()
+        df = df[df["status"].isin(statuses)]
+        return {(m, str(s), f, int(v)) for m, s, f, v in df[list(KEY)].itertuples(index=False)}
+
+    def load_map(self, model: str, study_id: str, finding: str, variant_id: int):
+        """(layers [L], attention [L, ...] float32) or None when absent."""
+        return load_map(self.root, model, study_id, finding, variant_id)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot store {type(o).__name__} in results.jsonl")
+
+
+def read_results(output_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every results*.jsonl in the folder merged, the latest record per key kept.
+
+    A malformed line other than an unterminated last line raises ValueError naming the
+    file and line; an unterminated last line (a killed writer) is skipped.
+    """
+    rows = []
+    for path in sorted(Path(output_dir).glob(RESULTS_GLOB)):
+        data = path.read_text(encoding="utf-8")
+        lines = data.split("\n")
+        for i, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                if i == len(lines) and not data.endswith("\n"):
+                    continue  # partial last line of a killed writer
+                raise ValueError(f"{path}:{i}: not a JSON record ({e.msg})") from e
+            rec["_source"] = path.name
+            rec["_order"] = len(rows)
+            rows.append(rec)
+    if not rows:
+        return pd.DataFrame(columns=[*KEY, "status"])
+    df = pd.DataFrame(rows)
+    df["study_id"] = df["study_id"].astype(str)
+    df["variant_id"] = df["variant_id"].astype(int)
+    df = df.sort_values("_order").drop_duplicates(list(KEY), keep="last")
+    return df.drop(columns=["_order"]).reset_index(drop=True)
+
+
+def load_map(output_dir, model: str, study_id: str, finding: str, variant_id: int):
+    path = Path(output_dir) / "attention" / model / f"{_safe_name(study_id)}.npz"
+    if not path.exists():
+        return None
+    key = map_key(finding, variant_id)
+    with np.load(path) as z:
+        if key not in z:
+            return None
+        return z[f"{key}|layers"].astype(int), z[key].astype(np.float32)
