@@ -62,9 +62,12 @@ def get_backend_loader(name: str):
 
 
 def parse_args(argv=None) -> RunConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
-    p.add_argument("--csv", type=Path, help="question CSV (study_id, image_path, finding, variant_id, question, answer_gt)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument("--csv", type=Path, help="CSV: study_id, image_path, finding, variant_id, question, answer_gt")
     p.add_argument("--image_root", type=Path, help="folder image paths are relative to (default: the CSV's folder)")
     p.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
     p.add_argument("--n_studies", type=int, help="the first N studies in file order")
@@ -95,7 +98,8 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--bootstrap_seed", type=int, default=0)
     p.add_argument("--n_figure_studies", type=int, default=3, help="studies that get per-study figures")
     a = p.parse_args(argv)
-    layers = a.layers if a.layers in ("all", "last_quarter", "last_half") else tuple(int(x) for x in a.layers.split(","))
+    named = ("all", "last_quarter", "last_half")
+    layers = a.layers if a.layers in named else tuple(int(x) for x in a.layers.split(","))
     attention = MedicalAttentionConfig(colormap=a.colormap, attention_head_mode=a.attention_head_mode, layers=layers,
                                        query_mode=a.query_mode, answer_suffix=a.answer_suffix, generate=a.generate,
                                        max_new_tokens=a.max_new_tokens)  # fmt: skip

@@ -141,7 +141,7 @@ def _score(cfg: RunConfig, loaders, manifest: Manifest) -> int:
               f"{c['seconds']:.1f} s", file=sys.stderr)  # fmt: skip
     random_weights = any(m.get("random_weights") for m in model_info.values())
     manifest.update(
-        created=dt.datetime.now(dt.timezone.utc).isoformat(),
+        created=dt.datetime.now(dt.UTC).isoformat(),
         command=" ".join(sys.argv),
         git_commit=_git_commit(),
         versions=_versions(),
