@@ -70,7 +70,7 @@ DEFAULT_DPI = 150
 _SUGGESTED_COLORMAPS = ("hot", "inferno", "magma", "viridis", "plasma", "jet", "turbo", "gray")
 _UNSEEN_FACE = (0.55, 0.55, 0.55, 0.6)
 _UNSEEN_HATCH = (1.0, 1.0, 1.0, 0.55)
-_MAX_DISPLAY_SIDE = 1024  # images and painted maps are drawn at most this many pixels on the long side
+_MAX_DISPLAY_SIDE = 640  # images and painted maps are drawn at most this many pixels on the long side
 _TITLE_SIZE = 8.5
 
 
