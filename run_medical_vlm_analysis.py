@@ -96,7 +96,7 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--answer_suffix", default="Answer yes or no.", help="appended to every question ('' for none)")
     p.add_argument("--n_boot", type=int, default=10_000)
     p.add_argument("--bootstrap_seed", type=int, default=0)
-    p.add_argument("--n_figure_studies", type=int, default=3, help="studies that get per-study figures")
+    p.add_argument("--n_figure_studies", type=int, help="studies that get per-study figures (default 3; demo 1)")
     a = p.parse_args(argv)
     named = ("all", "last_quarter", "last_half")
     layers = a.layers if a.layers in named else tuple(int(x) for x in a.layers.split(","))
@@ -106,13 +106,14 @@ def parse_args(argv=None) -> RunConfig:
     if not (a.csv or a.demo or a.analyze_only):
         p.error("give --csv (or --demo, or --analyze_only on an existing --output_dir)")
     rank, world = dist_env()
+    n_figures = a.n_figure_studies if a.n_figure_studies is not None else (1 if a.demo else 3)
     return RunConfig(
         output_dir=a.output_dir, csv=a.csv, image_root=a.image_root, models=tuple(a.models), n_studies=a.n_studies,
         sample=a.sample, seed=a.seed, cluster_by=a.cluster_by, llava_rad_model=a.llava_rad_model,
         llava_rad_base=a.llava_rad_base, medgemma_model=a.medgemma_model, dtype=a.dtype, load_in_8bit=a.load_in_8bit,
         load_in_4bit=a.load_in_4bit, batch_size=a.batch_size, strict=a.strict, overwrite=a.overwrite,
         analyze_only=a.analyze_only, demo=a.demo, tiny_random_models=a.tiny_random_models or a.demo,
-        attention=attention, n_boot=a.n_boot, bootstrap_seed=a.bootstrap_seed, n_figure_studies=a.n_figure_studies,
+        attention=attention, n_boot=a.n_boot, bootstrap_seed=a.bootstrap_seed, n_figure_studies=n_figures,
         rank=rank, world_size=world,
     )  # fmt: skip
 
