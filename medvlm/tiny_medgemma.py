@@ -98,44 +98,55 @@ def tiny_gemma_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_medgemma(seed: int = 0, sliding_window: int = 512) -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
-    """(model, processor): a random-weight Gemma3ForConditionalGeneration in float32, eval mode.
+# Sizes: the tiny test model, and google/medgemma-4b-it's real shapes (for timing with
+# random weights on a GPU; the real checkpoint cannot be downloaded here).
+TINY_SHAPES = {
+    "text": {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 6, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16, "global_every": 3,
+             "vocab_size": None},
+    "vision": {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "image_size": 128, "patch_size": 2},
+}  # fmt: skip
+MEDGEMMA_4B_SHAPES = {
+    "text": {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34, "num_attention_heads": 8,
+             "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256, "global_every": 6,
+             "vocab_size": 262_208, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0},
+    "vision": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
+               "image_size": 896, "patch_size": 14},
+}  # fmt: skip
+
+
+def tiny_medgemma(
+    seed: int = 0, sliding_window: int = 512, shapes: dict | None = None, device=None, dtype=torch.float32
+) -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
+    """(model, processor): a random-weight Gemma3ForConditionalGeneration, eval mode.
 
     sliding_window  the local layers' window; smaller than the prompt (about 280 tokens) to
-                    make the sliding mask matter in tests
+                    make the sliding mask matter in tests (the real model: 1024)
+    shapes          TINY_SHAPES (default) or MEDGEMMA_4B_SHAPES; the text vocabulary is at
+                    least the tokenizer's (the real size keeps the embedding and head costs real)
+    device, dtype   where to build it (built in place: no float32 copy on the host)
     """
+    shapes = shapes or TINY_SHAPES
+    text, vision = dict(shapes["text"]), dict(shapes["vision"])
     tokenizer = tiny_gemma_tokenizer()
-    vocab = len(tokenizer)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
+    every = text.pop("global_every")
+    n_layers = text["num_hidden_layers"]
+    text["vocab_size"] = max(len(tokenizer), text["vocab_size"] or 0)
+    extra_rope = {k: text.pop(k) for k in ("rope_theta", "rope_local_base_freq") if k in text}
     config = Gemma3Config(
         text_config={
-            "vocab_size": vocab,
-            "hidden_size": 64,
-            "intermediate_size": 96,
-            "num_hidden_layers": 6,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "query_pre_attn_scalar": 16,
+            **text,
+            **extra_rope,
             "sliding_window": sliding_window,
-            "layer_types": [
-                "sliding_attention" if (i + 1) % 3 else "full_attention" for i in range(6)
-            ],
-            "max_position_embeddings": 2048,
+            "layer_types": ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layers)],
+            "max_position_embeddings": 4096,
             "pad_token_id": ids["<pad>"],
             "bos_token_id": ids["<bos>"],
             "eos_token_id": [ids["<eos>"], ids["<end_of_turn>"]],
         },
-        vision_config={
-            "model_type": "siglip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 48,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 128,
-            "patch_size": 2,
-            "vision_use_head": False,
-        },
+        vision_config={"model_type": "siglip_vision_model", **vision, "vision_use_head": False},
         mm_tokens_per_image=256,
         boi_token_index=ids["<start_of_image>"],
         eoi_token_index=ids["<end_of_image>"],
@@ -145,14 +156,21 @@ def tiny_medgemma(seed: int = 0, sliding_window: int = 512) -> tuple[Gemma3ForCo
         eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
     )
     torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(config)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device or "cpu"):
+            model = Gemma3ForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     with torch.no_grad():  # the projector starts at zeros: give the image a real signal
         proj = model.model.multi_modal_projector.mm_input_projection_weight
-        proj.normal_(0.0, 0.5)
+        proj.normal_(0.0, 0.5 if shapes is TINY_SHAPES else 0.02)
     model.eval()
     model.config.tiny_random_weights = True
+    size = vision["image_size"]
     image_processor = Gemma3ImageProcessor(
-        size={"height": 128, "width": 128},
+        size={"height": size, "width": size},
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
         do_pan_and_scan=False,
