@@ -378,6 +378,7 @@ class MedGemmaMedical(VLMBackend):
                         "image_span": [start, end],
                         "prefix_len": prefix_len,
                         "query_positions": queries[i],
+                        "suffix_len": len(suffixes[i]),
                         **({"logits": out.logits[i].cpu()} if self.keep_logits else {}),
                     },
                 )

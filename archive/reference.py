@@ -59,3 +59,31 @@ def medgemma_reference(backend, image, question: str) -> dict:
         "p_yes": float(p_yes[0]),
         "coverage": float(coverage[0]),
     }
+
+
+@torch.no_grad()
+def naive_study(backend, image, questions, gen_tokens: int = 50) -> list[dict]:
+    """What the original scripts did, per question: the full prompt through eager attention
+    with output_attentions=True, then `gen_tokens` generated tokens (forced to that length).
+    For timing against the fast path; returns the references."""
+    out = []
+    for q in questions:
+        if backend.name == "medgemma":
+            ref = medgemma_reference(backend, image, q)
+            model, processor = backend.model, backend.processor
+            inputs = processor.apply_chat_template(
+                backend._messages(q, image.convert("RGB")), add_generation_prompt=True, tokenize=True,
+                return_dict=True, return_tensors="pt",
+            )  # fmt: skip
+            device = next(model.parameters()).device
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+            with eager_text_attention(model):
+                model.generate(**inputs, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, do_sample=False)
+        else:
+            from archive.reference_llava_rad import llava_rad_naive_generate, llava_rad_reference_score
+
+            ref = llava_rad_reference_score(backend, image, q)
+            llava_rad_naive_generate(backend, image, q, gen_tokens)
+        out.append(ref)
+    return out

@@ -1,0 +1,291 @@
+"""Speed of the real code path against the naive loop and the hardware floor, on one GPU,
+with full-size random-weight models built from the real configs (bf16).
+
+    python benchmarks/bench_speed.py                       # both models, 100 studies x 6 paraphrases
+    python benchmarks/bench_speed.py --models medgemma --n_studies 20 --naive_studies 2
+    python benchmarks/bench_speed.py --exactness_only      # fp32 reference vs fast path on the GPU
+
+Per model it prints seconds per study, studies per second, peak GPU memory, the weights' size,
+the FLOP floor (2 x non-embedding parameters x tokens processed + the vision tower, over the
+bf16 matmul rate measured in the same run) and the ratios naive/ours and ours/floor, and writes
+benchmarks/results/<date>-<device kind>.json. Timing lives here, never in tests.
+
+naive = what the original scripts did per question: the full prompt with eager attention and
+output_attentions=True, then generate 50 tokens (archive/). ours = backend.score on the study's
+six questions (shared prefix cache, batched suffixes, SDPA with exact row capture).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from archive.reference import naive_study  # noqa: E402
+from medvlm.config import MedicalAttentionConfig  # noqa: E402
+
+PARAPHRASES = [
+    "Is there a pleural effusion?",
+    "Does this chest X-ray show a pleural effusion?",
+    "Is pleural effusion present in this image?",
+    "Can you see fluid in the pleural space?",
+    "Is there evidence of a pleural effusion on this radiograph?",
+    "Does the patient have a pleural effusion?",
+]
+
+
+DEVICE = {"name": "cuda", "full_size": True}
+
+
+def sync():
+    if DEVICE["name"] == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
+    """Measured dense bf16 matmul rate (TFLOP/s) on random data."""
+    if DEVICE["name"] != "cuda":
+        n = 512
+    a = torch.randn(n, n, device=DEVICE["name"], dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEVICE["name"], dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def images(n: int, seed: int = 0) -> list[Image.Image]:
+    """Synthetic grayscale radiograph-sized images of a few aspect ratios."""
+    rng = np.random.default_rng(seed)
+    sizes = [(1024, 1024), (1200, 1000), (900, 1100)]
+    out = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        base = rng.integers(0, 255, size=(h // 8, w // 8), dtype=np.uint8)
+        out.append(Image.fromarray(base).resize((w, h), Image.BILINEAR).convert("RGB"))
+    return out
+
+
+def build(name: str, dtype, attention: MedicalAttentionConfig):
+    """(backend, non_embedding_params, vision_params, vision_tokens)."""
+    if name == "medgemma":
+        from medgemma_enhanced import MedGemmaMedical
+        from medvlm.tiny_medgemma import MEDGEMMA_4B_SHAPES, tiny_medgemma
+
+        from medvlm.tiny_medgemma import TINY_SHAPES
+
+        shapes = MEDGEMMA_4B_SHAPES if DEVICE["full_size"] else TINY_SHAPES
+        model, processor = tiny_medgemma(shapes=shapes, sliding_window=1024, device=DEVICE["name"], dtype=dtype)
+        model_id = "random-medgemma-4b-shapes" if DEVICE["full_size"] else "tiny-random-medgemma"
+        backend = MedGemmaMedical(model, processor, attention, model_id=model_id)
+        text = model.model.language_model
+        non_emb = sum(p.numel() for n, p in text.named_parameters() if "embed_tokens" not in n)
+        non_emb += 0 if model.config.get_text_config().tie_word_embeddings is False else 0
+        head = model.lm_head.weight.numel()
+        vision = sum(p.numel() for p in model.model.vision_tower.parameters())
+        n_patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+        return backend, non_emb + head, vision, n_patches
+    if name == "llava_rad":
+        from medvlm.tiny_llava_rad import full_size_llava_rad
+
+        backend = full_size_llava_rad(attention, device=DEVICE["name"], dtype=dtype, full_size=DEVICE["full_size"])
+        lm = backend.model
+        non_emb = sum(p.numel() for n, p in lm.model.named_parameters() if "embed_tokens" not in n)
+        head = lm.lm_head.weight.numel()
+        vision = sum(p.numel() for p in backend.vision.parameters()) + sum(
+            p.numel() for p in backend.projector.parameters()
+        )
+        return backend, non_emb + head, vision, 1 + 37 * 37
+    raise ValueError(f"unknown model {name!r}; valid: llava_rad, medgemma")
+
+
+def tokens_per_study(backend, image) -> tuple[int, int]:
+    """(prefix tokens, total suffix tokens) that the fast path processes for one study."""
+    scores = backend.score(image, PARAPHRASES)
+    return int(scores[0].extra["prefix_len"]), int(sum(s.extra["suffix_len"] for s in scores))
+
+
+def bench_model(name: str, args, tflops: float) -> dict:
+    attention = MedicalAttentionConfig(attention_head_mode="mean", layers="all", query_mode="answer")
+    if DEVICE["name"] == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    backend, non_emb, vision_params, vision_tokens = build(name, torch.bfloat16, attention)
+    sync()
+    weights_gib = sum(p.numel() * p.element_size() for p in backend_parameters(backend)) / 2**30
+    imgs = images(args.n_studies)
+    # warm-up
+    for im in imgs[:2]:
+        backend.score(im, PARAPHRASES)
+    sync()
+    cuda = DEVICE["name"] == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base_mem = torch.cuda.memory_allocated() if cuda else 0
+    t0 = time.perf_counter()
+    for im in imgs:
+        backend.score(im, PARAPHRASES)
+    sync()
+    ours = (time.perf_counter() - t0) / len(imgs)
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    prefix, suffix = tokens_per_study(backend, imgs[0])
+    flops = 2 * non_emb * (prefix + suffix) + 2 * vision_params * vision_tokens
+    floor = flops / (tflops * 1e12)
+    naive = None
+    if args.naive_studies:
+        naive_study(backend, imgs[0], PARAPHRASES[:1], gen_tokens=5)  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        for im in imgs[: args.naive_studies]:
+            naive_study(backend, im, PARAPHRASES, gen_tokens=args.gen_tokens)
+        sync()
+        naive = (time.perf_counter() - t0) / args.naive_studies
+    res = {
+        "naive_s_per_study": naive,
+        "ours_s_per_study": ours,
+        "floor_s_per_study": floor,
+        "peak_gib": peak_gib,
+        "weights_gib": weights_gib,
+        "peak_over_weights": peak_gib / weights_gib,
+        "base_allocated_gib": base_mem / 2**30,
+        "studies_per_s": 1 / ours,
+        "naive_over_ours": naive / ours if naive else None,
+        "ours_over_floor": ours / floor,
+        "tokens_per_study": {"prefix": prefix, "suffixes": suffix},
+        "flops_per_study": flops,
+        "non_embedding_params": non_emb,
+        "vision_params": vision_params,
+        "n_studies": args.n_studies,
+        "naive_studies": args.naive_studies,
+        "gen_tokens": args.gen_tokens,
+    }
+    backend.unload()
+    return res
+
+
+def backend_parameters(backend):
+    yield from backend.model.parameters()
+    for extra in ("vision", "projector"):
+        mod = getattr(backend, extra, None)
+        if mod is not None:
+            yield from mod.parameters()
+
+
+def exactness(name: str, n_studies: int) -> dict:
+    """Fast path vs the eager full-prompt reference on the GPU: fp32 vs fp32, and bf16 fast
+    path vs the fp32 reference (max abs diff of P(yes) and of the head-mean answer rows)."""
+    attention = MedicalAttentionConfig(attention_head_mode="none", layers="all", query_mode="answer")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    backend, *_ = build(name, torch.float32, attention)
+    imgs = images(n_studies, seed=1)
+    refs = [[reference(backend, im, q) for q in PARAPHRASES] for im in imgs]
+    out = {}
+    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        cast(backend, dtype)
+        dp, dr = 0.0, 0.0
+        for im, rs in zip(imgs, refs, strict=True):
+            scores = backend.score(im, PARAPHRASES)
+            for s, r in zip(scores, rs, strict=True):
+                dp = max(dp, abs(s.p_yes - r["p_yes"]))
+                dr = max(dr, float(np.abs(s.attention.astype(np.float64) - r["rows"]).max()))
+        out[label] = {"max_abs_diff_p_yes": dp, "max_abs_diff_rows": dr}
+    backend.unload()
+    return out
+
+
+def cast(backend, dtype):
+    backend.model.to(dtype)
+    for extra in ("vision", "projector"):
+        mod = getattr(backend, extra, None)
+        if mod is not None:
+            mod.to(dtype)
+    if hasattr(backend, "dtype"):
+        backend.dtype = dtype
+
+
+def reference(backend, image, question) -> dict:
+    """p_yes and the answering token's rows [layers, heads, n_image] from the eager reference."""
+    if backend.name == "medgemma":
+        from archive.reference import medgemma_reference
+
+        r = medgemma_reference(backend, image, question)
+        s, e = r["image_span"]
+        rows = np.stack([a[:, -1, s:e].double().numpy() for a in r["attentions"]])
+        return {"p_yes": r["p_yes"], "rows": rows}
+    from archive.reference_llava_rad import llava_rad_reference_score
+    from medvlm.scoring import yes_probability
+
+    r = llava_rad_reference_score(backend, image, question)
+    s, e = r["image_span"]
+    rows = np.stack([r["rows"][layer][:, -1, s:e].double().numpy() for layer in sorted(r["rows"])])
+    p_yes, _ = yes_probability(r["logits"][None], backend.answer_tokens)
+    return {"p_yes": float(p_yes[0]), "rows": rows}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["llava_rad", "medgemma"])
+    p.add_argument("--n_studies", type=int, default=100)
+    p.add_argument("--naive_studies", type=int, default=3)
+    p.add_argument("--gen_tokens", type=int, default=50)
+    p.add_argument("--exactness_studies", type=int, default=2)
+    p.add_argument("--exactness_only", action="store_true")
+    p.add_argument("--skip_exactness", action="store_true")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--kind", default="nvidia-h200")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing")
+    args = p.parse_args(argv)
+    if args.smoke:
+        DEVICE.update(name="cpu", full_size=False)
+        args.kind = "smoke-cpu"
+    elif not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU (or --smoke)")
+    import transformers
+
+    result = {
+        "date": dt.date.today().isoformat(),
+        "device_kind": args.kind,
+        "gpu": torch.cuda.get_device_name(0) if DEVICE["name"] == "cuda" else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "dtype": "bfloat16",
+        "weights": "random, full-size shapes of the real configs",
+    }
+    if not args.exactness_only:
+        result["bf16_matmul_tflops"] = tflops = matmul_tflops()
+        print(f"bf16 matmul: {tflops:.0f} TFLOP/s", flush=True)
+        for name in args.models:
+            r = bench_model(name, args, tflops)
+            result[name] = r
+            naive = f"{r['naive_s_per_study']:.3f}" if r["naive_s_per_study"] else "n/a"
+            print(f"{name}: ours {r['ours_s_per_study'] * 1e3:.1f} ms/study ({r['studies_per_s']:.1f} studies/s), "
+                  f"naive {naive} s/study, floor {r['floor_s_per_study'] * 1e3:.2f} ms, "
+                  f"naive/ours {r['naive_over_ours'] or float('nan'):.0f}x, ours/floor {r['ours_over_floor']:.1f}x, "
+                  f"peak {r['peak_gib']:.1f} GiB / weights {r['weights_gib']:.1f} GiB", flush=True)  # fmt: skip
+    if not args.skip_exactness:
+        for name in args.models:
+            result.setdefault(name, {})["exactness"] = e = exactness(name, args.exactness_studies)
+            print(f"{name} exactness vs fp32 eager reference: {e}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{result['date']}-{args.kind}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
