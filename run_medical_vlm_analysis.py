@@ -22,33 +22,46 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 from medvlm.config import MedicalAttentionConfig
 from medvlm.pipeline import MODEL_NAMES, RunConfig, dist_env
 from medvlm.runner import run
 
 
-def _load_llava_rad(cfg: RunConfig, attention: MedicalAttentionConfig, tiny_folder: Path | None):
+def _load_llava_rad(cfg: RunConfig):
     from llava_rad_medical_only import LLaVARadMedical
 
-    backend = LLaVARadMedical(config=attention)
-    if tiny_folder is not None:
+    if cfg.random_models == "full":
+        from medvlm.tiny_llava_rad import full_size_llava_rad
+
+        return full_size_llava_rad(cfg.attention, device=cfg.device, dtype=cfg.dtype or "bfloat16")
+    backend = LLaVARadMedical(config=cfg.attention)
+    if cfg.random_models == "tiny":
         from medvlm.tiny_llava_rad import write_tiny_llava_rad
 
-        model_path, model_base = write_tiny_llava_rad(tiny_folder / "llava_rad")
-        backend.load_model(model_path, model_base, device="cpu")
-    else:
-        backend.load_model(cfg.llava_rad_model, cfg.llava_rad_base, load_8bit=cfg.load_in_8bit,
-                           load_4bit=cfg.load_in_4bit, dtype=cfg.dtype)  # fmt: skip
-    return backend
+        model_path, model_base = write_tiny_llava_rad(cfg.output_dir / "tiny_models" / "llava_rad")
+        return backend.load_model(model_path, model_base, device=cfg.device, dtype=cfg.dtype or "float32")
+    return backend.load_model(cfg.llava_rad_model, cfg.llava_rad_base, load_8bit=cfg.load_in_8bit,
+                              load_4bit=cfg.load_in_4bit, device=cfg.device, dtype=cfg.dtype)  # fmt: skip
 
 
-def _load_medgemma(cfg: RunConfig, attention: MedicalAttentionConfig, tiny_folder: Path | None):
+def _load_medgemma(cfg: RunConfig):
     from medgemma_enhanced import MedGemmaMedical
 
-    if tiny_folder is not None:
-        return MedGemmaMedical.tiny(attention)
-    return MedGemmaMedical.from_pretrained(cfg.medgemma_model, attention, dtype=cfg.dtype,
-                                           quantization=cfg.quantization)  # fmt: skip
+    if cfg.random_models is not None:
+        from medvlm.tiny_medgemma import MEDGEMMA_4B_SHAPES, TINY_SHAPES, tiny_medgemma
+
+        full = cfg.random_models == "full"
+        model, processor = tiny_medgemma(
+            shapes=MEDGEMMA_4B_SHAPES if full else TINY_SHAPES, sliding_window=1024 if full else 512,
+            device=cfg.device, dtype=getattr(torch, cfg.dtype or ("bfloat16" if full else "float32")),
+        )  # fmt: skip
+        name = "random-medgemma-4b-shapes" if full else "tiny-random-medgemma"
+        return MedGemmaMedical(model, processor, cfg.attention, model_id=name)
+    device_map = {"": cfg.device} if cfg.world_size > 1 else "auto"
+    return MedGemmaMedical.from_pretrained(cfg.medgemma_model, cfg.attention, dtype=cfg.dtype,
+                                           quantization=cfg.quantization, device_map=device_map)  # fmt: skip
 
 
 BACKENDS = {"llava_rad": _load_llava_rad, "medgemma": _load_medgemma}
@@ -89,6 +102,8 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--analyze_only", action="store_true", help="statistics and figures from stored results")
     p.add_argument("--demo", action="store_true", help="tiny random models on real DICOMs from pydicom-data")
     p.add_argument("--tiny_random_models", action="store_true", help="tiny random-weight models on any CSV")
+    p.add_argument("--random_full_size_models", action="store_true",
+                   help="random weights in the real models' shapes (GPU timing; numbers mean nothing)")
     p.add_argument("--colormap", default="hot")
     p.add_argument("--attention_head_mode", default="mean", choices=("mean", "max", "entropy", "none"))
     p.add_argument("--layers", default="all", help="all, last_quarter, last_half, or comma-separated indices")
@@ -105,21 +120,24 @@ def parse_args(argv=None) -> RunConfig:
                                        max_new_tokens=a.max_new_tokens)  # fmt: skip
     if not (a.csv or a.demo or a.analyze_only):
         p.error("give --csv (or --demo, or --analyze_only on an existing --output_dir)")
-    rank, world = dist_env()
+    rank, world, local_rank = dist_env()
+    random_models = "tiny" if (a.tiny_random_models or a.demo) else "full" if a.random_full_size_models else None
     n_figures = a.n_figure_studies if a.n_figure_studies is not None else (1 if a.demo else 3)
     return RunConfig(
         output_dir=a.output_dir, csv=a.csv, image_root=a.image_root, models=tuple(a.models), n_studies=a.n_studies,
         sample=a.sample, seed=a.seed, cluster_by=a.cluster_by, llava_rad_model=a.llava_rad_model,
         llava_rad_base=a.llava_rad_base, medgemma_model=a.medgemma_model, dtype=a.dtype, load_in_8bit=a.load_in_8bit,
         load_in_4bit=a.load_in_4bit, batch_size=a.batch_size, strict=a.strict, overwrite=a.overwrite,
-        analyze_only=a.analyze_only, demo=a.demo, tiny_random_models=a.tiny_random_models or a.demo,
+        analyze_only=a.analyze_only, demo=a.demo, random_models=random_models,
         attention=attention, n_boot=a.n_boot, bootstrap_seed=a.bootstrap_seed, n_figure_studies=n_figures,
-        rank=rank, world_size=world,
+        rank=rank, world_size=world, local_rank=local_rank,
     )  # fmt: skip
 
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
+    if cfg.world_size > 1 and torch.cuda.is_available():
+        torch.cuda.set_device(cfg.local_rank)
     if cfg.overwrite and cfg.output_dir.exists() and cfg.rank == 0 and not cfg.analyze_only:
         shutil.rmtree(cfg.output_dir)
     return run(cfg, {name: get_backend_loader(name) for name in cfg.models})

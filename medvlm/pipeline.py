@@ -51,13 +51,14 @@ class RunConfig:
     overwrite: bool = False
     analyze_only: bool = False
     demo: bool = False
-    tiny_random_models: bool = False
+    random_models: str | None = None  # None (real weights), "tiny" or "full" (random, real shapes: timing)
     attention: MedicalAttentionConfig = field(default_factory=MedicalAttentionConfig)
     n_boot: int = 10_000
     bootstrap_seed: int = 0
     n_figure_studies: int = 3
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0
 
     def __post_init__(self):
         unknown = [m for m in self.models if m not in MODEL_NAMES]
@@ -69,8 +70,15 @@ class RunConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.n_studies is not None and self.sample is not None:
             raise ValueError("--n_studies and --sample are exclusive")
+        if self.random_models not in (None, "tiny", "full"):
+            raise ValueError(f"random_models must be None, 'tiny' or 'full', got {self.random_models!r}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+
+    @property
+    def device(self) -> str:
+        """This process's device: its own GPU under `accelerate launch`, else cuda or cpu."""
+        return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
 
     @property
     def quantization(self) -> str | None:
@@ -207,6 +215,7 @@ def shard_rows(rows: pd.DataFrame, rank: int, world_size: int) -> pd.DataFrame:
     return rows[rows["study_id"].isin(mine)]
 
 
-def dist_env() -> tuple[int, int]:
-    """(rank, world_size) from the environment `accelerate launch` / torchrun set."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the environment `accelerate launch` / torchrun set."""
+    env = os.environ
+    return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))

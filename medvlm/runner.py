@@ -124,11 +124,10 @@ def _score(cfg: RunConfig, loaders, manifest: Manifest) -> int:
         print(f"warning: {sel.warning}", file=sys.stderr)
     rows = shard_rows(sel.rows, cfg.rank, cfg.world_size)
     store = ResultsStore(out, shard=None if cfg.world_size == 1 else cfg.rank)
-    tiny_folder = out / "tiny_models" if cfg.tiny_random_models else None
     model_info, counts = dict(manifest.data.get("models", {})), dict(manifest.data.get("counts", {}))
     for name, loader in loaders.items():
         t0 = time.perf_counter()
-        backend = loader(cfg, cfg.attention, tiny_folder)
+        backend = loader(cfg)
         load_s = time.perf_counter() - t0
         info = backend.describe()
         model_info[name] = {**info, "load_seconds": load_s}
