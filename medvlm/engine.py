@@ -1,5 +1,6 @@
 """Shared-prefix scoring: the prefix (system text + image) runs once with use_cache; all
-question suffixes of one image run as one right-padded batch on a copy of that cache.
+question suffixes of one image run as one right-padded batch against that one cache, shared
+(broadcast layer by layer, never copied per question).
 
 Both backends feed this the pieces of their own model:
     decoder            the text decoder (LlamaModel, Gemma3TextModel): input_ids -> hidden
@@ -61,11 +62,34 @@ def cache_kwargs(module: torch.nn.Module, cache) -> dict:
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
-def repeat_cache(cache, n: int):
-    """A copy of a batch-1 prefix cache repeated to batch n (the original is untouched)."""
-    out = copy.deepcopy(cache)
-    out.batch_repeat_interleave(n)
-    return out
+def _broadcast_update(self, key_states, value_states, *args, **kwargs):
+    """Keys/values of the shared batch-1 prefix, broadcast to the suffix batch, followed by
+    the suffix's own; nothing is stored (the prefix stays batch 1 and unchanged)."""
+    n = key_states.shape[0]
+    keys = torch.cat([self.keys.expand(n, -1, -1, -1), key_states], dim=-2)
+    values = torch.cat([self.values.expand(n, -1, -1, -1), value_states], dim=-2)
+    return keys, values
+
+
+def shared_prefix_cache(cache):
+    """A view of a filled batch-1 prefix cache that serves a batch of suffixes.
+
+    Each layer answers update() with [prefix expanded to the batch | the suffix's keys] and
+    stores nothing, so the prefix is never copied per question (a copy lives only for the
+    layer being computed) and the original cache is left as it was. Mask sizes and offsets
+    come from the prefix layer itself, sliding layers included.
+    """
+    view = copy.copy(cache)
+    layers = []
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", False) or layer.keys is None or layer.keys.shape[0] != 1:
+            raise ValueError("shared_prefix_cache needs a filled batch-1 prefix cache")
+        cls = type(f"SharedPrefix{type(layer).__name__}", (type(layer),), {"update": _broadcast_update})
+        shared = copy.copy(layer)
+        shared.__class__ = cls
+        layers.append(shared)
+    view.layers = layers
+    return view
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +163,7 @@ def score_suffixes(
         n_keys=prefix_len + width,
         head_mode=head_mode,
     )
-    cache = repeat_cache(prefix_cache, n)
+    cache = shared_prefix_cache(prefix_cache)
     with capture_rows(attention_modules, spec) as cap:
         out = decoder(
             input_ids=ids,
