@@ -62,6 +62,14 @@ def cache_kwargs(module: torch.nn.Module, cache) -> dict:
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
+def repeat_cache(cache, n: int):
+    """A copy of a batch-1 prefix cache repeated to batch n, for generation, where each row's
+    cache grows (the original is untouched)."""
+    out = copy.deepcopy(cache)
+    out.batch_repeat_interleave(n)
+    return out
+
+
 def _broadcast_update(self, key_states, value_states, *args, **kwargs):
     """Keys/values of the shared batch-1 prefix, broadcast to the suffix batch, followed by
     the suffix's own; nothing is stored (the prefix stays batch 1 and unchanged)."""
