@@ -84,9 +84,7 @@ def build(name: str, dtype, attention: MedicalAttentionConfig):
     """(backend, non_embedding_params, vision_params, vision_tokens)."""
     if name == "medgemma":
         from medgemma_enhanced import MedGemmaMedical
-        from medvlm.tiny_medgemma import MEDGEMMA_4B_SHAPES, tiny_medgemma
-
-        from medvlm.tiny_medgemma import TINY_SHAPES
+        from medvlm.tiny_medgemma import MEDGEMMA_4B_SHAPES, TINY_SHAPES, tiny_medgemma
 
         shapes = MEDGEMMA_4B_SHAPES if DEVICE["full_size"] else TINY_SHAPES
         model, processor = tiny_medgemma(shapes=shapes, sliding_window=1024, device=DEVICE["name"], dtype=dtype)
