@@ -1,0 +1,922 @@
+"""LLaVA-Rad backend: the official checkpoint (microsoft/llava-rad on lmsys/vicuna-7b-v1.5),
+loaded natively on modern transformers, with exact question-to-image attention at SDPA's cost.
+
+    from llava_rad_medical_only import LLaVARadMedical, MedicalAttentionConfig
+    llava = LLaVARadMedical(config=MedicalAttentionConfig(colormap="hot", attention_head_mode="mean"))
+    llava.load_model()                                   # microsoft/llava-rad + lmsys/vicuna-7b-v1.5
+    scores = llava.score(image, ["Is there a pleural effusion?"])
+    scores[0].p_yes, scores[0].attention.shape           # float, (32, 1369)
+
+The official llava package pins transformers 4.31 and cannot be imported beside a modern
+transformers, so this module rebuilds the model from the checkpoint's files, following the
+official code (llava/model/builder.py, llava_arch.py, open_clip_encoder, mm_utils.py,
+conversation.py, eval/model_mimic_cxr.py) without importing it:
+
+  language model  LlamaForCausalLM (attn "sdpa") from the Vicuna base with the LLaVA-Rad
+                  config.json's Llama fields, LoRA merged W + (alpha / r) B A
+  vision tower    timm vit_base_patch14_dinov2 (the trunk of BiomedCLIP-CXR 518) with
+                  weights module.visual.trunk.* of biomedclipcxr_518_checkpoint.pt; features =
+                  [embeddings, block 1, ..., block N][mm_vision_select_layer] (no final norm),
+                  CLS dropped ("patch")
+  projector       mlp2x_gelu: Linear(mm_hidden, hidden), GELU, Linear(hidden, hidden), from
+                  non_lora_trainables.bin
+  prompt          conv_vicuna_v1, tokenised as tokenizer_image_token does (chunks split on
+                  "<image>", BOS only on the first); the placeholder at index p becomes 1369
+                  image embeddings, so image tokens occupy [p, p + 1369) of the real sequence
+  preprocessing   open_clip's eval transform: shortest side -> 518 (bicubic), center crop
+                  518, CLIP mean/std
+
+Scoring: the prefix (BOS + system text + image embeddings) runs once with use_cache; all
+questions of one image run as a batch of suffixes against copies of that cache
+(medvlm.engine.score_suffixes), reading P(yes) and the exact attention rows of the chosen
+query tokens (medvlm.capture) in the same forward. archive/reference_llava_rad.py is the slow
+eager reference the tests compare against; archive/llava_rad_official_compare.py compares
+with the official code on the real weights.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from medvlm.aggregate import resolve_layers
+from medvlm.backend import QuestionScore, VLMBackend
+from medvlm.capture import attention_modules_of
+from medvlm.config import MedicalAttentionConfig
+from medvlm.engine import cache_kwargs, new_cache, repeat_cache, score_suffixes
+from medvlm.geometry import Geometry, shortest_side_center_crop_geometry
+from medvlm.queries import suffix_query_positions
+from medvlm.scoring import answer_from_p, parse_free_text, resolve_answer_tokens
+
+__all__ = [
+    "LLaVARadMedical",
+    "MedicalAttentionConfig",
+    "LLaVARadLoadError",
+    "DEFAULT_MODEL_ID",
+    "DEFAULT_BASE",
+    "build_prompt",
+]
+
+# -- model facts (checked against the loaded files; a mismatch refuses to load) -----------
+DEFAULT_MODEL_ID = "microsoft/llava-rad"
+DEFAULT_BASE = "lmsys/vicuna-7b-v1.5"
+IMAGE_SIZE = 518
+PATCH = 14
+GRID = (37, 37)
+N_IMAGE_TOKENS = 1369
+VISION_ARCH = "vit_base_patch14_dinov2"
+VISION_SELECT_LAYER = -2
+VISION_SELECT_FEATURE = "patch"
+PROJECTOR = "mlp2x_gelu"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip OPENAI_DATASET_MEAN
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # open_clip OPENAI_DATASET_STD
+
+# conv_vicuna_v1 (llava/conversation.py; scripts/eval.sh uses conv_mode "v1"): SeparatorStyle.TWO
+SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+ROLES = ("USER", "ASSISTANT")
+SEP, SEP2 = " ", "</s>"
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX
+
+# -- checkpoint layout ------------------------------------------------------------------------
+VISION_CONFIG_NAME = "biomedclipcxr_518.json"  # the name the official loader fetches from the hub
+VISION_CHECKPOINT_NAME = "biomedclipcxr_518_checkpoint.pt"
+NON_LORA_NAME = "non_lora_trainables.bin"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"
+ATTN_DESCRIPTION = "sdpa + medvlm_rows capture"
+# config.json keys that belong to LLaVA, not to the Llama language model
+_LLAVA_ONLY_KEYS = {
+    "model_type", "architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype",
+    "use_mm_proj", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "image_aspect_ratio",
+    "image_grid_pinpoints", "mm_vision_tower", "mm_vision_tower_config", "mm_vision_tower_checkpoint",
+}  # fmt: skip
+_HUB_PATTERNS_MODEL = ["*.json", "*.bin", "*.safetensors", "*.pt"]
+_HUB_PATTERNS_BASE_META = ["*.json", "*.model"]
+
+
+_DEFAULT_CONFIG = MedicalAttentionConfig()  # frozen: safe to share as the default
+
+
+class LLaVARadLoadError(ValueError):
+    """A checkpoint file is missing, unreadable, or contradicts a fact the code relies on."""
+
+
+def build_prompt(question_text: str) -> str:
+    """conv_vicuna_v1 with one user turn and an open assistant turn, as model_mimic_cxr.py
+    builds it: "<system> USER: <image>\\n<question> ASSISTANT:" (image placeholder symbolic)."""
+    q = question_text.replace(IMAGE_PLACEHOLDER, "").strip()
+    return f"{SYSTEM_PROMPT}{SEP}{ROLES[0]}: {IMAGE_PLACEHOLDER}\n{q}{SEP}{ROLES[1]}:"
+
+
+# -- file helpers -------------------------------------------------------------------------------
+def _fail(path, message: str):
+    raise LLaVARadLoadError(f"{path}: {message}")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        _fail(path, "file not found")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        _fail(path, f"not readable JSON ({type(e).__name__}: {e})")
+
+
+def _load_tensors(path: Path) -> dict:
+    """torch.load(weights_only=True) or safetensors; refuses anything else."""
+    if not path.is_file():
+        _fail(path, "file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is reported with the file name
+        _fail(path, f"could not be loaded safely (torch.load weights_only=True): {type(e).__name__}: {e}")
+    if not isinstance(obj, dict):
+        _fail(path, f"expected a dict of tensors, found {type(obj).__name__}")
+    return obj
+
+
+def _is_random(folder: Path) -> bool:
+    return (folder / RANDOM_WEIGHTS_MARKER).exists()
+
+
+def _revision_of(folder: Path) -> str | None:
+    """The commit hash of a hub snapshot folder (.../snapshots/<sha>), else None."""
+    name = folder.name
+    return name if re.fullmatch(r"[0-9a-f]{40}", name) and folder.parent.name == "snapshots" else None
+
+
+def _hub_download(repo_id: str, patterns: list[str]) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # noqa: BLE001 - network, auth, offline: all end in the same advice
+        raise LLaVARadLoadError(
+            f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            f"Without network access, download it once elsewhere (`huggingface-cli download {repo_id} "
+            f"--local-dir DIR`), copy DIR here and pass the folder as model_path / model_base."
+        ) from e
+
+
+def resolve_folder(path_or_id: str, *, base: bool) -> Path:
+    """A local folder as is; a hub id via snapshot_download (the base only fetches one weight
+    format: safetensors when the repo has them, else the .bin shards)."""
+    p = Path(os.path.expanduser(str(path_or_id)))
+    if p.is_dir():
+        return p.resolve()
+    if p.exists():
+        _fail(p, "expected a folder")
+    if str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") != 1:
+        _fail(p, "folder not found (and not a hub id of the form owner/name)")
+    if not base:
+        return _hub_download(str(path_or_id), _HUB_PATTERNS_MODEL)
+    folder = _hub_download(str(path_or_id), _HUB_PATTERNS_BASE_META)
+    if (folder / "model.safetensors.index.json").exists() or (folder / "model.safetensors").exists():
+        weights = ["*.safetensors"]
+    elif (folder / "pytorch_model.bin.index.json").exists():
+        weights = ["*.bin"]
+    else:
+        weights = ["model.safetensors", "pytorch_model.bin"]
+    return _hub_download(str(path_or_id), _HUB_PATTERNS_BASE_META + weights)
+
+
+def _find_file(folder: Path, configured: str | None, default_name: str, what: str) -> Path:
+    """The official loader uses the configured path when it exists, else fetches the file by
+    name from the model repo; here: configured path, its base name in the model folder, or
+    the default name in the model folder."""
+    candidates = []
+    if configured:
+        candidates += [Path(configured), folder / Path(configured).name]
+    candidates.append(folder / default_name)
+    for c in candidates:
+        if c.is_file():
+            return c
+    _fail(folder / default_name, f"{what} not found (looked for {', '.join(str(c) for c in candidates)})")
+
+
+# -- the pieces -----------------------------------------------------------------------------
+class LLaVARadVisionTower(torch.nn.Module):
+    """The official VisionTower + feature_select: patch_embed -> _pos_embed -> norm_pre ->
+    blocks, hidden states [embeddings, block 1, ..., block N]; returns hidden_states[select_layer]
+    without the trunk's final norm, CLS dropped for "patch". Blocks after the selected one are
+    not run (their output is discarded by the official code)."""
+
+    def __init__(self, trunk: torch.nn.Module, select_layer: int, select_feature: str):
+        super().__init__()
+        self.trunk = trunk
+        n = len(trunk.blocks)
+        if not -(n + 1) <= select_layer <= n:
+            raise ValueError(f"mm_vision_select_layer {select_layer} outside the {n + 1} hidden states")
+        self.n_blocks = select_layer % (n + 1)  # blocks to run: hidden_states[k] is after k blocks
+        self.select_feature = select_feature
+        self.n_prefix = int(getattr(trunk, "num_prefix_tokens", 1))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.trunk.embed_dim)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        t = self.trunk
+        h = t.patch_embed(pixel_values)
+        h = t._pos_embed(h)
+        h = t.norm_pre(h)
+        for block in t.blocks[: self.n_blocks]:
+            h = block(h)
+        if self.select_feature == "patch":
+            return h[:, 1:]
+        if self.select_feature == "cls_patch":
+            return h
+        raise ValueError(f"unexpected mm_vision_select_feature {self.select_feature!r}")
+
+
+def build_projector(projector_type: str, mm_hidden: int, hidden: int) -> torch.nn.Sequential:
+    """mlpNx_gelu as the official build_vision_projector builds it (module indices 0, 1, 2, ...)."""
+    m = re.fullmatch(r"mlp(\d+)x_gelu", projector_type)
+    if not m:
+        raise ValueError(f"projector type {projector_type!r} is not supported (expected {PROJECTOR!r})")
+    layers: list[torch.nn.Module] = [torch.nn.Linear(mm_hidden, hidden)]
+    for _ in range(1, int(m.group(1))):
+        layers += [torch.nn.GELU(), torch.nn.Linear(hidden, hidden)]
+    return torch.nn.Sequential(*layers)
+
+
+def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """torchvision Resize(int): the shorter side becomes size, the longer int(size * long / short)."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def preprocess_image(image: Image.Image, size: int, mean, std) -> torch.Tensor:
+    """open_clip's eval transform (Resize(size, bicubic), CenterCrop(size), ToTensor, Normalize)
+    on the RGB image, written with PIL: [3, size, size] float32."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        raise ValueError(
+            f"image mode {image.mode!r} is not 8-bit: window it to 8 bits first (the data loader's "
+            "DICOM path applies VOI windowing); RGB conversion would clip it"
+        )
+    img = image.convert("RGB")  # model_mimic_cxr.py: Image.open(...).convert("RGB")
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ValueError(f"empty image {w} x {h}")
+    nw, nh = _resized_size(w, h, size)
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    img = img.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - m) / s
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """One prompt split at the image placeholder, as tokenizer_image_token splits it.
+
+    prefix_ids      tokens before the placeholder (BOS + system + "USER: ")
+    suffix_ids      tokens after it (the first chunk's BOS dropped, as the official code does)
+    suffix_offsets  character offsets of suffix_ids in suffix_text (None without a fast tokenizer)
+    suffix_text     the text after "<image>"
+    prompt          the full prompt with "<image>" symbolic
+    """
+
+    prefix_ids: tuple[int, ...]
+    suffix_ids: tuple[int, ...]
+    suffix_offsets: tuple[tuple[int, int], ...] | None
+    suffix_text: str
+    prompt: str
+
+    @property
+    def placeholder_index(self) -> int:
+        return len(self.prefix_ids)
+
+    def input_ids(self) -> list[int]:
+        """Pre-splice ids with the -200 placeholder, as the official tokenizer_image_token returns."""
+        return [*self.prefix_ids, IMAGE_TOKEN_INDEX, *self.suffix_ids]
+
+
+def tokenize_prompt(tokenizer, prompt: str, with_offsets: bool = True) -> PromptTokens:
+    """tokenizer_image_token for a prompt with one "<image>": each chunk tokenised with the
+    tokenizer's specials (BOS); if the first chunk starts with BOS, the first token of every
+    later chunk is dropped."""
+    chunks = prompt.split(IMAGE_PLACEHOLDER)
+    if len(chunks) != 2:
+        raise ValueError(f"the prompt must hold exactly one {IMAGE_PLACEHOLDER}, found {len(chunks) - 1}")
+    first = tokenizer(chunks[0]).input_ids
+    offset = 1 if first and first[0] == tokenizer.bos_token_id else 0
+    if with_offsets:
+        enc = tokenizer(chunks[1], return_offsets_mapping=True)
+        offsets = tuple(tuple(int(v) for v in o) for o in enc["offset_mapping"][offset:])
+    else:
+        enc, offsets = tokenizer(chunks[1]), None
+    return PromptTokens(tuple(first), tuple(enc["input_ids"][offset:]), offsets, chunks[1], prompt)
+
+
+# -- the backend --------------------------------------------------------------------------------
+class LLaVARadMedical(VLMBackend):
+    """LLaVA-Rad (microsoft/llava-rad) behind the VLMBackend contract.
+
+    max_batch  questions per suffix batch (each row holds a copy of the prefix KV cache:
+               about 0.7 GiB per row for the 7B model in float16)
+    """
+
+    name = "llava_rad"
+
+    def __init__(self, config: MedicalAttentionConfig = _DEFAULT_CONFIG, max_batch: int = 8):
+        if not isinstance(config, MedicalAttentionConfig):
+            raise TypeError(f"config must be a MedicalAttentionConfig, got {type(config).__name__}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.config = config
+        self.max_batch = int(max_batch)
+        self.keep_logits = False  # True: QuestionScore.extra["logits"] holds the next-token logits
+        self.model = None
+        self.tokenizer = None
+        self.vision: LLaVARadVisionTower | None = None
+        self.projector: torch.nn.Sequential | None = None
+        self.image_size = IMAGE_SIZE
+        self.patch = PATCH
+        self._grid = GRID
+        self.mean, self.std = CLIP_MEAN, CLIP_STD
+        self.random_weights = False
+        self.load_report: dict = {}
+
+    # -- loading ------------------------------------------------------------------------------
+    def load_model(
+        self,
+        model_path: str = DEFAULT_MODEL_ID,
+        model_base: str | None = DEFAULT_BASE,
+        load_8bit: bool = False,
+        load_4bit: bool = False,
+        device=None,
+        dtype=None,
+    ) -> LLaVARadMedical:
+        """Load the checkpoint (hub id or folder in the official layout) on the Vicuna base.
+
+        device  default "cuda" when available, else "cpu"
+        dtype   default float16 on CUDA (as the official loader), float32 on CPU
+        Returns self. Raises LLaVARadLoadError naming the file for a missing or corrupt file
+        or a contradicted fact.
+        """
+        if load_8bit or load_4bit:
+            raise NotImplementedError(
+                "8-/4-bit loading is not supported: the LoRA merge and the exact attention rows are "
+                "defined on float weights; load in float16 (about 15 GiB of GPU memory)"
+            )
+        if model_base is None:
+            raise ValueError(f"LLaVA-Rad is a LoRA checkpoint: pass model_base (the official base is {DEFAULT_BASE!r})")
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype.replace("torch.", ""))
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+
+        model_dir = resolve_folder(model_path, base=False)
+        base_dir = resolve_folder(model_base, base=True)
+        cfg_path = model_dir / "config.json"
+        cfg = _read_json(cfg_path)
+        self._check_config_facts(cfg, cfg_path)
+
+        # vision tower + projector (small; built on CPU in float32, moved below)
+        vjson_path = _find_file(model_dir, cfg.get("mm_vision_tower_config"), VISION_CONFIG_NAME, "vision config")
+        vckpt_path = _find_file(
+            model_dir, cfg.get("mm_vision_tower_checkpoint"), VISION_CHECKPOINT_NAME, "vision checkpoint"
+        )
+        vision, vision_report, (mean, std) = self._build_vision(_read_json(vjson_path), vjson_path, vckpt_path, cfg)
+        if int(cfg["mm_hidden_size"]) != vision.hidden_size:
+            _fail(cfg_path, f"mm_hidden_size: config says {cfg['mm_hidden_size']}, the vision tower "
+                            f"({vjson_path.name}) has embed dim {vision.hidden_size}")  # fmt: skip
+        hidden = int(cfg["hidden_size"])
+        projector = build_projector(cfg["mm_projector_type"], vision.hidden_size, hidden)
+
+        # language model: the Vicuna weights with LLaVA-Rad's config (LlavaLlamaForCausalLM
+        # .from_pretrained(model_base, config=lora_cfg_pretrained) in the official builder)
+        llama_cfg = LlamaConfig(
+            **{k: v for k, v in cfg.items() if k not in _LLAVA_ONLY_KEYS and not k.startswith("mm_")}
+        )
+        load_kwargs = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
+        try:
+            lm, info = LlamaForCausalLM.from_pretrained(
+                str(base_dir), config=llama_cfg, dtype=dtype, attn_implementation="sdpa",
+                output_loading_info=True, trust_remote_code=False, **load_kwargs,
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            raise LLaVARadLoadError(f"{base_dir}: the base language model did not load: {type(e).__name__}: {e}") from e
+        missing = sorted(info.get("missing_keys", []))
+        mismatched = sorted(str(k) for k in info.get("mismatched_keys", []))
+        unexpected = sorted(k for k in info.get("unexpected_keys", []) if not k.endswith("rotary_emb.inv_freq"))
+        if missing or mismatched or unexpected:
+            _fail(base_dir, f"base weights do not match config.json's Llama: missing {missing[:5]}, "
+                            f"mismatched {mismatched[:5]}, unexpected {unexpected[:5]}")  # fmt: skip
+        lm.eval().requires_grad_(False)
+        if lm.model.embed_tokens.weight.shape[1] != hidden:
+            _fail(cfg_path, f"hidden_size: config says {hidden}, the base has {lm.model.embed_tokens.weight.shape[1]}")
+
+        non_lora_report = self._load_non_lora(model_dir / NON_LORA_NAME, projector, lm)
+        lora_report = merge_lora(lm, model_dir)
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(base_dir), trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001
+            raise LLaVARadLoadError(f"{base_dir}: the tokenizer did not load: {type(e).__name__}: {e}") from e
+        if not getattr(tokenizer, "is_fast", False) and self.config.query_mode != "answer":
+            raise LLaVARadLoadError(
+                f"{base_dir}: the tokenizer gives no character offsets, so query mode "
+                f"{self.config.query_mode!r} cannot locate the question; use query_mode='answer'"
+            )
+        if tokenizer.bos_token_id is None:
+            _fail(base_dir, "the tokenizer has no BOS token (Vicuna's adds <s>)")
+
+        answer_tokens = resolve_answer_tokens(tokenizer)
+        layers = resolve_layers(self.config.layers, int(lm.config.num_hidden_layers))
+        attention = attention_modules_of(lm.model)
+        probe = tokenize_prompt(tokenizer, build_prompt("?"), with_offsets=False)
+
+        # everything checked: the backend takes the model
+        self.model = lm
+        self.tokenizer = tokenizer
+        self.vision = vision.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.projector = projector.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.device, self.dtype = device, dtype
+        self.mean, self.std = mean, std
+        self.answer_tokens = answer_tokens
+        self.n_layers = int(lm.config.num_hidden_layers)
+        self.layers = layers
+        self._attention = attention
+        self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.unk_token_id, 0) if i is not None)
+        self.model_path, self.model_base = str(model_path), str(model_base)
+        self.model_dir, self.base_dir = model_dir, base_dir
+        self.random_weights = _is_random(model_dir) or _is_random(base_dir)
+        self.placeholder_index = probe.placeholder_index
+        self.load_report = {
+            "vision": vision_report,
+            "non_lora_trainables": non_lora_report,
+            "lora": lora_report,
+            "config": str(cfg_path),
+            "vision_config": str(vjson_path),
+            "vision_checkpoint": str(vckpt_path),
+        }
+        self._cfg = cfg
+        return self
+
+    def _check_config_facts(self, cfg: dict, path: Path) -> None:
+        def need(key: str, expected, default=None):
+            found = cfg.get(key, default)
+            if found != expected:
+                _fail(path, f"{key}: expected {expected!r} (LLaVA-Rad), found {found!r}")
+
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "mm_hidden_size"):
+            if key not in cfg:
+                _fail(path, f"{key} missing: not a LLaVA-Rad config.json")
+        need("mm_vision_select_layer", VISION_SELECT_LAYER)
+        need("mm_vision_select_feature", VISION_SELECT_FEATURE, "patch")  # official default "patch"
+        need("mm_projector_type", PROJECTOR, "linear")  # official default "linear"
+        # official default True: it would add an <im_patch> token and resize the embeddings
+        need("mm_use_im_patch_token", False, True)
+        need("mm_use_im_start_end", False, False)
+
+    def _build_vision(self, vjson: dict, vjson_path: Path, ckpt_path: Path, cfg: dict):
+        import timm
+
+        vc = vjson.get("vision_cfg")
+        if not isinstance(vc, dict) or "timm_model_name" not in vc:
+            _fail(vjson_path, "no vision_cfg.timm_model_name: not an open_clip timm model config")
+        arch = vc["timm_model_name"]
+        if arch != VISION_ARCH:
+            _fail(vjson_path, f"timm_model_name: expected {VISION_ARCH!r}, found {arch!r}")
+        size = vc.get("image_size", IMAGE_SIZE)
+        size = tuple(size) if isinstance(size, list | tuple) else (size, size)
+        if size != (IMAGE_SIZE, IMAGE_SIZE):
+            _fail(vjson_path, f"image_size: expected {IMAGE_SIZE}, found {vc.get('image_size')}")
+        pre = vjson.get("preprocess_cfg", {}) or {}
+        if pre.get("interpolation", "bicubic") != "bicubic" or pre.get("resize_mode", "shortest") != "shortest":
+            _fail(vjson_path, f"preprocess_cfg {pre}: only bicubic shortest-side resize is implemented")
+        mean = tuple(float(v) for v in pre.get("mean", CLIP_MEAN))
+        std = tuple(float(v) for v in pre.get("std", CLIP_STD))
+        kwargs = dict(vc.get("timm_model_kwargs", {}) or {})  # this project's extension (tiny models)
+        if vc.get("timm_drop_path") is not None:
+            kwargs["drop_path_rate"] = vc["timm_drop_path"]  # no effect in eval
+        try:
+            trunk = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            _fail(vjson_path, f"timm.create_model({arch!r}, **{kwargs}) failed: {type(e).__name__}: {e}")
+        # facts of the trunk: the official code runs it at its timm default size (open_clip does
+        # not pass image_size to timm), so the trunk's own size must equal the JSON's
+        pe = trunk.patch_embed
+        facts = {
+            "trunk image size": (tuple(pe.img_size), (IMAGE_SIZE, IMAGE_SIZE)),
+            "patch size": (tuple(pe.patch_size), (PATCH, PATCH)),
+            "grid": (tuple(pe.grid_size), GRID),
+            "number of image tokens": (int(pe.num_patches), N_IMAGE_TOKENS),
+            "prefix tokens (CLS only)": (int(getattr(trunk, "num_prefix_tokens", 1)), 1),
+            "dynamic image size": (bool(getattr(trunk, "dynamic_img_size", False)), False),
+        }
+        for fact, (found, expected) in facts.items():
+            if found != expected:
+                _fail(vjson_path, f"{fact}: expected {expected}, the {arch} trunk has {found}")
+        raw = _load_tensors(ckpt_path)
+        state = raw["state_dict"] if "state_dict" in raw and isinstance(raw["state_dict"], dict) else raw
+        state = {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
+        trunk_state = {k[len("visual.trunk.") :]: v for k, v in state.items() if k.startswith("visual.trunk.")}
+        if not trunk_state:
+            _fail(ckpt_path, f"no visual.trunk.* weights (keys look like {sorted(state)[:3]})")
+        ignored = sorted(k for k in trunk_state if k.startswith(("head.", "fc_norm.")))  # never used by features
+        for k in ignored:
+            trunk_state.pop(k)
+        expected = trunk.state_dict()
+        missing = sorted(set(expected) - set(trunk_state))
+        unexpected = sorted(set(trunk_state) - set(expected))
+        if missing or unexpected:
+            _fail(ckpt_path, f"visual.trunk.* does not match timm {arch}: missing {missing[:5]} "
+                             f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")  # fmt: skip
+        bad = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in trunk_state.items()
+               if tuple(v.shape) != tuple(expected[k].shape)]  # fmt: skip
+        if bad:
+            _fail(ckpt_path, f"shape mismatch (key, file, model): {bad[:3]}")
+        trunk.load_state_dict({k: v.float() for k, v in trunk_state.items()}, strict=True)
+        tower = LLaVARadVisionTower(
+            trunk, int(cfg["mm_vision_select_layer"]), cfg.get("mm_vision_select_feature", "patch")
+        )
+        report = {
+            "arch": arch,
+            "kwargs": kwargs,
+            "trunk_keys": len(trunk_state),
+            "ignored_trunk_keys": ignored,
+            "other_clip_keys": sum(1 for k in state if not k.startswith("visual.trunk.")),
+            "blocks_run": tower.n_blocks,
+            "blocks_total": len(trunk.blocks),
+        }
+        return tower, report, (mean, std)
+
+    @staticmethod
+    def _load_non_lora(path: Path, projector: torch.nn.Sequential, lm) -> dict:
+        """non_lora_trainables.bin: keys normalised as the official builder does
+        ("base_model." stripped, then "model." if keys start with "model.model."), loaded with
+        strict=False into LlavaLlamaForCausalLM. Here: the projector (all keys required), any
+        Llama weight (applied, reported), vision-tower keys (ignored, as the official code does
+        while its tower is not yet built); anything else is refused."""
+        raw = _load_tensors(path)
+        sd = {(k[11:] if k.startswith("base_model.") else k): v for k, v in raw.items()}
+        if any(k.startswith("model.model.") for k in sd):
+            sd = {(k[6:] if k.startswith("model.") else k): v for k, v in sd.items()}
+        proj_sd = {k[len("model.mm_projector.") :]: v for k, v in sd.items() if k.startswith("model.mm_projector.")}
+        expected = projector.state_dict()
+        missing = sorted(set(expected) - set(proj_sd))
+        extra = sorted(set(proj_sd) - set(expected))
+        if missing or extra:
+            _fail(path, f"projector keys: missing {['model.mm_projector.' + k for k in missing]}, "
+                        f"unexpected {['model.mm_projector.' + k for k in extra]}")  # fmt: skip
+        for k, v in proj_sd.items():
+            if tuple(v.shape) != tuple(expected[k].shape):
+                _fail(path, f"model.mm_projector.{k}: shape {tuple(v.shape)}, expected {tuple(expected[k].shape)} "
+                            "(mm_hidden_size / hidden_size)")  # fmt: skip
+        projector.load_state_dict({k: v.float() for k, v in proj_sd.items()}, strict=True)
+        lm_sd = lm.state_dict()
+        applied, ignored, unknown = [], [], []
+        for k, v in sd.items():
+            if k.startswith("model.mm_projector."):
+                continue
+            if k in lm_sd and tuple(lm_sd[k].shape) == tuple(v.shape):
+                applied.append(k)
+            elif k.startswith("model.vision_tower."):
+                ignored.append(k)
+            else:
+                unknown.append(k)
+        if unknown:
+            _fail(path, f"unexpected keys (neither projector nor language model): {unknown[:5]} ({len(unknown)})")
+        if applied:
+            with torch.no_grad():
+                params = dict(lm.named_parameters())
+                for k in applied:
+                    params[k].copy_(sd[k].to(params[k].device, params[k].dtype))
+        return {"projector_keys": sorted(proj_sd), "applied_lm_keys": applied, "ignored_vision_keys": len(ignored)}
+
+    # -- contract -----------------------------------------------------------------------------
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self._grid
+
+    def geometry(self, width: int, height: int) -> Geometry:
+        return shortest_side_center_crop_geometry(width, height, self.image_size, self._grid)
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self._grid[0] * self._grid[1]
+
+    def prompt_template(self) -> str:
+        return build_prompt("{question}")
+
+    def describe(self) -> dict:
+        loaded = self.model is not None
+        d = {
+            "name": self.name,
+            "model_id": getattr(self, "model_path", DEFAULT_MODEL_ID),
+            "model_base": getattr(self, "model_base", DEFAULT_BASE),
+            "model_dir": str(self.model_dir) if loaded else None,
+            "base_dir": str(self.base_dir) if loaded else None,
+            "revision": _revision_of(self.model_dir) if loaded else None,
+            "base_revision": _revision_of(self.base_dir) if loaded else None,
+            "dtype": str(self.dtype).replace("torch.", "") if loaded else None,
+            "device": str(self.device) if loaded else None,
+            "attention_implementation": ATTN_DESCRIPTION,
+            "prompt_template": self.prompt_template(),
+            "conv_mode": "vicuna_v1",
+            "query_mode": self.config.query_mode,
+            "layers": list(self.layers) if loaded else self.config.layers,
+            "head_mode": self.config.attention_head_mode,
+            "answer_suffix": self.config.answer_suffix,
+            "grid": list(self._grid),
+            "n_image_tokens": self.n_image_tokens,
+            "image_size": self.image_size,
+            "preprocessing": f"RGB; resize shortest side to {self.image_size} (bicubic); center crop "
+            f"{self.image_size}; normalize mean {list(self.mean)} std {list(self.std)}",
+            "vision_select_layer": VISION_SELECT_LAYER,
+            "projector": PROJECTOR,
+            "random_weights": self.random_weights,
+        }
+        if loaded:
+            d["image_span"] = [self.placeholder_index, self.placeholder_index + self.n_image_tokens]
+            d["lora"] = {k: self.load_report["lora"][k] for k in ("r", "lora_alpha", "scale", "merged_modules")}
+            d["answer_token_ids"] = {"yes": list(self.answer_tokens.yes_ids), "no": list(self.answer_tokens.no_ids)}
+        return d
+
+    def unload(self) -> None:
+        on_cuda = self.model is not None and self.device.type == "cuda"
+        self.model = self.vision = self.projector = None
+        self._attention = None
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+    # -- computation ---------------------------------------------------------------------------
+    def _require_loaded(self) -> None:
+        if self.model is None:
+            raise RuntimeError("no model loaded: call load_model() first")
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """[3, 518, 518] float32, open_clip's eval transform."""
+        return preprocess_image(image, self.image_size, self.mean, self.std)
+
+    @torch.no_grad()
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] -> projected image embeddings [B, N, hidden] in the model dtype
+        (encode_images: vision tower then mm_projector)."""
+        self._require_loaded()
+        x = pixel_values.to(device=self.device, dtype=self.dtype)
+        return self.projector(self.vision(x))
+
+    def tokenize(self, question: str) -> PromptTokens:
+        """The prompt for one question (answer suffix appended), split at the placeholder."""
+        self._require_loaded()
+        if IMAGE_PLACEHOLDER in question:
+            raise ValueError(f"question contains the image placeholder {IMAGE_PLACEHOLDER!r}: {question!r}")
+        want_offsets = self.config.query_mode != "answer"
+        return tokenize_prompt(self.tokenizer, build_prompt(self.config.full_question(question)), want_offsets)
+
+    @torch.no_grad()
+    def prefix_cache(self, pixel_values: torch.Tensor, prefix_ids: Sequence[int]):
+        """Run BOS + system text + image embeddings once: (cache, prefix_len)."""
+        decoder = self.model.model
+        ids = torch.tensor([list(prefix_ids)], device=self.device)
+        embeds = torch.cat([decoder.embed_tokens(ids), self.image_embeddings(pixel_values)], dim=1)
+        cache = new_cache(self.model.config)
+        decoder(inputs_embeds=embeds, use_cache=True, **cache_kwargs(decoder, cache))
+        return cache, embeds.shape[1]
+
+    @torch.no_grad()
+    def score(
+        self, image: Image.Image, questions: Sequence[str], findings: Sequence[str] | None = None
+    ) -> list[QuestionScore]:
+        self._require_loaded()
+        if isinstance(questions, str):
+            raise TypeError("questions must be a sequence of strings, not one string")
+        if not questions:
+            raise ValueError("no questions to score")
+        if findings is not None and len(findings) != len(questions):
+            raise ValueError(f"expected {len(questions)} findings, found {len(findings)}")
+        toks = [self.tokenize(q) for q in questions]
+        prefix = toks[0].prefix_ids
+        for i, t in enumerate(toks):
+            if t.prefix_ids != prefix:
+                raise RuntimeError(f"question {i} does not share the system prefix of question 0")
+        p, n_img = len(prefix), self.n_image_tokens
+        span = (p, p + n_img)
+        queries = []
+        for i, t in enumerate(toks):
+            finding = findings[i] if findings is not None else None
+            queries.append(
+                suffix_query_positions(
+                    self.config.query_mode, list(t.suffix_offsets or []), t.suffix_text,
+                    questions[i].strip(), finding, len(t.suffix_ids),
+                )
+            )  # fmt: skip
+        pixel_values = self.preprocess(image)[None]
+        cache, prefix_len = self.prefix_cache(pixel_values, prefix)
+        if prefix_len != p + n_img:
+            raise RuntimeError(f"prefix holds {prefix_len} positions, expected {p} + {n_img}")
+        results: list[QuestionScore] = []
+        for start in range(0, len(questions), self.max_batch):
+            idx = range(start, min(start + self.max_batch, len(questions)))
+            out = score_suffixes(
+                decoder=self.model.model,
+                head=self.model.lm_head,
+                attention_modules=self._attention,
+                prefix_cache=cache,
+                prefix_len=prefix_len,
+                suffixes=[toks[i].suffix_ids for i in idx],
+                query_positions=[queries[i] for i in idx],
+                pad_id=self.pad_id,
+                image_span=span,
+                layers=self.layers,
+                head_mode=self.config.attention_head_mode,
+                answer_tokens=self.answer_tokens,
+            )
+            generated = (
+                self._generate(cache, prefix_len, [toks[i].suffix_ids for i in idx])
+                if self.config.generate
+                else [(None, None)] * len(idx)
+            )
+            for j, i in enumerate(idx):
+                p_yes = float(out.p_yes[j])
+                results.append(
+                    QuestionScore(
+                        question=questions[i],
+                        prompt=toks[i].prompt,
+                        p_yes=p_yes,
+                        coverage=float(out.coverage[j]),
+                        answer=answer_from_p(p_yes),
+                        attention=out.attention[j].float().cpu().numpy(),
+                        layers=out.layers,
+                        image_mass=out.image_mass[j].float().cpu().numpy(),
+                        n_query_tokens=int(out.n_query[j]),
+                        generated_text=generated[j][0],
+                        generated_answer=parse_free_text(generated[j][0]) if generated[j][0] is not None else None,
+                        extra={
+                            "image_span": list(span),
+                            "prefix_len": prefix_len,
+                            "query_positions": list(queries[i]),  # within the suffix
+                            "n_tokens": prefix_len + len(toks[i].suffix_ids),
+                            **({"logits": out.logits[j].float().cpu()} if self.keep_logits else {}),
+                            **({"generated_ids": generated[j][1]} if self.config.generate else {}),
+                        },
+                    )
+                )
+        return results
+
+    @torch.no_grad()
+    def _generate(self, cache, prefix_len: int, suffixes: Sequence[Sequence[int]]) -> list[tuple[str, list[int]]]:
+        """Greedy free text for a batch of suffixes on copies of the prefix cache: suffixes
+        left-padded (pads masked, positions continue from the prefix), then one token per step
+        for every row until EOS or max_new_tokens (official eval: greedy, stop at </s>).
+        Returns (text, token ids without EOS) per suffix."""
+        decoder, dev = self.model.model, self.device
+        n, width = len(suffixes), max(len(s) for s in suffixes)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long, device=dev)
+        mask = torch.zeros((n, width), dtype=torch.long, device=dev)
+        for i, s in enumerate(suffixes):
+            ids[i, width - len(s) :] = torch.tensor(list(s), device=dev)
+            mask[i, width - len(s) :] = 1
+        attn = torch.cat([torch.ones((n, prefix_len), dtype=torch.long, device=dev), mask], dim=1)
+        pos = prefix_len + (mask.cumsum(1) - 1).clamp_min(0)
+        kv = repeat_cache(cache, n)
+        eos = self.tokenizer.eos_token_id
+        out_tokens = torch.empty((n, 0), dtype=torch.long, device=dev)
+        done = torch.zeros(n, dtype=torch.bool, device=dev)
+        for _ in range(self.config.max_new_tokens):
+            h = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                        **cache_kwargs(decoder, kv)).last_hidden_state[:, -1]  # fmt: skip
+            nxt = self.model.lm_head(h).float().argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            out_tokens = torch.cat([out_tokens, nxt[:, None]], dim=1)
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+            ids = nxt[:, None]
+            attn = torch.cat([attn, torch.ones((n, 1), dtype=torch.long, device=dev)], dim=1)
+            pos = pos[:, -1:] + 1
+        results = []
+        for row in out_tokens.tolist():
+            if eos in row:
+                row = row[: row.index(eos)]
+            text = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+            results.append((text[: -len(SEP2)].strip() if text.endswith(SEP2) else text, row))
+        return results
+
+
+# -- LoRA ----------------------------------------------------------------------------------------
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+
+
+def _targets(module_name: str, target_modules) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module_name) is not None
+    return any(module_name == t or module_name.endswith("." + t) for t in target_modules)
+
+
+@torch.no_grad()
+def merge_lora(model: torch.nn.Module, adapter_dir: Path) -> dict:
+    """Merge a peft LoRA adapter into the model's Linear weights: W <- W + (alpha / r) B A
+    (alpha / sqrt(r) with use_rslora), computed in float32 then cast to W's dtype.
+
+    Refuses (LLaVARadLoadError naming the file) adapter features this merge does not
+    implement, keys that match no Linear, modules with A but not B, shapes that disagree, and
+    target modules without weights."""
+    cfg_path = Path(adapter_dir) / ADAPTER_CONFIG_NAME
+    acfg = _read_json(cfg_path)
+    if acfg.get("peft_type", "LORA") != "LORA":
+        _fail(cfg_path, f"peft_type {acfg.get('peft_type')!r}, expected 'LORA'")
+    unsupported = {
+        "use_dora": bool(acfg.get("use_dora", False)),
+        "fan_in_fan_out": bool(acfg.get("fan_in_fan_out", False)),
+        "bias != none": acfg.get("bias", "none") != "none",
+        "lora_bias": bool(acfg.get("lora_bias", False)),
+        "rank_pattern": bool(acfg.get("rank_pattern")),
+        "alpha_pattern": bool(acfg.get("alpha_pattern")),
+        "modules_to_save": bool(acfg.get("modules_to_save")),
+        "layer_replication": bool(acfg.get("layer_replication")),
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        _fail(cfg_path, f"LoRA features not supported by the merge: {bad}")
+    r, alpha = int(acfg["r"]), float(acfg["lora_alpha"])
+    scale = alpha / math.sqrt(r) if acfg.get("use_rslora", False) else alpha / r
+    weight_path = next((Path(adapter_dir) / n for n in ADAPTER_WEIGHT_NAMES if (Path(adapter_dir) / n).is_file()), None)
+    if weight_path is None:
+        _fail(
+            Path(adapter_dir) / ADAPTER_WEIGHT_NAMES[1],
+            f"adapter weights not found ({' or '.join(ADAPTER_WEIGHT_NAMES)})",
+        )
+    sd = _load_tensors(weight_path)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for k, v in sd.items():
+        m = _LORA_KEY.match(k)
+        if not m:
+            unknown.append(k)
+            continue
+        pairs.setdefault(m["module"], {})[m["ab"]] = v
+    if unknown:
+        _fail(weight_path, f"keys that are not LoRA A/B weights: {unknown[:5]} ({len(unknown)})")
+    modules = dict(model.named_modules())
+    for name, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            _fail(weight_path, f"{name}: lora_{'B' if 'A' in ab else 'A'} missing")
+        mod = modules.get(name)
+        if not isinstance(mod, torch.nn.Linear):
+            _fail(weight_path, f"{name}: no Linear layer of that name in the language model")
+        a, b = ab["A"], ab["B"]
+        if a.shape != (r, mod.in_features) or b.shape != (mod.out_features, r):
+            _fail(weight_path, f"{name}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit "
+                               f"r={r} and Linear({mod.in_features}, {mod.out_features})")  # fmt: skip
+    layers_to_transform = acfg.get("layers_to_transform")
+    expected = set()
+    for name, mod in modules.items():
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head" and _targets(name, acfg.get("target_modules") or []):
+            m = re.search(r"\.layers\.(\d+)\.", name)
+            if layers_to_transform is not None and m is not None:
+                allowed = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
+                if int(m.group(1)) not in allowed:
+                    continue
+            expected.add(name)
+    missing = sorted(expected - set(pairs))
+    if missing:
+        _fail(weight_path, f"target modules without LoRA weights: {missing[:5]} ({len(missing)})")
+    for name, ab in pairs.items():
+        w = modules[name].weight
+        delta = (ab["B"].to(w.device, torch.float32) @ ab["A"].to(w.device, torch.float32)) * scale
+        w.copy_((w.float() + delta).to(w.dtype))
+    return {
+        "file": str(weight_path),
+        "r": r,
+        "lora_alpha": alpha,
+        "scale": scale,
+        "use_rslora": bool(acfg.get("use_rslora", False)),
+        "merged_modules": len(pairs),
+        "target_modules": sorted(acfg.get("target_modules") or [])
+        if not isinstance(acfg.get("target_modules"), str)
+        else acfg["target_modules"],
+    }
