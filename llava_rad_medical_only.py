@@ -780,6 +780,7 @@ class LLaVARadMedical(VLMBackend):
                             "prefix_len": prefix_len,
                             "query_positions": list(queries[i]),  # within the suffix
                             "n_tokens": prefix_len + len(toks[i].suffix_ids),
+                            "suffix_len": len(toks[i].suffix_ids),
                             **({"logits": out.logits[j].float().cpu()} if self.keep_logits else {}),
                             **({"generated_ids": generated[j][1]} if self.config.generate else {}),
                         },

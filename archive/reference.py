@@ -81,9 +81,8 @@ def naive_study(backend, image, questions, gen_tokens: int = 50) -> list[dict]:
             with eager_text_attention(model):
                 model.generate(**inputs, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, do_sample=False)
         else:
-            from archive.reference_llava_rad import llava_rad_naive_generate, llava_rad_reference_score
+            from archive.reference_llava_rad import llava_rad_reference_score
 
-            ref = llava_rad_reference_score(backend, image, q)
-            llava_rad_naive_generate(backend, image, q, gen_tokens)
+            ref = llava_rad_reference_score(backend, image, q, gen_tokens=gen_tokens)
         out.append(ref)
     return out

@@ -93,11 +93,12 @@ def reference_query_positions(
 
 @torch.no_grad()
 def llava_rad_reference_score(
-    backend, image, question: str, finding: str | None = None, query_mode: str | None = None
+    backend, image, question: str, finding: str | None = None, query_mode: str | None = None, gen_tokens: int = 0
 ) -> dict:
     """Full eager forward of one question through a loaded LLaVARadMedical's weights.
 
     query_mode  default backend.config.query_mode
+    gen_tokens  also generate this many tokens first (eager, the naive loop's cost; benchmarks)
     returns {
       "prompt":          the prompt text ("<image>" symbolic),
       "input_ids":       pre-splice ids with -200 at the placeholder,
@@ -129,6 +130,10 @@ def llava_rad_reference_score(
     after = emb(torch.tensor(ids[p + 1 :], device=dev))
     embeds = torch.cat([before, img, after], dim=0)[None]
     t = embeds.shape[1]
+    if gen_tokens:
+        with eager_attention(model):
+            model.generate(inputs_embeds=embeds, attention_mask=torch.ones((1, t), dtype=torch.long, device=dev),
+                           max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, do_sample=False)  # fmt: skip
     with eager_attention(model):
         out = model(inputs_embeds=embeds, output_attentions=True, use_cache=False)
     qpos = reference_query_positions(tok, prompt, question, finding, mode, p, n)

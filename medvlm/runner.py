@@ -74,7 +74,9 @@ class Manifest:
 def run(cfg: RunConfig, loaders: dict[str, Callable]) -> int:
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(out / "manifest.json")
+    # each process of a sharded run keeps its own manifest; rank 0's gathers the others'
+    name = "manifest.json" if cfg.rank == 0 else f"manifest.shard-{cfg.rank}.json"
+    manifest = Manifest(out / name)
     started = time.perf_counter()
     if not cfg.analyze_only:
         code = _score(cfg, loaders, manifest)
@@ -85,6 +87,9 @@ def run(cfg: RunConfig, loaders: dict[str, Callable]) -> int:
         return 0
     if cfg.world_size > 1 and not cfg.analyze_only:
         _wait_for_shards(out, cfg.world_size)
+    shards = {p.name: json.loads(p.read_text()).get("counts") for p in sorted(out.glob("manifest.shard-*.json"))}
+    if shards:
+        manifest.update(shard_counts=shards)
     code = analyze(cfg, manifest)
     manifest.update(total_seconds=time.perf_counter() - started)
     manifest.write()

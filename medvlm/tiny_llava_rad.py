@@ -285,3 +285,56 @@ def write_tiny_llava_rad(folder, seed: int = 0) -> tuple[str, str]:
     _write_marker(model_dir, seed)
     _write_marker(base_dir, seed)
     return str(model_dir), str(base_dir)
+
+
+# The real shapes (lmsys/vicuna-7b-v1.5 + BiomedCLIP-CXR 518 ViT-B/14), for GPU timing.
+VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)  # fmt: skip
+
+
+def full_size_llava_rad(attention=None, device="cuda", dtype="bfloat16", full_size: bool = True, folder=None):
+    """A LLaVARadMedical with random weights in the real shapes (Vicuna-7B, ViT-B/14 dinov2 at
+    518 px, mlp2x_gelu 768 -> 4096), built in place on `device` (timing only).
+
+    The tokenizer, prompt, preprocessing and every check come from loading the tiny checkpoint
+    through the real loader; its modules are then replaced by full-size random ones. With
+    full_size=False it is the tiny model (a CPU smoke test of the same path).
+    """
+    import tempfile
+
+    import timm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llava_rad_medical_only import LLaVARadMedical, LLaVARadVisionTower, build_projector
+    from medvlm.aggregate import resolve_layers
+    from medvlm.capture import attention_modules_of
+    from medvlm.config import MedicalAttentionConfig
+
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    folder = Path(folder or tempfile.mkdtemp(prefix="llava_rad_random_"))
+    model_path, model_base = write_tiny_llava_rad(folder)
+    backend = LLaVARadMedical(config=attention or MedicalAttentionConfig()).load_model(
+        model_path, model_base, device=device, dtype=dtype
+    )
+    if not full_size:
+        return backend
+    backend.model = backend.vision = backend.projector = None
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    torch.manual_seed(0)  # the same random weights in every process of a sharded run
+    try:
+        with torch.device(device):
+            lm = LlamaForCausalLM(LlamaConfig(**VICUNA_7B, attn_implementation="sdpa")).eval().requires_grad_(False)
+            trunk = timm.create_model("vit_base_patch14_dinov2", pretrained=False, num_classes=0)
+            vision = LLaVARadVisionTower(trunk, -2, "patch").eval().requires_grad_(False)
+            projector = build_projector("mlp2x_gelu", vision.hidden_size, VICUNA_7B["hidden_size"]).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    backend.model, backend.vision, backend.projector = lm, vision, projector.requires_grad_(False)
+    backend.n_layers = VICUNA_7B["num_hidden_layers"]
+    backend.layers = resolve_layers(backend.config.layers, backend.n_layers)
+    backend._attention = attention_modules_of(lm.model)
+    backend.model_path = backend.model_base = "random-llava-rad-7b-shapes"
+    backend.random_weights = True
+    return backend
