@@ -138,7 +138,9 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     if cfg.world_size > 1 and torch.cuda.is_available():
         torch.cuda.set_device(cfg.local_rank)
-    if cfg.overwrite and cfg.output_dir.exists() and cfg.rank == 0 and not cfg.analyze_only:
+    if cfg.overwrite and cfg.world_size > 1:
+        raise SystemExit("error: --overwrite under several processes would race; delete the folder first")
+    if cfg.overwrite and cfg.output_dir.exists() and not cfg.analyze_only:
         shutil.rmtree(cfg.output_dir)
     return run(cfg, {name: get_backend_loader(name) for name in cfg.models})
 

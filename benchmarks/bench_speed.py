@@ -263,12 +263,19 @@ def main(argv=None) -> int:
         "dtype": "bfloat16",
         "weights": "random, full-size shapes of the real configs",
     }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{result['date']}-{args.kind}.json"
+
+    def save():  # after every step, so a run cut short keeps what it measured
+        path.write_text(json.dumps(result, indent=2))
+
     if not args.exactness_only:
         result["bf16_matmul_tflops"] = tflops = matmul_tflops()
         print(f"bf16 matmul: {tflops:.0f} TFLOP/s", flush=True)
         for name in args.models:
             r = bench_model(name, args, tflops)
             result[name] = r
+            save()
             naive = f"{r['naive_s_per_study']:.3f}" if r["naive_s_per_study"] else "n/a"
             print(f"{name}: ours {r['ours_s_per_study'] * 1e3:.1f} ms/study ({r['studies_per_s']:.1f} studies/s), "
                   f"naive {naive} s/study, floor {r['floor_s_per_study'] * 1e3:.2f} ms, "
@@ -278,9 +285,8 @@ def main(argv=None) -> int:
         for name in args.models:
             result.setdefault(name, {})["exactness"] = e = exactness(name, args.exactness_studies)
             print(f"{name} exactness vs fp32 eager reference: {e}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{result['date']}-{args.kind}.json"
-    path.write_text(json.dumps(result, indent=2))
+            save()
+    save()
     print(f"wrote {path}")
     return 0
 

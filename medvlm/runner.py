@@ -78,6 +78,9 @@ def run(cfg: RunConfig, loaders: dict[str, Callable]) -> int:
     name = "manifest.json" if cfg.rank == 0 else f"manifest.shard-{cfg.rank}.json"
     manifest = Manifest(out / name)
     started = time.perf_counter()
+    if cfg.rank == 0 and cfg.world_size > 1:
+        for stale in out.glob("done.shard-*"):
+            stale.unlink()
     if not cfg.analyze_only:
         code = _score(cfg, loaders, manifest)
         if code:
