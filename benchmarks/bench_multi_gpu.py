@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +82,9 @@ def main(argv=None) -> int:
         if d.exists():
             raise SystemExit(f"{d} exists: give a fresh --work folder")
     run([sys.executable, "run_medical_vlm_analysis.py", *common, "--output_dir", str(one)])
-    run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(a.gpus),
+    launcher = [shutil.which("accelerate"), "launch"] if shutil.which("accelerate") else \
+        [sys.executable, "-m", "accelerate.commands.launch"]
+    run([*launcher, "--multi_gpu", "--num_processes", str(a.gpus),
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          "run_medical_vlm_analysis.py", *common, "--output_dir", str(many)])  # fmt: skip
     r1 = pd.read_json(one / "results.jsonl", lines=True)
