@@ -62,55 +62,71 @@ def cache_kwargs(module: torch.nn.Module, cache) -> dict:
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
-def repeat_cache(cache, n: int):
-    """A copy of a batch-1 prefix cache repeated to batch n, for generation, where each row's
-    cache grows (the original is untouched)."""
+def select_cache(cache, rows: Sequence[int]):
+    """A copy of a prefix cache whose batch row i is the prefix's row rows[i] (for generation,
+    where each row's cache grows). The original is untouched."""
     out = copy.deepcopy(cache)
-    out.batch_repeat_interleave(n)
+    out.batch_select_indices(torch.tensor(list(rows), device=cache.layers[0].keys.device))
     return out
 
 
-def _broadcast_update(self, key_states, value_states, *args, **kwargs):
-    """Keys/values of the shared batch-1 prefix, broadcast to the suffix batch, followed by
-    the suffix's own; nothing is stored (the prefix stays batch 1 and unchanged)."""
-    n = key_states.shape[0]
-    keys = torch.cat([self.keys.expand(n, -1, -1, -1), key_states], dim=-2)
-    values = torch.cat([self.values.expand(n, -1, -1, -1), value_states], dim=-2)
-    return keys, values
+def repeat_cache(cache, n: int):
+    """A copy of a batch-1 prefix cache repeated to batch n (see select_cache)."""
+    return select_cache(cache, [0] * n)
 
 
-def shared_prefix_cache(cache):
-    """A view of a filled batch-1 prefix cache that serves a batch of suffixes.
+def _shared_update(self, key_states, value_states, *args, **kwargs):
+    """Keys/values of the shared prefix rows each suffix row reads, followed by the suffix's
+    own; nothing is stored (the prefix cache is left as it was)."""
+    if self._prefix_rows is None:  # one prefix for every row: a broadcast view, no copy
+        n = key_states.shape[0]
+        pk, pv = self.keys.expand(n, -1, -1, -1), self.values.expand(n, -1, -1, -1)
+    else:
+        pk, pv = self.keys.index_select(0, self._prefix_rows), self.values.index_select(0, self._prefix_rows)
+    return torch.cat([pk, key_states], dim=-2), torch.cat([pv, value_states], dim=-2)
 
-    Each layer answers update() with [prefix expanded to the batch | the suffix's keys] and
-    stores nothing, so the prefix is never copied per question (a copy lives only for the
-    layer being computed) and the original cache is left as it was. Mask sizes and offsets
-    come from the prefix layer itself, sliding layers included.
+
+def shared_prefix_cache(cache, prefix_rows: torch.Tensor | None = None):
+    """A view of a filled prefix cache that serves a batch of suffixes.
+
+    prefix_rows  [Q] long: the prefix batch row each suffix row continues (several studies'
+                 prefixes in one cache); None when the prefix has batch 1 (broadcast)
+    Each layer answers update() with [its prefix rows | the suffix's keys] and stores nothing,
+    so the prefix is never copied per question (a gathered copy lives only for the layer
+    being computed) and the cache is left as it was. Mask sizes and offsets come from the
+    prefix layer itself, sliding layers included.
     """
     view = copy.copy(cache)
     layers = []
     for layer in cache.layers:
-        if not getattr(layer, "is_initialized", False) or layer.keys is None or layer.keys.shape[0] != 1:
-            raise ValueError("shared_prefix_cache needs a filled batch-1 prefix cache")
-        cls = type(f"SharedPrefix{type(layer).__name__}", (type(layer),), {"update": _broadcast_update})
+        if not getattr(layer, "is_initialized", False) or layer.keys is None or layer.keys.numel() == 0:
+            raise ValueError("shared_prefix_cache needs a filled prefix cache")
+        batch = layer.keys.shape[0]
+        if prefix_rows is None and batch != 1:
+            raise ValueError(f"a prefix cache of batch {batch} needs prefix_rows")
+        if prefix_rows is not None and int(prefix_rows.max()) >= batch:
+            raise ValueError(f"prefix row {int(prefix_rows.max())} outside a prefix batch of {batch}")
+        cls = type(f"SharedPrefix{type(layer).__name__}", (type(layer),), {"update": _shared_update})
         shared = copy.copy(layer)
         shared.__class__ = cls
+        shared._prefix_rows = prefix_rows
         layers.append(shared)
     view.layers = layers
     return view
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists -> (ids [Q, S] long, mask [Q, S] long)."""
+    """Right-pad token lists -> (ids [Q, S] long, mask [Q, S] long), built on the host and
+    moved in one copy."""
     if not seqs or any(len(s) == 0 for s in seqs):
         raise ValueError("every suffix needs at least one token")
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long, device=device)
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
         mask[i, : len(s)] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def query_tensors(positions: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,12 +134,12 @@ def query_tensors(positions: Sequence[Sequence[int]], device) -> tuple[torch.Ten
     if any(len(p) == 0 for p in positions):
         raise ValueError("every question needs at least one query position")
     width = max(len(p) for p in positions)
-    index = torch.zeros((len(positions), width), dtype=torch.long, device=device)
-    valid = torch.zeros((len(positions), width), dtype=torch.bool, device=device)
+    index = torch.zeros((len(positions), width), dtype=torch.long)
+    valid = torch.zeros((len(positions), width), dtype=torch.bool)
     for i, p in enumerate(positions):
-        index[i, : len(p)] = torch.tensor(list(p), dtype=torch.long, device=device)
+        index[i, : len(p)] = torch.tensor(list(p), dtype=torch.long)
         valid[i, : len(p)] = True
-    return index, valid
+    return index.to(device), valid.to(device)
 
 
 @torch.no_grad()
@@ -141,6 +157,7 @@ def score_suffixes(
     layers: tuple[int, ...],
     head_mode: str,
     answer_tokens: AnswerTokens,
+    prefix_rows: Sequence[int] | None = None,
 ) -> SuffixScores:
     """Score Q suffixes against one prefix cache in one forward.
 
@@ -148,6 +165,8 @@ def score_suffixes(
     query_positions  Q lists of positions within each suffix whose attention rows are kept
                      (the answering token is len(suffix) - 1)
     image_span       (start, end) absolute positions of the image tokens in the prefix
+    prefix_rows      Q indices into the prefix cache's batch (several studies' prefixes in
+                     one cache, all of prefix_len positions); None for a batch-1 prefix
     """
     device = next(decoder.parameters()).device
     n = len(suffixes)
@@ -171,7 +190,12 @@ def score_suffixes(
         n_keys=prefix_len + width,
         head_mode=head_mode,
     )
-    cache = shared_prefix_cache(prefix_cache)
+    rows = None
+    if prefix_rows is not None:
+        if len(prefix_rows) != n:
+            raise ValueError(f"expected {n} prefix rows, found {len(prefix_rows)}")
+        rows = torch.tensor(list(prefix_rows), dtype=torch.long, device=device)
+    cache = shared_prefix_cache(prefix_cache, rows)
     with capture_rows(attention_modules, spec) as cap:
         out = decoder(
             input_ids=ids,
