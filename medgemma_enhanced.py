@@ -24,7 +24,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -210,6 +209,7 @@ class MedGemmaMedical(VLMBackend):
         self._decoder = model.model.language_model
         self._attention = attention_modules_of(self._decoder)
         self.keep_logits = False  # tests: keep each question's next-token logits in extra["logits"]
+        self._prompt_cache: dict[str, dict] = {}
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -298,48 +298,98 @@ class MedGemmaMedical(VLMBackend):
         return pos[0], pos[0] + n
 
     # -- scoring -------------------------------------------------------------------------
-    @torch.no_grad()
-    def score(self, image: Image.Image, questions: Sequence[str], findings: Sequence[str] | None = None):
-        if not questions:
-            raise ValueError("no questions to score")
-        if findings is not None and len(findings) != len(questions):
-            raise ValueError(f"expected {len(questions)} findings, found {len(findings)}")
-        image = image.convert("RGB")
-        device = next(self.model.parameters()).device
-        tokenized = [self._tokenize(q) for q in questions]
-        ids0 = tokenized[0][0]
-        start, end = self._image_span(ids0)
-        eoi = end
-        if ids0[eoi] != self.facts.eoi_token_id:
-            raise FactError(f"expected <end_of_image> right after the image tokens, found id {ids0[eoi]}")
-        prefix_len = eoi + 1
-        prefix = ids0[:prefix_len]
-        # the reference tokenisation: the processor on the first prompt, as the model card does
+    def _prompt(self, question: str) -> dict:
+        """Everything about one question's prompt that does not depend on the image, cached
+        by question text: ids (image sequence expanded), offsets, text, image span, prefix
+        length and the question's suffix with its query positions (by finding)."""
+        hit = self._prompt_cache.get(question)
+        if hit is not None:
+            return hit
+        ids, offsets, text = self._tokenize(question)
+        start, end = self._image_span(ids)
+        if ids[end] != self.facts.eoi_token_id:
+            raise FactError(f"expected <end_of_image> right after the image tokens, found id {ids[end]}")
+        prefix_len = end + 1
+        base = offsets[prefix_len][0]
+        entry = {
+            "ids": ids,
+            "prefix": ids[:prefix_len],
+            "suffix": ids[prefix_len:],
+            "suffix_offsets": [(a - base, b - base) for a, b in offsets[prefix_len:]],
+            "suffix_text": text[base:],
+            "span": (start, end),
+            "prefix_len": prefix_len,
+            "prompt": self.prompt_text(question),
+            "checked": False,
+        }
+        if len(self._prompt_cache) >= 4096:
+            self._prompt_cache.clear()
+        self._prompt_cache[question] = entry
+        return entry
+
+    def _check_against_processor(self, entry: dict, question: str, image: Image.Image) -> None:
+        """Once per question text: our ids and image-token types equal the processor's own
+        tokenisation of the chat (as the model card runs it)."""
+        if entry["checked"]:
+            return
         ref = self.processor.apply_chat_template(
-            self._messages(questions[0], image), add_generation_prompt=True, tokenize=True,
+            self._messages(question, image), add_generation_prompt=True, tokenize=True,
             return_dict=True, return_tensors="pt",
         )  # fmt: skip
-        if ref["input_ids"][0].tolist() != ids0:
+        if ref["input_ids"][0].tolist() != entry["ids"]:
             raise FactError("the prompt's token ids differ from the processor's own tokenisation")
-        suffixes, queries = [], []
-        for i, (ids, offsets, text) in enumerate(tokenized):
-            if ids[:prefix_len] != prefix:
-                raise FactError(f"question {i} does not share the image prefix of question 0")
-            suffix = ids[prefix_len:]
-            s_off = [(a - offsets[prefix_len][0], b - offsets[prefix_len][0]) for a, b in offsets[prefix_len:]]
-            s_text = text[offsets[prefix_len][0]:]
-            finding = findings[i] if findings is not None else None
-            q = self.config.full_question(questions[i]) if self.config.query_mode == "answer" else questions[i].strip()
-            queries.append(suffix_query_positions(self.config.query_mode, s_off, s_text, q, finding, len(suffix)))
-            suffixes.append(suffix)
-        pixel_values = ref["pixel_values"].to(device=device, dtype=next(self.model.parameters()).dtype)
-        tt = ref["token_type_ids"][:, :prefix_len].to(device)
+        mine = [int(t == self.facts.image_token_id) for t in entry["ids"]]
+        if "token_type_ids" in ref and ref["token_type_ids"][0].tolist() != mine:
+            raise FactError("the image token types differ from the processor's token_type_ids")
+        entry["checked"] = True
+
+    def score(self, image: Image.Image, questions: Sequence[str], findings: Sequence[str] | None = None):
+        return self.score_many([(image, questions, findings)])[0]
+
+    @torch.no_grad()
+    def score_many(self, items: Sequence[tuple]) -> list[list[QuestionScore]]:
+        """Several studies in one pass: items are (image, questions, findings or None).
+
+        The K images' prefixes run as one batch; every question of every study then runs as
+        one right-padded suffix batch against that cache (each row reading its own study's
+        prefix). Returns one list of QuestionScore per item, in order.
+        """
+        if not items:
+            raise ValueError("no studies to score")
+        device = next(self.model.parameters()).device
+        dtype = next(self.model.parameters()).dtype
+        images, suffixes, queries, rows, entries, owners = [], [], [], [], [], []
+        for k, (image, questions, findings) in enumerate(items):
+            if isinstance(questions, str) or not questions:
+                raise ValueError("each study needs a non-empty list of questions")
+            if findings is not None and len(findings) != len(questions):
+                raise ValueError(f"expected {len(questions)} findings, found {len(findings)}")
+            image = image.convert("RGB")
+            images.append(image)
+            for i, q in enumerate(questions):
+                e = self._prompt(q)
+                self._check_against_processor(e, q, image)
+                if entries and e["prefix"] != entries[0]["prefix"]:
+                    raise FactError(f"question {q!r} does not share the image prefix of the first question")
+                finding = findings[i] if findings is not None else None
+                query_q = self.config.full_question(q) if self.config.query_mode == "answer" else q.strip()
+                queries.append(suffix_query_positions(self.config.query_mode, e["suffix_offsets"], e["suffix_text"],
+                                                      query_q, finding, len(e["suffix"])))  # fmt: skip
+                suffixes.append(e["suffix"])
+                rows.append(k)
+                entries.append(e)
+                owners.append((k, i))
+        first = entries[0]
+        prefix_len, (start, end) = first["prefix_len"], first["span"]
+        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        n_img = len(images)
+        prefix = torch.tensor([first["prefix"]] * n_img, device=device)
         cache = new_cache(self.model.config.get_text_config())
         self.model.model(
-            input_ids=torch.tensor([prefix], device=device),
-            pixel_values=pixel_values,
-            attention_mask=torch.ones((1, prefix_len), dtype=torch.long, device=device),
-            token_type_ids=tt,
+            input_ids=prefix,
+            pixel_values=pixel_values.to(device=device, dtype=dtype),
+            attention_mask=torch.ones_like(prefix),
+            token_type_ids=(prefix == self.facts.image_token_id).long(),
             use_cache=True,
             **cache_kwargs(self.model.model, cache),
         )
@@ -356,30 +406,38 @@ class MedGemmaMedical(VLMBackend):
             layers=self.layers,
             head_mode=self.config.attention_head_mode,
             answer_tokens=self.answer_tokens,
+            prefix_rows=rows if n_img > 1 else None,
         )
-        generated = self.generate(image, questions) if self.config.generate else [None] * len(questions)
-        results = []
-        for i, q in enumerate(questions):
-            p = float(out.p_yes[i])
-            results.append(
+        attention = out.attention.float().cpu().numpy()
+        image_mass = out.image_mass.float().cpu().numpy()
+        p_yes, coverage, n_query = out.p_yes.tolist(), out.coverage.tolist(), out.n_query.tolist()
+        generated = {}
+        if self.config.generate:
+            for k, (image, questions, _) in enumerate(items):
+                for i, text in enumerate(self.generate(image, questions)):
+                    generated[(k, i)] = text
+        results: list[list[QuestionScore]] = [[] for _ in items]
+        for r, (k, i) in enumerate(owners):
+            e, q, text = entries[r], items[k][1][i], generated.get((k, i))
+            results[k].append(
                 QuestionScore(
                     question=q,
-                    prompt=self.prompt_text(q),
-                    p_yes=p,
-                    coverage=float(out.coverage[i]),
-                    answer=answer_from_p(p),
-                    attention=out.attention[i].cpu().numpy().astype(np.float32),
+                    prompt=e["prompt"],
+                    p_yes=p_yes[r],
+                    coverage=coverage[r],
+                    answer=answer_from_p(p_yes[r]),
+                    attention=attention[r],
                     layers=out.layers,
-                    image_mass=out.image_mass[i].cpu().numpy().astype(np.float32),
-                    n_query_tokens=int(out.n_query[i]),
-                    generated_text=generated[i],
-                    generated_answer=parse_free_text(generated[i]) if generated[i] is not None else None,
+                    image_mass=image_mass[r],
+                    n_query_tokens=int(n_query[r]),
+                    generated_text=text,
+                    generated_answer=parse_free_text(text) if text is not None else None,
                     extra={
                         "image_span": [start, end],
                         "prefix_len": prefix_len,
-                        "query_positions": queries[i],
-                        "suffix_len": len(suffixes[i]),
-                        **({"logits": out.logits[i].cpu()} if self.keep_logits else {}),
+                        "query_positions": queries[r],
+                        "suffix_len": len(suffixes[r]),
+                        **({"logits": out.logits[r].cpu()} if self.keep_logits else {}),
                     },
                 )
             )

@@ -183,3 +183,27 @@ def test_describe_says_random_weights(tiny_parts):
     assert d["random_weights"] is True and d["grid"] == [16, 16]
     assert "{question} Answer yes or no." in d["prompt_template"]
     assert dataclasses.is_dataclass(_backend(tiny_parts).facts)
+
+
+def test_several_studies_in_one_pass_equal_the_reference(tiny_parts, rgb_image):
+    """score_many: two images' prefixes in one batch, every question in one suffix batch,
+    each row reading its own study's prefix; equal to the full-prompt eager reference."""
+    backend = _backend(tiny_parts, attention_head_mode="none")
+    backend.keep_logits = True
+    other = rgb_image.transpose(0).resize((180, 260))  # a different image, other aspect
+    items = [(rgb_image, QUESTIONS[:3], None), (other, QUESTIONS[1:], None)]
+    many = backend.score_many(items)
+    assert [len(m) for m in many] == [3, 3]
+    for (image, questions, _), scores in zip(items, many, strict=True):
+        single = backend.score(image, questions)
+        for q, s, one in zip(questions, scores, single, strict=True):
+            ref = medgemma_reference(backend, image, q)
+            d = max_diff(s.extra["logits"], ref["logits"])
+            assert d <= 1e-5, f"{q!r}: logits differ from the reference by {d:.3g}"
+            start, end = ref["image_span"]
+            for li, layer in enumerate(s.layers):
+                d = max_diff(s.attention[li], ref["attentions"][layer][:, -1, start:end])
+                assert d <= 1e-5, f"{q!r} layer {layer}: rows differ by {d:.3g}"
+            assert abs(s.p_yes - one.p_yes) <= 1e-6
+    # the two studies really differ: a mix-up of prefix rows would show
+    assert max_diff(many[0][1].attention, many[1][0].attention) > 1e-4
