@@ -42,6 +42,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,7 @@ from medvlm.aggregate import resolve_layers
 from medvlm.backend import QuestionScore, VLMBackend
 from medvlm.capture import attention_modules_of
 from medvlm.config import MedicalAttentionConfig
-from medvlm.engine import cache_kwargs, new_cache, repeat_cache, score_suffixes
+from medvlm.engine import cache_kwargs, new_cache, score_suffixes, select_cache
 from medvlm.geometry import Geometry, shortest_side_center_crop_geometry
 from medvlm.queries import suffix_query_positions
 from medvlm.scoring import answer_from_p, parse_free_text, resolve_answer_tokens
@@ -336,13 +337,14 @@ def tokenize_prompt(tokenizer, prompt: str, with_offsets: bool = True) -> Prompt
 class LLaVARadMedical(VLMBackend):
     """LLaVA-Rad (microsoft/llava-rad) behind the VLMBackend contract.
 
-    max_batch  questions per suffix batch (each row holds a copy of the prefix KV cache:
-               about 0.7 GiB per row for the 7B model in float16)
+    max_batch  rows per suffix batch (the prefix is shared, not copied per row; a row costs
+               its own suffix's activations and, for the layer being computed, a gathered
+               copy of its prefix: about 22 MiB per row for the 7B model in 16-bit)
     """
 
     name = "llava_rad"
 
-    def __init__(self, config: MedicalAttentionConfig = _DEFAULT_CONFIG, max_batch: int = 8):
+    def __init__(self, config: MedicalAttentionConfig = _DEFAULT_CONFIG, max_batch: int = 64):
         if not isinstance(config, MedicalAttentionConfig):
             raise TypeError(f"config must be a MedicalAttentionConfig, got {type(config).__name__}")
         if max_batch < 1:
@@ -350,6 +352,7 @@ class LLaVARadMedical(VLMBackend):
         self.config = config
         self.max_batch = int(max_batch)
         self.keep_logits = False  # True: QuestionScore.extra["logits"] holds the next-token logits
+        self._token_cache: dict[str, PromptTokens] = {}
         self.model = None
         self.tokenizer = None
         self.vision: LLaVARadVisionTower | None = None
@@ -699,88 +702,125 @@ class LLaVARadMedical(VLMBackend):
 
     @torch.no_grad()
     def prefix_cache(self, pixel_values: torch.Tensor, prefix_ids: Sequence[int]):
-        """Run BOS + system text + image embeddings once: (cache, prefix_len)."""
+        """Run BOS + system text + image embeddings once per image: (cache, prefix_len).
+        pixel_values [K, 3, S, S] gives a prefix cache of batch K."""
         decoder = self.model.model
         ids = torch.tensor([list(prefix_ids)], device=self.device)
-        embeds = torch.cat([decoder.embed_tokens(ids), self.image_embeddings(pixel_values)], dim=1)
+        img = self.image_embeddings(pixel_values)
+        text = decoder.embed_tokens(ids).expand(img.shape[0], -1, -1)
+        embeds = torch.cat([text, img], dim=1)
         cache = new_cache(self.model.config)
         decoder(inputs_embeds=embeds, use_cache=True, **cache_kwargs(decoder, cache))
         return cache, embeds.shape[1]
+
+    def _tokens(self, question: str) -> PromptTokens:
+        """tokenize(question), cached by question text (the same paraphrases recur across studies)."""
+        hit = self._token_cache.get(question)
+        if hit is None:
+            if len(self._token_cache) >= 4096:
+                self._token_cache.clear()
+            hit = self._token_cache[question] = self.tokenize(question)
+        return hit
 
     @torch.no_grad()
     def score(
         self, image: Image.Image, questions: Sequence[str], findings: Sequence[str] | None = None
     ) -> list[QuestionScore]:
+        return self.score_many([(image, questions, findings)])[0]
+
+    @torch.no_grad()
+    def score_many(self, items: Sequence[tuple]) -> list[list[QuestionScore]]:
+        """Several studies in one pass: items are (image, questions, findings or None).
+
+        The K images' prefixes run as one batch; the questions of all studies then run as
+        right-padded suffix batches of at most max_batch rows against that cache, each row
+        reading its own study's prefix. Returns one list of QuestionScore per item.
+        """
         self._require_loaded()
-        if isinstance(questions, str):
-            raise TypeError("questions must be a sequence of strings, not one string")
-        if not questions:
-            raise ValueError("no questions to score")
-        if findings is not None and len(findings) != len(questions):
-            raise ValueError(f"expected {len(questions)} findings, found {len(findings)}")
-        toks = [self.tokenize(q) for q in questions]
+        if not items:
+            raise ValueError("no studies to score")
+        toks, queries, rows, owners = [], [], [], []
+        for k, (_, questions, findings) in enumerate(items):
+            if isinstance(questions, str):
+                raise TypeError("questions must be a sequence of strings, not one string")
+            if not questions:
+                raise ValueError("no questions to score")
+            if findings is not None and len(findings) != len(questions):
+                raise ValueError(f"expected {len(questions)} findings, found {len(findings)}")
+            for i, q in enumerate(questions):
+                t = self._tokens(q)
+                if toks and t.prefix_ids != toks[0].prefix_ids:
+                    raise RuntimeError(f"question {q!r} does not share the system prefix of the first question")
+                finding = findings[i] if findings is not None else None
+                queries.append(
+                    suffix_query_positions(
+                        self.config.query_mode, list(t.suffix_offsets or []), t.suffix_text,
+                        q.strip(), finding, len(t.suffix_ids),
+                    )
+                )  # fmt: skip
+                toks.append(t)
+                rows.append(k)
+                owners.append((k, i))
         prefix = toks[0].prefix_ids
-        for i, t in enumerate(toks):
-            if t.prefix_ids != prefix:
-                raise RuntimeError(f"question {i} does not share the system prefix of question 0")
         p, n_img = len(prefix), self.n_image_tokens
         span = (p, p + n_img)
-        queries = []
-        for i, t in enumerate(toks):
-            finding = findings[i] if findings is not None else None
-            queries.append(
-                suffix_query_positions(
-                    self.config.query_mode, list(t.suffix_offsets or []), t.suffix_text,
-                    questions[i].strip(), finding, len(t.suffix_ids),
-                )
-            )  # fmt: skip
-        pixel_values = self.preprocess(image)[None]
+        images = [item[0] for item in items]
+        if len(images) > 1:  # PIL's resize releases the GIL: decode the K images in parallel
+            with ThreadPoolExecutor(max_workers=min(len(images), 8)) as pool:
+                pixel_values = torch.stack(list(pool.map(self.preprocess, images)))
+        else:
+            pixel_values = self.preprocess(images[0])[None]
         cache, prefix_len = self.prefix_cache(pixel_values, prefix)
         if prefix_len != p + n_img:
             raise RuntimeError(f"prefix holds {prefix_len} positions, expected {p} + {n_img}")
-        results: list[QuestionScore] = []
-        for start in range(0, len(questions), self.max_batch):
-            idx = range(start, min(start + self.max_batch, len(questions)))
+        results: list[list[QuestionScore]] = [[] for _ in items]
+        for start in range(0, len(toks), self.max_batch):
+            idx = range(start, min(start + self.max_batch, len(toks)))
             out = score_suffixes(
                 decoder=self.model.model,
                 head=self.model.lm_head,
                 attention_modules=self._attention,
                 prefix_cache=cache,
                 prefix_len=prefix_len,
-                suffixes=[toks[i].suffix_ids for i in idx],
-                query_positions=[queries[i] for i in idx],
+                suffixes=[toks[r].suffix_ids for r in idx],
+                query_positions=[queries[r] for r in idx],
                 pad_id=self.pad_id,
                 image_span=span,
                 layers=self.layers,
                 head_mode=self.config.attention_head_mode,
                 answer_tokens=self.answer_tokens,
+                prefix_rows=[rows[r] for r in idx] if len(items) > 1 else None,
             )
             generated = (
-                self._generate(cache, prefix_len, [toks[i].suffix_ids for i in idx])
+                self._generate(cache, prefix_len, [toks[r].suffix_ids for r in idx], [rows[r] for r in idx])
                 if self.config.generate
                 else [(None, None)] * len(idx)
             )
-            for j, i in enumerate(idx):
-                p_yes = float(out.p_yes[j])
-                results.append(
+            attention = out.attention.float().cpu().numpy()
+            image_mass = out.image_mass.float().cpu().numpy()
+            p_yes, coverage, n_query = out.p_yes.tolist(), out.coverage.tolist(), out.n_query.tolist()
+            for j, r in enumerate(idx):
+                k, i = owners[r]
+                t = toks[r]
+                results[k].append(
                     QuestionScore(
-                        question=questions[i],
-                        prompt=toks[i].prompt,
-                        p_yes=p_yes,
-                        coverage=float(out.coverage[j]),
-                        answer=answer_from_p(p_yes),
-                        attention=out.attention[j].float().cpu().numpy(),
+                        question=items[k][1][i],
+                        prompt=t.prompt,
+                        p_yes=p_yes[j],
+                        coverage=coverage[j],
+                        answer=answer_from_p(p_yes[j]),
+                        attention=attention[j],
                         layers=out.layers,
-                        image_mass=out.image_mass[j].float().cpu().numpy(),
-                        n_query_tokens=int(out.n_query[j]),
+                        image_mass=image_mass[j],
+                        n_query_tokens=int(n_query[j]),
                         generated_text=generated[j][0],
                         generated_answer=parse_free_text(generated[j][0]) if generated[j][0] is not None else None,
                         extra={
                             "image_span": list(span),
                             "prefix_len": prefix_len,
-                            "query_positions": list(queries[i]),  # within the suffix
-                            "n_tokens": prefix_len + len(toks[i].suffix_ids),
-                            "suffix_len": len(toks[i].suffix_ids),
+                            "query_positions": list(queries[r]),  # within the suffix
+                            "n_tokens": prefix_len + len(t.suffix_ids),
+                            "suffix_len": len(t.suffix_ids),
                             **({"logits": out.logits[j].float().cpu()} if self.keep_logits else {}),
                             **({"generated_ids": generated[j][1]} if self.config.generate else {}),
                         },
@@ -789,7 +829,9 @@ class LLaVARadMedical(VLMBackend):
         return results
 
     @torch.no_grad()
-    def _generate(self, cache, prefix_len: int, suffixes: Sequence[Sequence[int]]) -> list[tuple[str, list[int]]]:
+    def _generate(
+        self, cache, prefix_len: int, suffixes: Sequence[Sequence[int]], prefix_rows: Sequence[int] | None = None
+    ) -> list[tuple[str, list[int]]]:
         """Greedy free text for a batch of suffixes on copies of the prefix cache: suffixes
         left-padded (pads masked, positions continue from the prefix), then one token per step
         for every row until EOS or max_new_tokens (official eval: greedy, stop at </s>).
@@ -803,7 +845,7 @@ class LLaVARadMedical(VLMBackend):
             mask[i, width - len(s) :] = 1
         attn = torch.cat([torch.ones((n, prefix_len), dtype=torch.long, device=dev), mask], dim=1)
         pos = prefix_len + (mask.cumsum(1) - 1).clamp_min(0)
-        kv = repeat_cache(cache, n)
+        kv = select_cache(cache, list(prefix_rows) if prefix_rows is not None else [0] * n)
         eos = self.tokenizer.eos_token_id
         out_tokens = torch.empty((n, 0), dtype=torch.long, device=dev)
         done = torch.zeros(n, dtype=torch.bool, device=dev)

@@ -468,3 +468,24 @@ def test_tiny_checkpoint_is_deterministic(tmp_path, tiny):
         assert not all(torch.equal(x[k], z[k]) for k in x)
     assert (Path(a[1]) / "model.safetensors").read_bytes() == (Path(tiny[1]) / "model.safetensors").read_bytes()
     assert (Path(a[1]) / "tokenizer.model").read_bytes() == (Path(tiny[1]) / "tokenizer.model").read_bytes()
+
+
+def test_several_studies_in_one_pass_equal_the_reference(tiny, rgb_image):
+    """score_many: two images' prefixes in one batch, all questions in suffix batches (max_batch
+    2, so batches mix studies), each row reading its own study's prefix; equal to the eager
+    full-prompt reference per question."""
+    b = LLaVARadMedical(_backend(tiny, attention_head_mode="none").config, max_batch=2).load_model(*tiny, device="cpu")
+    b.keep_logits = True
+    other = rgb_image.transpose(0).resize((180, 260))
+    items = [(rgb_image, QUESTIONS[:2], None), (other, QUESTIONS[1:], None)]
+    many = b.score_many(items)
+    assert [len(m) for m in many] == [2, 2]
+    for (image, questions, _), scores in zip(items, many, strict=True):
+        for q, s in zip(questions, scores, strict=True):
+            ref = llava_rad_reference_score(b, image, q)
+            d = max_diff(s.extra["logits"], ref["logits"])
+            assert d <= TOL, f"{q!r}: logits differ from the reference by {d:.3g}"
+            maps, _ = _ref_maps(ref, [s.extra["prefix_len"] + p for p in s.extra["query_positions"]], "none")
+            d = max_diff(s.attention, maps)
+            assert d <= TOL, f"{q!r}: rows differ from the reference by {d:.3g}"
+    assert max_diff(many[0][1].attention, many[1][0].attention) > 1e-4  # a prefix-row mix-up would show
