@@ -4,6 +4,7 @@ Both backends (llava_rad_medical_only.LLaVARadMedical, medgemma_enhanced.MedGemm
 subclass :class:`VLMBackend`. The runner never knows which model it drives.
 
     backend.score(image, questions, findings)  -> list[QuestionScore], one per question
+    backend.score_many([(image, questions, findings), ...]) -> one such list per study
     backend.grid                               -> (rows, cols) of the image-token grid
     backend.geometry(width, height)            -> Geometry: where the grid sits on the image
 """
@@ -85,6 +86,12 @@ class VLMBackend(ABC):
         findings   Q finding phrases (used by query mode "finding"), or None
         returns    Q QuestionScore, in the order of `questions`
         """
+
+    def score_many(self, items: Sequence[tuple]) -> list[list[QuestionScore]]:
+        """Several studies at once: items are (image, questions, findings or None); returns one
+        list of QuestionScore per item. Backends batch the studies' prefixes in one pass; this
+        default scores them one by one."""
+        return [self.score(image, questions, findings) for image, questions, findings in items]
 
     def describe(self) -> dict:
         """Facts for the manifest: model id, revision, dtype, attention implementation,

@@ -118,21 +118,47 @@ def _base_record(model: str, row, random_weights: bool) -> dict:
     }
 
 
-def score_study(backend: VLMBackend, rows: pd.DataFrame, batch_size: int, random_weights: bool):
-    """Score one study's rows (one image). Returns (records, maps, batch_size_used).
+def _ok_record(model: str, row, s, geometry: dict, notes, seconds: float, random_weights: bool) -> dict:
+    rec = _base_record(model, row, random_weights)
+    rec.update(
+        status="ok",
+        error=None,
+        prompt=s.prompt,
+        p_yes=s.p_yes,
+        coverage=s.coverage,
+        answer=s.answer,
+        correct=s.answer == row.answer_gt,
+        n_query_tokens=s.n_query_tokens,
+        image_mass=[float(x) for x in s.image_mass],
+        layers=list(s.layers),
+        generated_text=s.generated_text,
+        generated_answer=s.generated_answer,
+        geometry=geometry,
+        image_notes=list(notes),
+        seconds=seconds,
+    )
+    return rec
+
+
+def _failed_records(model: str, rows, reason: str, random_weights: bool, tb: str | None = None) -> list[dict]:
+    extra = {"traceback": tb} if tb else {}
+    return [{**_base_record(model, row, random_weights), "status": "failed", "error": reason, **extra} for row in rows]
+
+
+def score_study(backend: VLMBackend, rows: pd.DataFrame, batch_size: int, random_weights: bool, loaded=None):
+    """Score one study's rows (one image) in batches of batch_size questions.
+    Returns (records, maps, batch_size_used).
 
     A failure is recorded per row with its reason; CUDA OOM halves the batch and retries.
     """
     model = backend.name
     first = rows.iloc[0]
     records, maps = [], {}
-    try:
-        loaded = load_image(first.image_abspath)
-    except (ImageLoadError, OSError) as e:
-        for row in rows.itertuples(index=False):
-            records.append({**_base_record(model, row, random_weights), "status": "failed",
-                            "error": f"image: {e}"})  # fmt: skip
-        return records, maps, batch_size
+    if loaded is None:
+        try:
+            loaded = load_image(first.image_abspath)
+        except (ImageLoadError, OSError) as e:
+            return _failed_records(model, rows.itertuples(index=False), f"image: {e}", random_weights), maps, batch_size
     geometry = _geometry_record(backend, loaded.image.size)
     todo = list(rows.itertuples(index=False))
     i = 0
@@ -147,36 +173,60 @@ def score_study(backend: VLMBackend, rows: pd.DataFrame, batch_size: int, random
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 continue
-            reason = f"{type(e).__name__}: {e}"
-            for row in batch:
-                records.append({**_base_record(model, row, random_weights), "status": "failed", "error": reason,
-                                "traceback": traceback.format_exc(limit=3)})  # fmt: skip
+            records += _failed_records(model, batch, f"{type(e).__name__}: {e}", random_weights,
+                                       traceback.format_exc(limit=3))  # fmt: skip
             i += len(batch)
             continue
         dt = (time.perf_counter() - t0) / len(batch)
         for row, s in zip(batch, scores, strict=True):
-            rec = _base_record(model, row, random_weights)
-            rec.update(
-                status="ok",
-                error=None,
-                prompt=s.prompt,
-                p_yes=s.p_yes,
-                coverage=s.coverage,
-                answer=s.answer,
-                correct=s.answer == row.answer_gt,
-                n_query_tokens=s.n_query_tokens,
-                image_mass=[float(x) for x in s.image_mass],
-                layers=list(s.layers),
-                generated_text=s.generated_text,
-                generated_answer=s.generated_answer,
-                geometry=geometry,
-                image_notes=list(loaded.notes),
-                seconds=dt,
-            )
-            records.append(rec)
+            records.append(_ok_record(model, row, s, geometry, loaded.notes, dt, random_weights))
             maps[map_key(row.finding, row.variant_id)] = (s.layers, s.attention)
         i += len(batch)
     return records, maps, batch_size
+
+
+def score_studies(backend: VLMBackend, studies: list[pd.DataFrame], batch_size: int, random_weights: bool):
+    """Score several studies in one backend pass (score_many) when their questions fit in
+    batch_size; yields (study_id, records, maps) per study and finally the batch size used.
+
+    A study whose image cannot be read is recorded failed. If the joint pass fails, each
+    study is scored alone (score_study), so one bad study cannot fail the others; CUDA OOM
+    halves the batch first.
+    """
+    model = backend.name
+    out, ready = [], []
+    for rows in studies:
+        try:
+            ready.append((rows, load_image(rows.iloc[0].image_abspath)))
+        except (ImageLoadError, OSError) as e:
+            out.append((rows.iloc[0].study_id, _failed_records(model, rows.itertuples(index=False),
+                                                                f"image: {e}", random_weights), {}))  # fmt: skip
+    n_questions = sum(len(rows) for rows, _ in ready)
+    if ready and (len(ready) == 1 or n_questions <= batch_size):
+        t0 = time.perf_counter()
+        try:
+            items = [(img.image, list(rows.question), list(rows.finding)) for rows, img in ready]
+            scored = backend.score_many(items)
+        except Exception as e:  # noqa: BLE001 - retried study by study below, where errors are recorded
+            scored = None
+            if is_oom(e):
+                batch_size = max(1, batch_size // 2)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        if scored is not None:
+            dt = (time.perf_counter() - t0) / max(n_questions, 1)
+            for (rows, img), scores in zip(ready, scored, strict=True):
+                geometry = _geometry_record(backend, img.image.size)
+                records, maps = [], {}
+                for row, s in zip(rows.itertuples(index=False), scores, strict=True):
+                    records.append(_ok_record(model, row, s, geometry, img.notes, dt, random_weights))
+                    maps[map_key(row.finding, row.variant_id)] = (s.layers, s.attention)
+                out.append((rows.iloc[0].study_id, records, maps))
+            return out, batch_size
+    for rows, img in ready:
+        records, maps, batch_size = score_study(backend, rows, batch_size, random_weights, loaded=img)
+        out.append((rows.iloc[0].study_id, records, maps))
+    return out, batch_size
 
 
 def run_model(
@@ -186,21 +236,31 @@ def run_model(
     cfg: RunConfig,
     random_weights: bool,
 ) -> dict:
-    """Score every not-yet-finished row of `rows` with one backend. Returns counts and timing."""
+    """Score every not-yet-finished row of `rows` with one backend, packing whole studies into
+    forward passes of at most cfg.batch_size questions. Returns counts and timing."""
     done = store.done_keys()
     model = backend.name
     pending = rows[[(model, str(s), f, int(v)) not in done
                     for s, f, v in rows[["study_id", "finding", "variant_id"]].itertuples(index=False)]]  # fmt: skip
-    studies = list(dict.fromkeys(pending["study_id"]))
-    counts = {"skipped_done": int(len(rows) - len(pending)), "ok": 0, "failed": 0, "studies": len(studies)}
+    groups = [g for _, g in pending.groupby("study_id", sort=False)]
+    counts = {"skipped_done": int(len(rows) - len(pending)), "ok": 0, "failed": 0, "studies": len(groups)}
     t0 = time.perf_counter()
     batch_size = cfg.batch_size
-    for study in tqdm(studies, desc=model, unit="study", disable=None):
-        study_rows = pending[pending["study_id"] == study]
-        records, maps, batch_size = score_study(backend, study_rows, batch_size, random_weights)
-        store.write_study(model, str(study), records, maps)
-        for r in records:
-            counts[r["status"]] += 1
+    bar = tqdm(total=len(groups), desc=model, unit="study", disable=None)
+    i = 0
+    while i < len(groups):
+        chunk, n = [], 0
+        while i < len(groups) and (not chunk or n + len(groups[i]) <= batch_size):
+            chunk.append(groups[i])
+            n += len(groups[i])
+            i += 1
+        results, batch_size = score_studies(backend, chunk, batch_size, random_weights)
+        for study, records, maps in results:
+            store.write_study(model, str(study), records, maps)
+            for r in records:
+                counts[r["status"]] += 1
+        bar.update(len(chunk))
+    bar.close()
     counts["seconds"] = time.perf_counter() - t0
     counts["final_batch_size"] = batch_size
     return counts

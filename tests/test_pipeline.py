@@ -1,0 +1,95 @@
+"""Packing studies into forward passes; failures recorded per row, never invented."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from medvlm.backend import QuestionScore, VLMBackend
+from medvlm.geometry import square_resize_geometry
+from medvlm.pipeline import RunConfig, run_model
+from medvlm.store import ResultsStore, read_results
+
+
+class FakeBackend(VLMBackend):
+    """Answers from the question length; raises for "BOOM"; OOM above `max_rows` questions."""
+
+    name = "fake"
+
+    def __init__(self, max_rows=None):
+        self.max_rows = max_rows
+        self.calls = []
+
+    @property
+    def grid(self):
+        return (2, 2)
+
+    def geometry(self, width, height):
+        return square_resize_geometry(width, height, 8, (2, 2))
+
+    def score(self, image, questions, findings=None):
+        return self.score_many([(image, questions, findings)])[0]
+
+    def score_many(self, items):
+        n = sum(len(q) for _, q, _ in items)
+        self.calls.append(n)
+        if self.max_rows is not None and n > self.max_rows:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+        if any("BOOM" in q for _, qs, _ in items for q in qs):
+            raise RuntimeError("exploded")
+        return [[self._one(q) for q in qs] for _, qs, _ in items]
+
+    def _one(self, q):
+        p = (len(q) % 10) / 10
+        return QuestionScore(q, q, p, 1.0, "yes" if p >= 0.5 else "no", np.full((1, 4), 0.25, np.float32), (0,),
+                             np.ones(1, np.float32), 1)  # fmt: skip
+
+    def unload(self):
+        pass
+
+
+def _rows(tmp_path, n_studies, boom_study=None, broken_image_study=None):
+    rows = []
+    for s in range(n_studies):
+        path = tmp_path / f"s{s}.png"
+        if s == broken_image_study:
+            path.write_bytes(b"not a png")
+        else:
+            Image.new("RGB", (8, 6)).save(path)
+        for v in range(6):
+            q = f"Is there effusion {'x' * v}?" + (" BOOM" if s == boom_study else "")
+            rows.append({"line": 2 + len(rows), "study_id": f"s{s}", "subject_id": None, "cluster_id": f"s{s}",
+                         "image_abspath": str(path), "finding": "effusion", "variant_id": v, "question": q,
+                         "answer_gt": "yes"})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_studies_are_packed_and_a_failing_study_fails_alone(tmp_path):
+    rows = _rows(tmp_path, 5, boom_study=2, broken_image_study=4)
+    backend = FakeBackend()
+    cfg = RunConfig(output_dir=tmp_path / "out", batch_size=12)
+    counts = run_model(backend, rows, ResultsStore(cfg.output_dir), cfg, random_weights=True)
+    df = read_results(cfg.output_dir)
+    assert len(df) == 30 and counts["ok"] == 18 and counts["failed"] == 12
+    failed = df[df.status == "failed"]
+    assert set(failed.study_id) == {"s2", "s4"}
+    assert failed[failed.study_id == "s2"].error.str.contains("exploded").all()
+    assert failed[failed.study_id == "s4"].error.str.startswith("image:").all()
+    assert failed.p_yes.isna().all(), "a failed row must carry no score"
+    assert max(backend.calls) == 12, "two studies of six questions should share a pass"
+
+
+def test_oom_halves_the_batch_and_loses_nothing(tmp_path):
+    rows = _rows(tmp_path, 3)
+    backend = FakeBackend(max_rows=3)
+    cfg = RunConfig(output_dir=tmp_path / "out", batch_size=12)
+    counts = run_model(backend, rows, ResultsStore(cfg.output_dir), cfg, random_weights=True)
+    assert counts["ok"] == 18 and counts["failed"] == 0
+    assert counts["final_batch_size"] <= 3
+
+
+@pytest.mark.parametrize("bad", [{"batch_size": 0}, {"models": ("llava",)}, {"n_studies": 2, "sample": 2}])
+def test_run_config_refuses_bad_values(tmp_path, bad):
+    with pytest.raises(ValueError):
+        RunConfig(output_dir=tmp_path, **bad)
