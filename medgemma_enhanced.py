@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -343,6 +344,15 @@ class MedGemmaMedical(VLMBackend):
             raise FactError("the image token types differ from the processor's token_type_ids")
         entry["checked"] = True
 
+    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        """[K, 3, S, S] from the processor's image processor, the K images in parallel threads
+        (PIL's resize releases the GIL)."""
+        one = lambda im: self.processor.image_processor(im, return_tensors="pt")["pixel_values"][0]  # noqa: E731
+        if len(images) == 1:
+            return one(images[0])[None]
+        with ThreadPoolExecutor(max_workers=min(len(images), 8)) as pool:
+            return torch.stack(list(pool.map(one, images)))
+
     def score(self, image: Image.Image, questions: Sequence[str], findings: Sequence[str] | None = None):
         return self.score_many([(image, questions, findings)])[0]
 
@@ -381,7 +391,7 @@ class MedGemmaMedical(VLMBackend):
                 owners.append((k, i))
         first = entries[0]
         prefix_len, (start, end) = first["prefix_len"], first["span"]
-        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        pixel_values = self._pixels(images)
         n_img = len(images)
         prefix = torch.tensor([first["prefix"]] * n_img, device=device)
         cache = new_cache(self.model.config.get_text_config())
