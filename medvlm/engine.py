@@ -1,6 +1,7 @@
 """Shared-prefix scoring: the prefix (system text + image) runs once with use_cache; all
-question suffixes of one image run as one right-padded batch against that one cache, shared
-(broadcast layer by layer, never copied per question).
+question suffixes of a study are packed into one sequence after it (a block mask keeps each
+question to the prefix and its own tokens), so the prefix is read once per study and never
+copied per question. Several studies run as a batch, one row each.
 
 Both backends feed this the pieces of their own model:
     decoder            the text decoder (LlamaModel, Gemma3TextModel): input_ids -> hidden
@@ -45,14 +46,13 @@ class SuffixScores:
     n_query: torch.Tensor
 
 
-def new_cache(text_config):
-    """An empty DynamicCache laid out for the text config (sliding layers where it has them)."""
+def new_cache(text_config=None):
+    """An empty DynamicCache whose layers keep every key (sliding layers too: the window is
+    applied by the masks), so key columns are absolute positions in every layer."""
     from transformers import DynamicCache
 
-    try:
-        return DynamicCache(config=text_config)
-    except TypeError:  # older transformers
-        return DynamicCache()
+    del text_config  # every layer full: see above
+    return DynamicCache()
 
 
 def cache_kwargs(module: torch.nn.Module, cache) -> dict:
@@ -70,63 +70,25 @@ def select_cache(cache, rows: Sequence[int]):
     return out
 
 
-def repeat_cache(cache, n: int):
-    """A copy of a batch-1 prefix cache repeated to batch n (see select_cache)."""
-    return select_cache(cache, [0] * n)
+def _appending_update(self, key_states, value_states, *args, **kwargs):
+    """The prefix's keys/values followed by the new ones; nothing is stored."""
+    return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
 
 
-def _shared_update(self, key_states, value_states, *args, **kwargs):
-    """Keys/values of the shared prefix rows each suffix row reads, followed by the suffix's
-    own; nothing is stored (the prefix cache is left as it was)."""
-    if self._prefix_rows is None:  # one prefix for every row: a broadcast view, no copy
-        n = key_states.shape[0]
-        pk, pv = self.keys.expand(n, -1, -1, -1), self.values.expand(n, -1, -1, -1)
-    else:
-        pk, pv = self.keys.index_select(0, self._prefix_rows), self.values.index_select(0, self._prefix_rows)
-    return torch.cat([pk, key_states], dim=-2), torch.cat([pv, value_states], dim=-2)
-
-
-def shared_prefix_cache(cache, prefix_rows: torch.Tensor | None = None):
-    """A view of a filled prefix cache that serves a batch of suffixes.
-
-    prefix_rows  [Q] long: the prefix batch row each suffix row continues (several studies'
-                 prefixes in one cache); None when the prefix has batch 1 (broadcast)
-    Each layer answers update() with [its prefix rows | the suffix's keys] and stores nothing,
-    so the prefix is never copied per question (a gathered copy lives only for the layer
-    being computed) and the cache is left as it was. Mask sizes and offsets come from the
-    prefix layer itself, sliding layers included.
-    """
+def appending_view(cache):
+    """A view of a filled prefix cache for one forward of new tokens with the same batch:
+    each layer answers update() with [prefix | new] and keeps nothing, so the prefix cache
+    can serve any number of passes."""
     view = copy.copy(cache)
     layers = []
     for layer in cache.layers:
         if not getattr(layer, "is_initialized", False) or layer.keys is None or layer.keys.numel() == 0:
-            raise ValueError("shared_prefix_cache needs a filled prefix cache")
-        batch = layer.keys.shape[0]
-        if prefix_rows is None and batch != 1:
-            raise ValueError(f"a prefix cache of batch {batch} needs prefix_rows")
-        if prefix_rows is not None and int(prefix_rows.max()) >= batch:
-            raise ValueError(f"prefix row {int(prefix_rows.max())} outside a prefix batch of {batch}")
-        cls = type(f"SharedPrefix{type(layer).__name__}", (type(layer),), {"update": _shared_update})
+            raise ValueError("appending_view needs a filled prefix cache")
         shared = copy.copy(layer)
-        shared.__class__ = cls
-        shared._prefix_rows = prefix_rows
+        shared.__class__ = type(f"Appending{type(layer).__name__}", (type(layer),), {"update": _appending_update})
         layers.append(shared)
     view.layers = layers
     return view
-
-
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists -> (ids [Q, S] long, mask [Q, S] long), built on the host and
-    moved in one copy."""
-    if not seqs or any(len(s) == 0 for s in seqs):
-        raise ValueError("every suffix needs at least one token")
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def query_tensors(positions: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +105,49 @@ def query_tensors(positions: Sequence[Sequence[int]], device) -> tuple[torch.Ten
 
 
 @torch.no_grad()
+def _suffix_masks(decoder, rows_tokens, prefix_len: int, width: int, device):
+    """The 4D boolean masks [K, 1, width, prefix_len + width] of a packed suffix pass.
+
+    rows_tokens  per study k, the list of (row id, offset t) of each packed token (pads absent)
+    A packed token (row r, offset t) sits at position prefix_len + t and sees every prefix key
+    and the keys of its own row at offsets <= t; sliding layers also keep only keys within
+    the window (transformers' own causal and sliding-window mask functions decide). Pads see
+    the prefix only. Returns a tensor, or {layer type: tensor} when the model has sliding layers.
+    """
+    from transformers.masking_utils import causal_mask_function, sliding_window_overlay
+
+    k_studies = len(rows_tokens)
+    row = torch.full((k_studies, width), -1, dtype=torch.long)
+    off = torch.zeros((k_studies, width), dtype=torch.long)
+    for k, toks in enumerate(rows_tokens):
+        if toks:
+            row[k, : len(toks)] = torch.tensor([r for r, _ in toks])
+            off[k, : len(toks)] = torch.tensor([t for _, t in toks])
+    row, off = row.to(device), off.to(device)
+    q_pos = (prefix_len + off)[:, :, None]  # [K, W, 1]
+    kv_prefix = torch.arange(prefix_len, device=device)[None, None, :]  # [1, 1, P]
+    kv_suffix = (prefix_len + off)[:, None, :]  # [K, 1, W]
+    same_row = (row[:, :, None] == row[:, None, :]) & (row[:, None, :] >= 0)
+    base_prefix = causal_mask_function(None, None, q_pos, kv_prefix).expand(k_studies, width, prefix_len)
+    base_suffix = same_row & causal_mask_function(None, None, q_pos, kv_suffix)
+
+    def build(window):
+        pre, suf = base_prefix, base_suffix
+        if window is not None:
+            overlay = sliding_window_overlay(window)
+            pre = pre & overlay(None, None, q_pos, kv_prefix)
+            suf = suf & overlay(None, None, q_pos, kv_suffix)
+        return torch.cat([pre, suf], dim=-1)[:, None]  # [K, 1, W, P + W]
+
+    cfg = decoder.config
+    types = list(getattr(cfg, "layer_types", None) or [])
+    if "sliding_attention" in types:
+        return {"full_attention": build(None), "sliding_attention": build(cfg.sliding_window)}
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and types == []:
+        raise ValueError("a sliding-window model without layer_types is not supported by the packed pass")
+    return build(None)
+
+
 def score_suffixes(
     *,
     decoder: torch.nn.Module,
@@ -159,7 +164,7 @@ def score_suffixes(
     answer_tokens: AnswerTokens,
     prefix_rows: Sequence[int] | None = None,
 ) -> SuffixScores:
-    """Score Q suffixes against one prefix cache in one forward.
+    """Score Q suffixes against a prefix cache in one forward.
 
     suffixes         Q token lists that follow the prefix
     query_positions  Q lists of positions within each suffix whose attention rows are kept
@@ -167,21 +172,55 @@ def score_suffixes(
     image_span       (start, end) absolute positions of the image tokens in the prefix
     prefix_rows      Q indices into the prefix cache's batch (several studies' prefixes in
                      one cache, all of prefix_len positions); None for a batch-1 prefix
+
+    The suffixes of one study are packed into one sequence after its prefix: a batch row per
+    study, not per question, so the prefix keys are read once per study and never copied per
+    question. A block mask keeps every question to the prefix and its own earlier tokens, at
+    its own positions (prefix_len + offset), so each row computes exactly what a separate
+    forward of prefix + that suffix would.
     """
     device = next(decoder.parameters()).device
     n = len(suffixes)
     if len(query_positions) != n:
         raise ValueError(f"expected {n} query position lists, found {len(query_positions)}")
     for s, q in zip(suffixes, query_positions, strict=True):
+        if not s:
+            raise ValueError("every suffix needs at least one token")
         if max(q) >= len(s) or min(q) < 0:
             raise ValueError(f"query position {max(q)} outside a suffix of {len(s)} tokens")
     if not 0 <= image_span[0] < image_span[1] <= prefix_len:
         raise ValueError(f"image span {image_span} is not inside the {prefix_len}-token prefix")
-    ids, mask = pad_right(suffixes, pad_id, device)
-    width = ids.shape[1]
-    attn_mask = torch.cat([torch.ones((n, prefix_len), dtype=torch.long, device=device), mask], dim=1)
-    position_ids = (torch.arange(width, device=device) + prefix_len).unsqueeze(0).expand(n, -1)
-    q_index, q_valid = query_tensors(query_positions, device)
+    batch = prefix_cache.layers[0].keys.shape[0]
+    rows = [0] * n if prefix_rows is None else [int(r) for r in prefix_rows]
+    if len(rows) != n:
+        raise ValueError(f"expected {n} prefix rows, found {len(rows)}")
+    if max(rows) >= batch or min(rows) < 0:
+        raise ValueError(f"prefix row {max(rows)} outside a prefix batch of {batch}")
+    # pack: study k's suffixes one after another; where each question's tokens landed
+    packed: list[list[int]] = [[] for _ in range(batch)]
+    tokens: list[list[tuple[int, int]]] = [[] for _ in range(batch)]
+    start_of: list[int] = []
+    for r, (s, k) in enumerate(zip(suffixes, rows, strict=True)):
+        start_of.append(len(packed[k]))
+        packed[k].extend(int(t) for t in s)
+        tokens[k].extend((r, t) for t in range(len(s)))
+    width = max(len(p) for p in packed)
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    offsets = torch.zeros((batch, width), dtype=torch.long)
+    for k, p in enumerate(packed):
+        if p:
+            ids[k, : len(p)] = torch.tensor(p)
+            offsets[k, : len(p)] = torch.tensor([t for _, t in tokens[k]])
+    ids, position_ids = ids.to(device), (offsets + prefix_len).to(device)
+    mask = _suffix_masks(decoder, tokens, prefix_len, width, device)
+    # capture: every question's query tokens, gathered per study row
+    per_study_q: list[list[int]] = [[] for _ in range(batch)]
+    q_owner: list[list[int]] = [[] for _ in range(batch)]
+    for r, (k, q) in enumerate(zip(rows, query_positions, strict=True)):
+        per_study_q[k].extend(start_of[r] + int(t) for t in q)
+        q_owner[k].extend([r] * len(q))
+    q_index, q_valid = query_tensors([q or [0] for q in per_study_q], device)
+    q_valid &= torch.tensor([[bool(q)] for q in per_study_q], device=device)
     spec = CaptureSpec(
         layers=layers,
         query_index=q_index,
@@ -190,32 +229,36 @@ def score_suffixes(
         n_keys=prefix_len + width,
         head_mode=head_mode,
     )
-    rows = None
-    if prefix_rows is not None:
-        if len(prefix_rows) != n:
-            raise ValueError(f"expected {n} prefix rows, found {len(prefix_rows)}")
-        rows = torch.tensor(list(prefix_rows), dtype=torch.long, device=device)
-    cache = shared_prefix_cache(prefix_cache, rows)
+    cache = appending_view(prefix_cache)
     with capture_rows(attention_modules, spec) as cap:
         out = decoder(
             input_ids=ids,
-            attention_mask=attn_mask,
+            attention_mask=mask,
             position_ids=position_ids,
             use_cache=True,
             **cache_kwargs(decoder, cache),
         )
-    last = mask.sum(1) - 1
-    hidden = out.last_hidden_state[torch.arange(n, device=device), last]
-    logits = head(hidden).float()
+    last_k = torch.tensor(rows, device=device)
+    last_t = torch.tensor([start_of[r] + len(suffixes[r]) - 1 for r in range(n)], device=device)
+    logits = head(out.last_hidden_state[last_k, last_t]).float()
     p_yes, coverage = yes_probability(logits, answer_tokens)
-    n_valid = q_valid.sum(1).clamp_min(1)
+    # average each question's query rows: a [Q, batch * nq] averaging matrix
+    nq = q_index.shape[1]
+    avg = torch.zeros((n, batch * nq), device=device)
+    for k in range(batch):
+        for j, r in enumerate(q_owner[k]):
+            avg[r, k * nq + j] = 1.0
+    n_query = avg.sum(1)
+    avg = avg / n_query[:, None]
     per_layer, mass = [], []
     for layer in layers:
-        pattern = cap.hook_pattern[layer]  # [Q, (H,) nq, n_image]
-        q_axis = pattern.ndim - 2
-        denom = n_valid.view(n, *([1] * (pattern.ndim - 1))).float()
-        per_layer.append(pattern.sum(q_axis) / denom.squeeze(q_axis))
-        mass.append(cap.hook_image_mass[layer].sum(1) / n_valid.float())
+        pattern = cap.hook_pattern[layer]  # [K, (H,) nq, n_image]
+        if pattern.ndim == 4:
+            flat = pattern.transpose(1, 2).reshape(batch * nq, -1)  # [(K nq), H * n_image]
+            per_layer.append((avg @ flat).view(n, pattern.shape[1], pattern.shape[-1]))
+        else:
+            per_layer.append(avg @ pattern.reshape(batch * nq, -1))
+        mass.append(avg @ cap.hook_image_mass[layer].reshape(batch * nq))
     return SuffixScores(
         logits=logits,
         p_yes=p_yes,
@@ -223,5 +266,5 @@ def score_suffixes(
         attention=torch.stack(per_layer, dim=1),
         image_mass=torch.stack(mass, dim=1),
         layers=tuple(layers),
-        n_query=n_valid,
+        n_query=n_query.long(),
     )

@@ -472,9 +472,9 @@ def test_tiny_checkpoint_is_deterministic(tmp_path, tiny):
 
 def test_several_studies_in_one_pass_equal_the_reference(tiny, rgb_image):
     """score_many: two images' prefixes in one batch, all questions in suffix batches (max_batch
-    2, so batches mix studies), each row reading its own study's prefix; equal to the eager
-    full-prompt reference per question."""
-    b = LLaVARadMedical(_backend(tiny, attention_head_mode="none").config, max_batch=2).load_model(*tiny, device="cpu")
+    3: the first mixes the studies, the second holds only the second study), each question
+    reading its own study's prefix; equal to the eager full-prompt reference per question."""
+    b = LLaVARadMedical(_backend(tiny, attention_head_mode="none").config, max_batch=3).load_model(*tiny, device="cpu")
     b.keep_logits = True
     other = rgb_image.transpose(0).resize((180, 260))
     items = [(rgb_image, QUESTIONS[:2], None), (other, QUESTIONS[1:], None)]
