@@ -343,6 +343,8 @@ class LLaVARadMedical(VLMBackend):
     """
 
     name = "llava_rad"
+    # two 6-question studies per pass: within 1.15 x the weights' memory on an H200 (benchmarks/)
+    default_batch_size = 12
 
     def __init__(self, config: MedicalAttentionConfig = _DEFAULT_CONFIG, max_batch: int = 64):
         if not isinstance(config, MedicalAttentionConfig):

@@ -197,6 +197,8 @@ class MedGemmaMedical(VLMBackend):
     """Scores yes/no questions about one image and captures question-to-image attention."""
 
     name = "medgemma"
+    # eight 6-question studies per pass: within 1.15 x the weights' memory on an H200 (benchmarks/)
+    default_batch_size = 48
 
     def __init__(self, model, processor, config: MedicalAttentionConfig | None = None, model_id: str = ""):
         self.config = config or MedicalAttentionConfig()

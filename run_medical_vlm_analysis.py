@@ -94,7 +94,8 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default: per model")
     p.add_argument("--load_in_8bit", action="store_true")
     p.add_argument("--load_in_4bit", action="store_true")
-    p.add_argument("--batch_size", type=int, default=36, help="questions per forward pass (halved on OOM)")
+    p.add_argument("--batch_size", type=int,
+                   help="questions per forward pass, whole studies packed (default per model; halved on OOM)")
     p.add_argument("--generate", action="store_true", help="also generate free text beside the logit answer")
     p.add_argument("--max_new_tokens", type=int, default=24)
     p.add_argument("--strict", action="store_true", help="refuse the CSV if any row is bad")

@@ -62,6 +62,8 @@ class VLMBackend(ABC):
 
     #: registry name ("llava_rad", "medgemma")
     name: str = ""
+    #: questions per forward pass when the run does not say (studies are packed whole)
+    default_batch_size: int = 36
 
     @property
     @abstractmethod

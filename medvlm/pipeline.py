@@ -1,8 +1,8 @@
 """The analysis run: validated CSV -> each model in turn -> results store.
 
 One model at a time over all selected studies (freed before the next loads, so a 16 GB GPU
-fits the run). Per study the image is loaded once and all its questions (findings x
-paraphrases) are scored in batches of `batch_size` questions against one shared prefix.
+fits the run). Each image is loaded once; whole studies (all their findings x paraphrases)
+are packed into forward passes of at most `batch_size` questions, their prefixes batched.
 Every row ends as a record, status "ok" or "failed" with its reason; a CUDA out-of-memory
 error halves the batch and retries. Rerunning into the same folder skips finished rows.
 """
@@ -46,7 +46,7 @@ class RunConfig:
     dtype: str | None = None
     load_in_8bit: bool = False
     load_in_4bit: bool = False
-    batch_size: int = 36
+    batch_size: int | None = None  # questions per forward; None: the backend's default
     strict: bool = False
     overwrite: bool = False
     analyze_only: bool = False
@@ -66,7 +66,7 @@ class RunConfig:
             raise ValueError(f"unknown model(s) {unknown}; valid: {', '.join(MODEL_NAMES)}")
         if self.load_in_8bit and self.load_in_4bit:
             raise ValueError("choose one of --load_in_8bit and --load_in_4bit")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.n_studies is not None and self.sample is not None:
             raise ValueError("--n_studies and --sample are exclusive")
@@ -245,7 +245,7 @@ def run_model(
     groups = [g for _, g in pending.groupby("study_id", sort=False)]
     counts = {"skipped_done": int(len(rows) - len(pending)), "ok": 0, "failed": 0, "studies": len(groups)}
     t0 = time.perf_counter()
-    batch_size = cfg.batch_size
+    batch_size = cfg.batch_size or backend.default_batch_size
     bar = tqdm(total=len(groups), desc=model, unit="study", disable=None)
     i = 0
     while i < len(groups):
