@@ -25,14 +25,9 @@ import pandas as pd
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAPHRASES = [
-    "Is there a pleural effusion?",
-    "Does this chest X-ray show a pleural effusion?",
-    "Is pleural effusion present in this image?",
-    "Can you see fluid in the pleural space?",
-    "Is there evidence of a pleural effusion on this radiograph?",
-    "Does the patient have a pleural effusion?",
-]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_speed import PARAPHRASES  # noqa: E402
 
 
 def make_csv(folder: Path, n: int) -> Path:

@@ -674,19 +674,24 @@ def _image_problem(path: Path) -> str | None:
     return None
 
 
+def _existing_kind(path) -> tuple[Path, str]:
+    """(path, sniffed kind) of an existing file; ImageLoadError naming it otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise ImageLoadError(f"{p}: no such file")
+    try:
+        return p, _sniff_kind(p)
+    except OSError as e:
+        raise ImageLoadError(f"{p}: cannot read ({e})") from e
+
+
 def check_image(path: str | os.PathLike[str]) -> str:
     """Check that ``path`` is a readable image; return its kind. Raises ImageLoadError.
 
     DICOM: read in full and first frame decoded. PNG: ``verify()`` (every chunk's CRC).
     JPEG: decoded at reduced scale (full entropy decode). Other formats: decoded in full.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ImageLoadError(f"{p}: no such file")
-    try:
-        kind = _sniff_kind(p)
-    except OSError as e:
-        raise ImageLoadError(f"{p}: cannot read ({e})") from e
+    p, kind = _existing_kind(path)
     if kind == "dicom":
         ds = _read_dicom(p)
         _first_frame(ds, p)
@@ -718,13 +723,7 @@ def load_image(path: str | os.PathLike[str]) -> LoadedImage:
     PALETTE COLOR is expanded through its palette, YBR converted to RGB.
     Every failure raises ImageLoadError naming the file.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ImageLoadError(f"{p}: no such file")
-    try:
-        kind = _sniff_kind(p)
-    except OSError as e:
-        raise ImageLoadError(f"{p}: cannot read ({e})") from e
+    p, kind = _existing_kind(path)
     if kind == "dicom":
         return _load_dicom(p)
     return _load_pil(p, kind)
