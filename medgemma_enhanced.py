@@ -206,7 +206,7 @@ class MedGemmaMedical(VLMBackend):
         self.processor = processor
         self.model_id = model_id or getattr(model.config, "_name_or_path", "")
         self.facts = check_medgemma_facts(model, processor, self.model_id)
-        self.random_weights = bool(getattr(model.config, "tiny_random_weights", False))
+        self.random_weights = bool(getattr(model.config, "random_weights", False))
         self.answer_tokens = resolve_answer_tokens(processor.tokenizer)
         self.layers = resolve_layers(self.config.layers, self.facts.n_layers)
         self._decoder = model.model.language_model

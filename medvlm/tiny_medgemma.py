@@ -167,7 +167,7 @@ def tiny_medgemma(
         proj = model.model.multi_modal_projector.mm_input_projection_weight
         proj.normal_(0.0, 0.5 if shapes is TINY_SHAPES else 0.02)
     model.eval()
-    model.config.tiny_random_weights = True
+    model.config.random_weights = True  # read by MedGemmaMedical.describe()
     size = vision["image_size"]
     image_processor = Gemma3ImageProcessor(
         size={"height": size, "width": size},

@@ -108,3 +108,28 @@ def test_bad_rows_are_counted_and_strict_refuses_before_loading(tmp_path, monkey
 def test_unknown_model_lists_the_valid_ones():
     with pytest.raises(ValueError, match="valid: llava_rad, medgemma"):
         cli.get_backend_loader("llava")
+
+
+def test_demo_end_to_end_with_both_models(tmp_path):
+    """--demo: tiny random models of both architectures on pydicom-data DICOMs; every output
+    says the weights are random."""
+    out = tmp_path / "demo"
+    assert cli.main(["--demo", "--output_dir", str(out), "--n_studies", "2", "--n_boot", "200"]) == 0
+    res = pd.read_json(out / "results.jsonl", lines=True)
+    assert set(res.model) == {"llava_rad", "medgemma"} and (res.status == "ok").all()
+    assert res.random_weights.all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["random_weights"] is True and "RANDOM WEIGHTS" in manifest["note"]
+    assert all(m["random_weights"] for m in manifest["models"].values())
+    summary = pd.read_csv(out / "summary.csv")
+    assert {"llava_rad", "medgemma", "llava_rad - medgemma"} <= set(summary.model)
+    assert "RANDOM WEIGHTS" in (out / "report.md").read_text()
+    figs = list((out / "figures").glob("*.png"))
+    assert any(f.name.endswith("__models.png") for f in figs) and any("forest" in f.name for f in figs)
+    labels = json.loads((out / "demo_data" / "demo_labels.json").read_text())
+    assert labels, "the demo's ground truth comes from the DICOM headers and is recorded"
+
+
+def test_quantization_is_refused_for_llava_rad_before_anything_loads(tmp_path):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--demo", "--output_dir", str(tmp_path), "--load_in_4bit"])
