@@ -24,7 +24,7 @@ Use:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -194,5 +194,3 @@ def attention_modules_of(decoder: torch.nn.Module, attr: str = "self_attn") -> l
             raise ValueError(f"attention module {i} has layer_idx {getattr(m, 'layer_idx', None)}")
     return mods
 
-
-TensorFn = Callable[[torch.Tensor], torch.Tensor]
