@@ -691,7 +691,7 @@ class LLaVARadMedical(VLMBackend):
         """[B, 3, S, S] -> projected image embeddings [B, N, hidden] in the model dtype
         (encode_images: vision tower then mm_projector)."""
         self._require_loaded()
-        x = pixel_values.to(device=self.device, dtype=self.dtype)
+        x = pixel_values.to(device=self.device, dtype=self.dtype, non_blocking=True)
         return self.projector(self.vision(x))
 
     def tokenize(self, question: str) -> PromptTokens:
@@ -734,10 +734,15 @@ class LLaVARadMedical(VLMBackend):
     def score_many(self, items: Sequence[tuple]) -> list[list[QuestionScore]]:
         """Several studies in one pass: items are (image, questions, findings or None).
 
-        The K images' prefixes run as one batch; the questions of all studies then run as
-        right-padded suffix batches of at most max_batch rows against that cache, each row
-        reading its own study's prefix. Returns one list of QuestionScore per item.
+        The K images' prefixes run as one batch; the questions of all studies then run in
+        suffix passes of at most max_batch questions against that cache, each study's
+        questions packed after its own prefix. Returns one list of QuestionScore per item.
         """
+        return self.score_prepared(self.prepare(items))
+
+    def prepare(self, items: Sequence[tuple]) -> dict:
+        """The host-side half of score_many (prompts, pixel values): a runner can prepare
+        the next pass in a thread while the GPU runs this one."""
         self._require_loaded()
         if not items:
             raise ValueError("no studies to score")
@@ -763,16 +768,26 @@ class LLaVARadMedical(VLMBackend):
                 toks.append(t)
                 rows.append(k)
                 owners.append((k, i))
-        prefix = toks[0].prefix_ids
-        p, n_img = len(prefix), self.n_image_tokens
-        span = (p, p + n_img)
         images = [item[0] for item in items]
         if len(images) > 1:  # PIL's resize releases the GIL: decode the K images in parallel
             with ThreadPoolExecutor(max_workers=min(len(images), 8)) as pool:
                 pixel_values = torch.stack(list(pool.map(self.preprocess, images)))
         else:
             pixel_values = self.preprocess(images[0])[None]
-        cache, prefix_len = self.prefix_cache(pixel_values, prefix)
+        if self.device.type == "cuda":
+            pixel_values = pixel_values.pin_memory()
+        return {"items": items, "toks": toks, "queries": queries, "rows": rows, "owners": owners,
+                "pixel_values": pixel_values}  # fmt: skip
+
+    @torch.no_grad()
+    def score_prepared(self, prep: dict) -> list[list[QuestionScore]]:
+        """The device-side half of score_many, on what prepare() returned."""
+        self._require_loaded()
+        items, toks, queries, rows, owners = prep["items"], prep["toks"], prep["queries"], prep["rows"], prep["owners"]
+        prefix = toks[0].prefix_ids
+        p, n_img = len(prefix), self.n_image_tokens
+        span = (p, p + n_img)
+        cache, prefix_len = self.prefix_cache(prep["pixel_values"], prefix)
         if prefix_len != p + n_img:
             raise RuntimeError(f"prefix holds {prefix_len} positions, expected {p} + {n_img}")
         results: list[list[QuestionScore]] = [[] for _ in items]

@@ -362,14 +362,17 @@ class MedGemmaMedical(VLMBackend):
     def score_many(self, items: Sequence[tuple]) -> list[list[QuestionScore]]:
         """Several studies in one pass: items are (image, questions, findings or None).
 
-        The K images' prefixes run as one batch; every question of every study then runs as
-        one right-padded suffix batch against that cache (each row reading its own study's
+        The K images' prefixes run as one batch; every question of every study then runs in
+        one suffix pass against that cache (each study's questions packed after its own
         prefix). Returns one list of QuestionScore per item, in order.
         """
+        return self.score_prepared(self.prepare(items))
+
+    def prepare(self, items: Sequence[tuple]) -> dict:
+        """The host-side half of score_many (prompts, checks, pixel values): a runner can
+        prepare the next pass in a thread while the GPU runs this one."""
         if not items:
             raise ValueError("no studies to score")
-        device = next(self.model.parameters()).device
-        dtype = next(self.model.parameters()).dtype
         images, suffixes, queries, rows, entries, owners = [], [], [], [], [], []
         for k, (image, questions, findings) in enumerate(items):
             if isinstance(questions, str) or not questions:
@@ -391,15 +394,27 @@ class MedGemmaMedical(VLMBackend):
                 rows.append(k)
                 entries.append(e)
                 owners.append((k, i))
+        pixel_values = self._pixels(images)
+        if torch.cuda.is_available():
+            pixel_values = pixel_values.pin_memory()
+        return {"items": items, "entries": entries, "suffixes": suffixes, "queries": queries, "rows": rows,
+                "owners": owners, "pixel_values": pixel_values}  # fmt: skip
+
+    @torch.no_grad()
+    def score_prepared(self, prep: dict) -> list[list[QuestionScore]]:
+        """The device-side half of score_many, on what prepare() returned."""
+        items, entries, suffixes, queries = prep["items"], prep["entries"], prep["suffixes"], prep["queries"]
+        rows, owners, pixel_values = prep["rows"], prep["owners"], prep["pixel_values"]
+        device = next(self.model.parameters()).device
+        dtype = next(self.model.parameters()).dtype
         first = entries[0]
         prefix_len, (start, end) = first["prefix_len"], first["span"]
-        pixel_values = self._pixels(images)
-        n_img = len(images)
+        n_img = len(items)
         prefix = torch.tensor([first["prefix"]] * n_img, device=device)
         cache = new_cache(self.model.config.get_text_config())
         self.model.model(
             input_ids=prefix,
-            pixel_values=pixel_values.to(device=device, dtype=dtype),
+            pixel_values=pixel_values.to(device=device, dtype=dtype, non_blocking=True),
             attention_mask=torch.ones_like(prefix),
             token_type_ids=(prefix == self.facts.image_token_id).long(),
             use_cache=True,

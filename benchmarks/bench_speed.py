@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -126,8 +127,14 @@ def time_pass(backend, imgs, k: int) -> tuple[float, float]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for i in range(0, len(items), k):
-        backend.score_many(items[i : i + k])
+    # as the runner does: the next pass's images and prompts prepared in a thread meanwhile
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(backend.prepare, items[:k])
+        for i in range(0, len(items), k):
+            prepared = future.result()
+            if i + k < len(items):
+                future = pool.submit(backend.prepare, items[i + k : i + 2 * k])
+            backend.score_prepared(prepared)
     sync()
     per_study = (time.perf_counter() - t0) / len(items)
     return per_study, (torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))

@@ -5,6 +5,7 @@ subclass :class:`VLMBackend`. The runner never knows which model it drives.
 
     backend.score(image, questions, findings)  -> list[QuestionScore], one per question
     backend.score_many([(image, questions, findings), ...]) -> one such list per study
+        (= backend.score_prepared(backend.prepare(items)): host work, then device work)
     backend.grid                               -> (rows, cols) of the image-token grid
     backend.geometry(width, height)            -> Geometry: where the grid sits on the image
 """
@@ -92,8 +93,17 @@ class VLMBackend(ABC):
     def score_many(self, items: Sequence[tuple]) -> list[list[QuestionScore]]:
         """Several studies at once: items are (image, questions, findings or None); returns one
         list of QuestionScore per item. Backends batch the studies' prefixes in one pass; this
-        default scores them one by one."""
+        default scores them one by one. Equal to score_prepared(prepare(items))."""
         return [self.score(image, questions, findings) for image, questions, findings in items]
+
+    def prepare(self, items: Sequence[tuple]):
+        """The host-side work of score_many (prompts, pixel values), so a runner can do it in
+        a thread for the next pass while the device runs this one. Default: nothing to do."""
+        return items
+
+    def score_prepared(self, prepared) -> list[list[QuestionScore]]:
+        """The device-side work of score_many, on what prepare() returned."""
+        return VLMBackend.score_many(self, prepared)
 
     def describe(self) -> dict:
         """Facts for the manifest: model id, revision, dtype, attention implementation,

@@ -13,6 +13,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -185,28 +186,58 @@ def score_study(backend: VLMBackend, rows: pd.DataFrame, batch_size: int, random
     return records, maps, batch_size
 
 
-def score_studies(backend: VLMBackend, studies: list[pd.DataFrame], batch_size: int, random_weights: bool):
-    """Score several studies in one backend pass (score_many) when their questions fit in
-    batch_size; yields (study_id, records, maps) per study and finally the batch size used.
+@dataclass
+class PreparedStudies:
+    """Host-side work for one pass: images read, the backend's prepare() done (or its error)."""
+
+    failed: list  # (study_id, records, {}) for studies whose image could not be read
+    ready: list  # (rows, LoadedImage)
+    prepared: object = None
+    error: BaseException | None = None
+
+
+def prepare_studies(backend: VLMBackend, studies: list[pd.DataFrame], random_weights: bool) -> PreparedStudies:
+    """Read the studies' images and run backend.prepare on them (safe to run in a thread
+    while the device scores the previous pass). Never raises for a bad study."""
+    model = backend.name
+    failed, ready = [], []
+    for rows in studies:
+        try:
+            ready.append((rows, load_image(rows.iloc[0].image_abspath)))
+        except (ImageLoadError, OSError) as e:
+            failed.append((rows.iloc[0].study_id, _failed_records(model, rows.itertuples(index=False),
+                                                                   f"image: {e}", random_weights), {}))  # fmt: skip
+    pre = PreparedStudies(failed, ready)
+    if ready:
+        try:
+            pre.prepared = backend.prepare([(img.image, list(r.question), list(r.finding)) for r, img in ready])
+        except Exception as e:  # noqa: BLE001 - scored study by study later, where errors are recorded
+            pre.error = e
+    return pre
+
+
+def score_studies(
+    backend: VLMBackend,
+    studies: list[pd.DataFrame],
+    batch_size: int,
+    random_weights: bool,
+    pre: PreparedStudies | None = None,
+):
+    """Score several studies in one backend pass when their questions fit in batch_size.
+    Returns ([(study_id, records, maps)], batch size used).
 
     A study whose image cannot be read is recorded failed. If the joint pass fails, each
     study is scored alone (score_study), so one bad study cannot fail the others; CUDA OOM
     halves the batch first.
     """
     model = backend.name
-    out, ready = [], []
-    for rows in studies:
-        try:
-            ready.append((rows, load_image(rows.iloc[0].image_abspath)))
-        except (ImageLoadError, OSError) as e:
-            out.append((rows.iloc[0].study_id, _failed_records(model, rows.itertuples(index=False),
-                                                                f"image: {e}", random_weights), {}))  # fmt: skip
-    n_questions = sum(len(rows) for rows, _ in ready)
-    if ready and (len(ready) == 1 or n_questions <= batch_size):
+    pre = pre or prepare_studies(backend, studies, random_weights)
+    out = list(pre.failed)
+    n_questions = sum(len(rows) for rows, _ in pre.ready)
+    if pre.ready and pre.error is None and (len(pre.ready) == 1 or n_questions <= batch_size):
         t0 = time.perf_counter()
         try:
-            items = [(img.image, list(rows.question), list(rows.finding)) for rows, img in ready]
-            scored = backend.score_many(items)
+            scored = backend.score_prepared(pre.prepared)
         except Exception as e:  # noqa: BLE001 - retried study by study below, where errors are recorded
             scored = None
             if is_oom(e):
@@ -215,7 +246,7 @@ def score_studies(backend: VLMBackend, studies: list[pd.DataFrame], batch_size: 
                     torch.cuda.empty_cache()
         if scored is not None:
             dt = (time.perf_counter() - t0) / max(n_questions, 1)
-            for (rows, img), scores in zip(ready, scored, strict=True):
+            for (rows, img), scores in zip(pre.ready, scored, strict=True):
                 geometry = _geometry_record(backend, img.image.size)
                 records, maps = [], {}
                 for row, s in zip(rows.itertuples(index=False), scores, strict=True):
@@ -223,10 +254,20 @@ def score_studies(backend: VLMBackend, studies: list[pd.DataFrame], batch_size: 
                     maps[map_key(row.finding, row.variant_id)] = (s.layers, s.attention)
                 out.append((rows.iloc[0].study_id, records, maps))
             return out, batch_size
-    for rows, img in ready:
+    for rows, img in pre.ready:
         records, maps, batch_size = score_study(backend, rows, batch_size, random_weights, loaded=img)
         out.append((rows.iloc[0].study_id, records, maps))
     return out, batch_size
+
+
+def _next_chunk(groups: list[pd.DataFrame], i: int, batch_size: int) -> tuple[list[pd.DataFrame], int]:
+    """Whole studies from groups[i:] up to batch_size questions (at least one study)."""
+    chunk, n = [], 0
+    while i < len(groups) and (not chunk or n + len(groups[i]) <= batch_size):
+        chunk.append(groups[i])
+        n += len(groups[i])
+        i += 1
+    return chunk, i
 
 
 def run_model(
@@ -237,7 +278,9 @@ def run_model(
     random_weights: bool,
 ) -> dict:
     """Score every not-yet-finished row of `rows` with one backend, packing whole studies into
-    forward passes of at most cfg.batch_size questions. Returns counts and timing."""
+    forward passes of at most cfg.batch_size questions; the next pass's images and prompts
+    are prepared in a thread while the device runs the current one (not while generating
+    text, which shares the tokenizer). Returns counts and timing."""
     done = store.done_keys()
     model = backend.name
     pending = rows[[(model, str(s), f, int(v)) not in done
@@ -246,20 +289,22 @@ def run_model(
     counts = {"skipped_done": int(len(rows) - len(pending)), "ok": 0, "failed": 0, "studies": len(groups)}
     t0 = time.perf_counter()
     batch_size = cfg.batch_size or backend.default_batch_size
+    prefetch = not cfg.attention.generate
     bar = tqdm(total=len(groups), desc=model, unit="study", disable=None)
-    i = 0
-    while i < len(groups):
-        chunk, n = [], 0
-        while i < len(groups) and (not chunk or n + len(groups[i]) <= batch_size):
-            chunk.append(groups[i])
-            n += len(groups[i])
-            i += 1
-        results, batch_size = score_studies(backend, chunk, batch_size, random_weights)
-        for study, records, maps in results:
-            store.write_study(model, str(study), records, maps)
-            for r in records:
-                counts[r["status"]] += 1
-        bar.update(len(chunk))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        chunk, i = _next_chunk(groups, 0, batch_size)
+        future = pool.submit(prepare_studies, backend, chunk, random_weights) if chunk and prefetch else None
+        while chunk:
+            pre = future.result() if future is not None else None
+            nxt, i_next = _next_chunk(groups, i, batch_size)
+            future = pool.submit(prepare_studies, backend, nxt, random_weights) if nxt and prefetch else None
+            results, batch_size = score_studies(backend, chunk, batch_size, random_weights, pre)
+            for study, records, maps in results:
+                store.write_study(model, str(study), records, maps)
+                for r in records:
+                    counts[r["status"]] += 1
+            bar.update(len(chunk))
+            chunk, i = nxt, i_next
     bar.close()
     counts["seconds"] = time.perf_counter() - t0
     counts["final_batch_size"] = batch_size

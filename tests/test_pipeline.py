@@ -45,6 +45,9 @@ class FakeBackend(VLMBackend):
         return QuestionScore(q, q, p, 1.0, "yes" if p >= 0.5 else "no", np.full((1, 4), 0.25, np.float32), (0,),
                              np.ones(1, np.float32), 1)  # fmt: skip
 
+    def score_prepared(self, prepared):
+        return self.score_many(prepared)
+
     def unload(self):
         pass
 
