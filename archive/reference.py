@@ -24,6 +24,19 @@ def eager_text_attention(model):
         text._attn_implementation = saved
 
 
+def _inputs(backend, image, question: str) -> dict:
+    """The processor's own inputs for one full prompt (as the model card builds them), on the
+    model's device, pixels in the model's dtype."""
+    inputs = backend.processor.apply_chat_template(
+        backend._messages(question, image.convert("RGB")), add_generation_prompt=True, tokenize=True,
+        return_dict=True, return_tensors="pt",
+    )  # fmt: skip
+    param = next(backend.model.parameters())
+    inputs = {k: v.to(param.device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+    return inputs
+
+
 @torch.no_grad()
 def medgemma_reference(backend, image, question: str) -> dict:
     """Full forward for one question.
@@ -38,13 +51,8 @@ def medgemma_reference(backend, image, question: str) -> dict:
     """
     from medvlm.scoring import yes_probability
 
-    model, processor = backend.model, backend.processor
-    inputs = processor.apply_chat_template(
-        backend._messages(question, image.convert("RGB")), add_generation_prompt=True, tokenize=True,
-        return_dict=True, return_tensors="pt",
-    )  # fmt: skip
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    model = backend.model
+    inputs = _inputs(backend, image, question)
     with eager_text_attention(model):
         out = model(**inputs, output_attentions=True, use_cache=False)
     ids = inputs["input_ids"][0]
@@ -70,16 +78,9 @@ def naive_study(backend, image, questions, gen_tokens: int = 50) -> list[dict]:
     for q in questions:
         if backend.name == "medgemma":
             ref = medgemma_reference(backend, image, q)
-            model, processor = backend.model, backend.processor
-            inputs = processor.apply_chat_template(
-                backend._messages(q, image.convert("RGB")), add_generation_prompt=True, tokenize=True,
-                return_dict=True, return_tensors="pt",
-            )  # fmt: skip
-            device = next(model.parameters()).device
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
-            with eager_text_attention(model):
-                model.generate(**inputs, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, do_sample=False)
+            with eager_text_attention(backend.model):
+                backend.model.generate(**_inputs(backend, image, q), max_new_tokens=gen_tokens,
+                                       min_new_tokens=gen_tokens, do_sample=False)  # fmt: skip
         else:
             from archive.reference_llava_rad import llava_rad_reference_score
 
