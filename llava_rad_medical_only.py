@@ -364,6 +364,7 @@ class LLaVARadMedical(VLMBackend):
         self._grid = GRID
         self.mean, self.std = CLIP_MEAN, CLIP_STD
         self.random_weights = False
+        self.quantization: str | None = None
         self.load_report: dict = {}
 
     # -- loading ------------------------------------------------------------------------------
@@ -383,11 +384,11 @@ class LLaVARadMedical(VLMBackend):
         Returns self. Raises LLaVARadLoadError naming the file for a missing or corrupt file
         or a contradicted fact.
         """
-        if load_8bit or load_4bit:
-            raise NotImplementedError(
-                "8-/4-bit loading is not supported: the LoRA merge and the exact attention rows are "
-                "defined on float weights; load in float16 (about 15 GiB of GPU memory)"
-            )
+        if load_8bit and load_4bit:
+            raise ValueError("choose one of load_8bit and load_4bit")
+        quantization = "8bit" if load_8bit else "4bit" if load_4bit else None
+        if quantization:
+            _require_bitsandbytes()
         if model_base is None:
             raise ValueError(f"LLaVA-Rad is a LoRA checkpoint: pass model_base (the official base is {DEFAULT_BASE!r})")
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -423,7 +424,8 @@ class LLaVARadMedical(VLMBackend):
         llama_cfg = LlamaConfig(
             **{k: v for k, v in cfg.items() if k not in _LLAVA_ONLY_KEYS and not k.startswith("mm_")}
         )
-        load_kwargs = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
+        # quantized: load and merge on the host, quantize while moving to the device
+        load_kwargs = {"device_map": {"": str(device)}} if device.type == "cuda" and not quantization else {}
         try:
             lm, info = LlamaForCausalLM.from_pretrained(
                 str(base_dir), config=llama_cfg, dtype=dtype, attn_implementation="sdpa",
@@ -443,6 +445,9 @@ class LLaVARadMedical(VLMBackend):
 
         non_lora_report = self._load_non_lora(model_dir / NON_LORA_NAME, projector, lm)
         lora_report = merge_lora(lm, model_dir)
+        if quantization:
+            lora_report["quantized_after_merge"] = quantize_linear_layers(lm.model, quantization, dtype)
+            lm.to(device)
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(base_dir), trust_remote_code=False)
@@ -463,6 +468,7 @@ class LLaVARadMedical(VLMBackend):
 
         # everything checked: the backend takes the model
         self.model = lm
+        self.quantization = quantization
         self.tokenizer = tokenizer
         self.vision = vision.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.projector = projector.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -646,6 +652,7 @@ class LLaVARadMedical(VLMBackend):
             "revision": _revision_of(self.model_dir) if loaded else None,
             "base_revision": _revision_of(self.base_dir) if loaded else None,
             "dtype": str(self.dtype).replace("torch.", "") if loaded else None,
+            "quantization": self.quantization,
             "device": str(self.device) if loaded else None,
             "attention_implementation": ATTN_DESCRIPTION,
             "prompt_template": self.prompt_template(),
@@ -885,6 +892,43 @@ class LLaVARadMedical(VLMBackend):
             text = self.tokenizer.decode(row, skip_special_tokens=True).strip()
             results.append((text[: -len(SEP2)].strip() if text.endswith(SEP2) else text, row))
         return results
+
+
+# -- quantization --------------------------------------------------------------------------------
+def _require_bitsandbytes():
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ImportError("8-/4-bit loading needs bitsandbytes: pip install bitsandbytes") from e
+
+
+def quantize_linear_layers(module: torch.nn.Module, mode: str, compute_dtype: torch.dtype) -> dict:
+    """Replace every nn.Linear under `module` (the decoder layers; lm_head stays float, as
+    transformers' bitsandbytes integration keeps it) by a bitsandbytes layer holding the same,
+    already LoRA-merged weights: LLM.int8 (threshold 6.0) for "8bit", NF4 with
+    `compute_dtype` for "4bit". The weights are quantized when the module moves to the GPU.
+    Returns {"mode", "n_layers", "compute_dtype"}. The attention rows the capture reads are
+    computed from this quantized model's own queries and keys."""
+    import bitsandbytes as bnb
+
+    if mode not in ("8bit", "4bit"):
+        raise ValueError(f"unknown quantization {mode!r}; valid: 8bit, 4bit")
+    targets = [(name, m) for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+    for name, lin in targets:
+        parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+        w = lin.weight.data.to(torch.float16 if mode == "8bit" else compute_dtype)
+        if mode == "8bit":
+            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                    has_fp16_weights=False, threshold=6.0)  # fmt: skip
+            q.weight = bnb.nn.Int8Params(w.contiguous(), requires_grad=False, has_fp16_weights=False)
+        else:
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  compute_dtype=compute_dtype, quant_type="nf4")  # fmt: skip
+            q.weight = bnb.nn.Params4bit(w.contiguous(), requires_grad=False, quant_type="nf4")
+        if lin.bias is not None:
+            q.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        setattr(parent, name.rsplit(".", 1)[-1], q)
+    return {"mode": mode, "n_layers": len(targets), "compute_dtype": str(compute_dtype).replace("torch.", "")}
 
 
 # -- LoRA ----------------------------------------------------------------------------------------

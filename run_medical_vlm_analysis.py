@@ -121,9 +121,6 @@ def parse_args(argv=None) -> RunConfig:
                                        max_new_tokens=a.max_new_tokens)  # fmt: skip
     if not (a.csv or a.demo or a.analyze_only):
         p.error("give --csv (or --demo, or --analyze_only on an existing --output_dir)")
-    if (a.load_in_8bit or a.load_in_4bit) and "llava_rad" in a.models and not a.analyze_only:
-        p.error("--load_in_8bit / --load_in_4bit apply to MedGemma only (LLaVA-Rad loads in float16, "
-                "about 15 GiB); run LLaVA-Rad without them, e.g. --models medgemma --load_in_4bit")
     rank, world, local_rank = dist_env()
     random_models = "tiny" if (a.tiny_random_models or a.demo) else "full" if a.random_full_size_models else None
     n_figures = a.n_figure_studies if a.n_figure_studies is not None else (1 if a.demo else 3)

@@ -320,8 +320,11 @@ def test_hub_failure_says_what_to_do(monkeypatch):
         LLaVARadMedical().load_model(device="cpu")
 
 
-def test_quantized_loading_is_refused_clearly():
-    with pytest.raises(NotImplementedError, match="float16"):
+def test_quantization_flags_are_checked_before_anything_loads(monkeypatch):
+    with pytest.raises(ValueError, match="choose one of load_8bit and load_4bit"):
+        LLaVARadMedical().load_model(load_8bit=True, load_4bit=True, device="cpu")
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
         LLaVARadMedical().load_model(load_4bit=True, device="cpu")
 
 
@@ -489,3 +492,28 @@ def test_several_studies_in_one_pass_equal_the_reference(tiny, rgb_image):
             d = max_diff(s.attention, maps)
             assert d <= TOL, f"{q!r}: rows differ from the reference by {d:.3g}"
     assert max_diff(many[0][1].attention, many[1][0].attention) > 1e-4  # a prefix-row mix-up would show
+
+
+@pytest.mark.parametrize("flag", ["load_8bit", "load_4bit"])
+def test_quantized_loading_merges_first_and_stays_exact(tiny, rgb_image, flag):
+    """8-/4-bit: LoRA merged in float, then the decoder's Linear layers quantized with
+    bitsandbytes; the fast path still equals the eager reference on the quantized model."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    cfg = MedicalAttentionConfig(attention_head_mode="none")
+    b = LLaVARadMedical(cfg).load_model(*tiny, device="cpu", **{flag: True})
+    b.keep_logits = True
+    kind = bnb.nn.Linear8bitLt if flag == "load_8bit" else bnb.nn.Linear4bit
+    quantized = [m for m in b.model.model.modules() if isinstance(m, kind)]
+    assert len(quantized) == 7 * b.n_layers, f"expected {7 * b.n_layers} quantized layers, found {len(quantized)}"
+    assert not isinstance(b.model.lm_head, kind)
+    assert b.describe()["quantization"] == flag[5:]
+    s = b.score(rgb_image, QUESTIONS[:1])[0]
+    ref = llava_rad_reference_score(b, rgb_image, QUESTIONS[0])
+    assert max_diff(s.extra["logits"], ref["logits"]) <= 1e-4
+    maps, _ = _ref_maps(ref, [s.extra["prefix_len"] + p for p in s.extra["query_positions"]], "none")
+    d = max_diff(s.attention, maps)
+    assert d <= TOL, f"quantized fast path differs from eager on the same weights by {d:.3g}"
+    full = _backend(tiny).score(rgb_image, QUESTIONS[:1])[0]
+    assert abs(s.p_yes - full.p_yes) < 0.1, "quantization moved P(yes) implausibly far"

@@ -128,8 +128,3 @@ def test_demo_end_to_end_with_both_models(tmp_path):
     assert any(f.name.endswith("__models.png") for f in figs) and any("forest" in f.name for f in figs)
     labels = json.loads((out / "demo_data" / "demo_labels.json").read_text())
     assert labels, "the demo's ground truth comes from the DICOM headers and is recorded"
-
-
-def test_quantization_is_refused_for_llava_rad_before_anything_loads(tmp_path):
-    with pytest.raises(SystemExit):
-        cli.parse_args(["--demo", "--output_dir", str(tmp_path), "--load_in_4bit"])
