@@ -146,20 +146,30 @@ def _failed_records(model: str, rows, reason: str, random_weights: bool, tb: str
     return [{**_base_record(model, row, random_weights), "status": "failed", "error": reason, **extra} for row in rows]
 
 
-def score_study(backend: VLMBackend, rows: pd.DataFrame, batch_size: int, random_weights: bool, loaded=None):
-    """Score one study's rows (one image) in batches of batch_size questions.
+def _halve(batch_size: int) -> int:
+    """The batch after a CUDA out-of-memory error: half as many questions, cache emptied."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return max(1, batch_size // 2)
+
+
+def _ok_results(model: str, rows, scores, geometry: dict, notes, seconds: float, random_weights: bool):
+    """(records, maps) for rows scored successfully, one QuestionScore per row."""
+    records, maps = [], {}
+    for row, s in zip(rows, scores, strict=True):
+        records.append(_ok_record(model, row, s, geometry, notes, seconds, random_weights))
+        maps[map_key(row.finding, row.variant_id)] = (s.layers, s.attention)
+    return records, maps
+
+
+def score_study(backend: VLMBackend, rows: pd.DataFrame, loaded, batch_size: int, random_weights: bool):
+    """Score one study's rows (its image already loaded) in batches of batch_size questions.
     Returns (records, maps, batch_size_used).
 
     A failure is recorded per row with its reason; CUDA OOM halves the batch and retries.
     """
     model = backend.name
-    first = rows.iloc[0]
     records, maps = [], {}
-    if loaded is None:
-        try:
-            loaded = load_image(first.image_abspath)
-        except (ImageLoadError, OSError) as e:
-            return _failed_records(model, rows.itertuples(index=False), f"image: {e}", random_weights), maps, batch_size
     geometry = _geometry_record(backend, loaded.image.size)
     todo = list(rows.itertuples(index=False))
     i = 0
@@ -170,18 +180,16 @@ def score_study(backend: VLMBackend, rows: pd.DataFrame, batch_size: int, random
             scores = backend.score(loaded.image, [r.question for r in batch], [r.finding for r in batch])
         except Exception as e:  # recorded per row, never swallowed silently
             if is_oom(e) and batch_size > 1:
-                batch_size = max(1, batch_size // 2)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                batch_size = _halve(batch_size)
                 continue
             records += _failed_records(model, batch, f"{type(e).__name__}: {e}", random_weights,
                                        traceback.format_exc(limit=3))  # fmt: skip
             i += len(batch)
             continue
         dt = (time.perf_counter() - t0) / len(batch)
-        for row, s in zip(batch, scores, strict=True):
-            records.append(_ok_record(model, row, s, geometry, loaded.notes, dt, random_weights))
-            maps[map_key(row.finding, row.variant_id)] = (s.layers, s.attention)
+        ok_records, ok_maps = _ok_results(model, batch, scores, geometry, loaded.notes, dt, random_weights)
+        records += ok_records
+        maps.update(ok_maps)
         i += len(batch)
     return records, maps, batch_size
 
@@ -241,21 +249,17 @@ def score_studies(
         except Exception as e:  # noqa: BLE001 - retried study by study below, where errors are recorded
             scored = None
             if is_oom(e):
-                batch_size = max(1, batch_size // 2)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                batch_size = _halve(batch_size)
         if scored is not None:
             dt = (time.perf_counter() - t0) / max(n_questions, 1)
             for (rows, img), scores in zip(pre.ready, scored, strict=True):
                 geometry = _geometry_record(backend, img.image.size)
-                records, maps = [], {}
-                for row, s in zip(rows.itertuples(index=False), scores, strict=True):
-                    records.append(_ok_record(model, row, s, geometry, img.notes, dt, random_weights))
-                    maps[map_key(row.finding, row.variant_id)] = (s.layers, s.attention)
+                records, maps = _ok_results(model, rows.itertuples(index=False), scores, geometry, img.notes, dt,
+                                            random_weights)  # fmt: skip
                 out.append((rows.iloc[0].study_id, records, maps))
             return out, batch_size
     for rows, img in pre.ready:
-        records, maps, batch_size = score_study(backend, rows, batch_size, random_weights, loaded=img)
+        records, maps, batch_size = score_study(backend, rows, img, batch_size, random_weights)
         out.append((rows.iloc[0].study_id, records, maps))
     return out, batch_size
 

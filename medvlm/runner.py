@@ -23,7 +23,7 @@ from medvlm.data import DatasetError, load_dataset, load_image, select_studies
 from medvlm.geometry import Geometry
 from medvlm.metrics import intersect_boxes, resample_to_grid
 from medvlm.pipeline import RunConfig, run_model, shard_rows
-from medvlm.store import ResultsStore, _safe_name, load_map, read_results
+from medvlm.store import ResultsStore, _safe_name, load_study_maps, map_key, read_results
 
 RANDOM_NOTE = "RANDOM WEIGHTS: these numbers and maps illustrate the pipeline, not a model."
 COMMON_GRID = (16, 16)
@@ -184,17 +184,11 @@ def analyze(cfg: RunConfig, manifest: Manifest) -> int:
         return 1
     random_weights = bool(df.get("random_weights", pd.Series([False])).fillna(False).any())
 
-    @functools.lru_cache(maxsize=64)
-    def study_maps(model: str, study: str) -> dict:
-        path = out / "attention" / model / f"{_safe_name(study)}.npz"
-        if not path.exists():
-            return {}
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+    study_maps = functools.lru_cache(maxsize=64)(functools.partial(load_study_maps, out))
 
     def get_map(model, study, finding, variant):
         z = study_maps(model, str(study))
-        key = f"{finding}|{int(variant)}"
+        key = map_key(finding, variant)
         if key not in z:
             return None
         att = z[key].astype(np.float64)
@@ -332,5 +326,3 @@ def _report(out: Path, manifest: dict, tables, figs: list[Path], random_weights:
               "- summary.csv, per_finding.csv, per_study.csv: the tables", "- manifest.json: how this was made"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
-
-__all__ = ["run", "analyze", "load_map"]

@@ -66,7 +66,7 @@ class ResultsStore:
             f.truncate(cut)
 
     def map_path(self, model: str, study_id: str) -> Path:
-        return self.root / "attention" / model / f"{_safe_name(study_id)}.npz"
+        return map_path(self.root, model, study_id)
 
     def write_study(self, model: str, study_id: str, records: list[dict], maps: dict[str, tuple]) -> None:
         """Write one study's maps (atomically), then append its records.
@@ -156,12 +156,24 @@ def read_results(output_dir: str | os.PathLike) -> pd.DataFrame:
     return df.drop(columns=["_order"]).reset_index(drop=True)
 
 
-def load_map(output_dir, model: str, study_id: str, finding: str, variant_id: int):
-    path = Path(output_dir) / "attention" / model / f"{_safe_name(study_id)}.npz"
+def map_path(output_dir, model: str, study_id: str) -> Path:
+    """Where one (model, study)'s maps live."""
+    return Path(output_dir) / "attention" / model / f"{_safe_name(study_id)}.npz"
+
+
+def load_study_maps(output_dir, model: str, study_id: str) -> dict[str, np.ndarray]:
+    """Every array of one (model, study)'s maps file ({} when absent), keyed as written."""
+    path = map_path(output_dir, model, study_id)
     if not path.exists():
-        return None
-    key = map_key(finding, variant_id)
+        return {}
     with np.load(path) as z:
-        if key not in z:
-            return None
-        return z[f"{key}|layers"].astype(int), z[key].astype(np.float32)
+        return {k: z[k] for k in z.files}
+
+
+def load_map(output_dir, model: str, study_id: str, finding: str, variant_id: int):
+    """(layers [L], attention [L, ...] float32) or None when absent."""
+    z = load_study_maps(output_dir, model, study_id)
+    key = map_key(finding, variant_id)
+    if key not in z:
+        return None
+    return z[f"{key}|layers"].astype(int), z[key].astype(np.float32)
