@@ -244,12 +244,12 @@ def score_suffixes(
     p_yes, coverage = yes_probability(logits, answer_tokens)
     # average each question's query rows: a [Q, batch * nq] averaging matrix
     nq = q_index.shape[1]
-    avg = torch.zeros((n, batch * nq), device=device)
+    avg = torch.zeros((n, batch * nq))  # built on the host: one copy, not a launch per entry
     for k in range(batch):
         for j, r in enumerate(q_owner[k]):
             avg[r, k * nq + j] = 1.0
-    n_query = avg.sum(1)
-    avg = avg / n_query[:, None]
+    n_query = avg.sum(1).to(device)
+    avg = (avg / avg.sum(1, keepdim=True)).to(device)
     per_layer, mass = [], []
     for layer in layers:
         pattern = cap.hook_pattern[layer]  # [K, (H,) nq, n_image]
