@@ -26,10 +26,11 @@ conversation.py, eval/model_mimic_cxr.py) without importing it:
   preprocessing   open_clip's eval transform: shortest side -> 518 (bicubic), center crop
                   518, CLIP mean/std
 
-Scoring: the prefix (BOS + system text + image embeddings) runs once with use_cache; all
-questions of one image run as a batch of suffixes against copies of that cache
-(medvlm.engine.score_suffixes), reading P(yes) and the exact attention rows of the chosen
-query tokens (medvlm.capture) in the same forward. archive/reference_llava_rad.py is the slow
+Scoring: one forward per pass, a batch row per image: the prefix (BOS + system text + image
+embeddings) followed by all of that image's questions packed one after another, a block mask
+keeping each question to the prefix and its own tokens (medvlm.engine.score_packed); P(yes)
+and the exact attention rows of the chosen query tokens (medvlm.capture) come from that
+forward. archive/reference_llava_rad.py is the slow
 eager reference the tests compare against; archive/llava_rad_official_compare.py compares
 with the official code on the real weights.
 """
@@ -54,7 +55,7 @@ from medvlm.aggregate import resolve_layers
 from medvlm.backend import QuestionScore, VLMBackend
 from medvlm.capture import attention_modules_of
 from medvlm.config import MedicalAttentionConfig
-from medvlm.engine import cache_kwargs, new_cache, score_suffixes, select_cache
+from medvlm.engine import cache_kwargs, new_cache, score_packed, select_cache
 from medvlm.geometry import Geometry, shortest_side_center_crop_geometry
 from medvlm.queries import suffix_query_positions
 from medvlm.scoring import answer_from_p, parse_free_text, resolve_answer_tokens
@@ -335,24 +336,16 @@ def tokenize_prompt(tokenizer, prompt: str, with_offsets: bool = True) -> Prompt
 
 # -- the backend --------------------------------------------------------------------------------
 class LLaVARadMedical(VLMBackend):
-    """LLaVA-Rad (microsoft/llava-rad) behind the VLMBackend contract.
-
-    max_batch  rows per suffix batch (the prefix is shared, not copied per row; a row costs
-               its own suffix's activations and, for the layer being computed, a gathered
-               copy of its prefix: about 22 MiB per row for the 7B model in 16-bit)
-    """
+    """LLaVA-Rad (microsoft/llava-rad) behind the VLMBackend contract."""
 
     name = "llava_rad"
     # two 6-question studies per pass: within 1.15 x the weights' memory on an H200 (benchmarks/)
     default_batch_size = 12
 
-    def __init__(self, config: MedicalAttentionConfig = _DEFAULT_CONFIG, max_batch: int = 64):
+    def __init__(self, config: MedicalAttentionConfig = _DEFAULT_CONFIG):
         if not isinstance(config, MedicalAttentionConfig):
             raise TypeError(f"config must be a MedicalAttentionConfig, got {type(config).__name__}")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.config = config
-        self.max_batch = int(max_batch)
         self.keep_logits = False  # True: QuestionScore.extra["logits"] holds the next-token logits
         self._token_cache: dict[str, PromptTokens] = {}
         self.model = None
@@ -711,8 +704,8 @@ class LLaVARadMedical(VLMBackend):
 
     @torch.no_grad()
     def prefix_cache(self, pixel_values: torch.Tensor, prefix_ids: Sequence[int]):
-        """Run BOS + system text + image embeddings once per image: (cache, prefix_len).
-        pixel_values [K, 3, S, S] gives a prefix cache of batch K."""
+        """Run BOS + system text + image embeddings once per image: (cache, prefix_len), the
+        KV cache that generation continues from. pixel_values [K, 3, S, S] gives a cache of batch K."""
         decoder = self.model.model
         ids = torch.tensor([list(prefix_ids)], device=self.device)
         img = self.image_embeddings(pixel_values)
@@ -741,9 +734,9 @@ class LLaVARadMedical(VLMBackend):
     def score_many(self, items: Sequence[tuple]) -> list[list[QuestionScore]]:
         """Several studies in one pass: items are (image, questions, findings or None).
 
-        The K images' prefixes run as one batch; the questions of all studies then run in
-        suffix passes of at most max_batch questions against that cache, each study's
-        questions packed after its own prefix. Returns one list of QuestionScore per item.
+        One forward for the whole pass: a batch row per study, its prefix (image included)
+        followed by its questions packed one after another. Returns one list of
+        QuestionScore per item, in order.
         """
         return self.score_prepared(self.prepare(items))
 
@@ -794,62 +787,71 @@ class LLaVARadMedical(VLMBackend):
         prefix = toks[0].prefix_ids
         p, n_img = len(prefix), self.n_image_tokens
         span = (p, p + n_img)
-        cache, prefix_len = self.prefix_cache(prep["pixel_values"], prefix)
-        if prefix_len != p + n_img:
-            raise RuntimeError(f"prefix holds {prefix_len} positions, expected {p} + {n_img}")
+        prefix_len = p + n_img
+        decoder = self.model.model
+        img = self.image_embeddings(prep["pixel_values"])
+        if img.shape[1] != n_img:
+            raise RuntimeError(f"expected {n_img} image embeddings per image, found {img.shape[1]}")
+        text = decoder.embed_tokens(torch.tensor([list(prefix)], device=self.device)).expand(img.shape[0], -1, -1)
+
+        def forward(suffix_ids, position_ids, mask):
+            embeds = torch.cat([text, img, decoder.embed_tokens(suffix_ids)], dim=1)
+            return decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                           use_cache=False).last_hidden_state  # fmt: skip
+
+        suffixes = [t.suffix_ids for t in toks]
+        out = score_packed(
+            forward=forward,
+            head=self.model.lm_head,
+            attention_modules=self._attention,
+            config=self.model.config,
+            n_studies=len(items),
+            prefix_len=prefix_len,
+            suffixes=suffixes,
+            query_positions=queries,
+            prefix_rows=rows,
+            pad_id=self.pad_id,
+            image_span=span,
+            layers=self.layers,
+            head_mode=self.config.attention_head_mode,
+            answer_tokens=self.answer_tokens,
+            device=self.device,
+        )
+        generated = [(None, None)] * len(toks)
+        if self.config.generate:
+            cache, cached_len = self.prefix_cache(prep["pixel_values"], prefix)
+            assert cached_len == prefix_len, f"prefix cache holds {cached_len} positions, expected {prefix_len}"
+            generated = self._generate(cache, prefix_len, suffixes, rows)
+        attention = out.attention.float().cpu().numpy()
+        image_mass = out.image_mass.float().cpu().numpy()
+        p_yes, coverage, n_query = out.p_yes.tolist(), out.coverage.tolist(), out.n_query.tolist()
         results: list[list[QuestionScore]] = [[] for _ in items]
-        for start in range(0, len(toks), self.max_batch):
-            idx = range(start, min(start + self.max_batch, len(toks)))
-            out = score_suffixes(
-                decoder=self.model.model,
-                head=self.model.lm_head,
-                attention_modules=self._attention,
-                prefix_cache=cache,
-                prefix_len=prefix_len,
-                suffixes=[toks[r].suffix_ids for r in idx],
-                query_positions=[queries[r] for r in idx],
-                pad_id=self.pad_id,
-                image_span=span,
-                layers=self.layers,
-                head_mode=self.config.attention_head_mode,
-                answer_tokens=self.answer_tokens,
-                prefix_rows=[rows[r] for r in idx] if len(items) > 1 else None,
-            )
-            generated = (
-                self._generate(cache, prefix_len, [toks[r].suffix_ids for r in idx], [rows[r] for r in idx])
-                if self.config.generate
-                else [(None, None)] * len(idx)
-            )
-            attention = out.attention.float().cpu().numpy()
-            image_mass = out.image_mass.float().cpu().numpy()
-            p_yes, coverage, n_query = out.p_yes.tolist(), out.coverage.tolist(), out.n_query.tolist()
-            for j, r in enumerate(idx):
-                k, i = owners[r]
-                t = toks[r]
-                results[k].append(
-                    QuestionScore(
-                        question=items[k][1][i],
-                        prompt=t.prompt,
-                        p_yes=p_yes[j],
-                        coverage=coverage[j],
-                        answer=answer_from_p(p_yes[j]),
-                        attention=attention[j],
-                        layers=out.layers,
-                        image_mass=image_mass[j],
-                        n_query_tokens=int(n_query[j]),
-                        generated_text=generated[j][0],
-                        generated_answer=parse_free_text(generated[j][0]) if generated[j][0] is not None else None,
-                        extra={
-                            "image_span": list(span),
-                            "prefix_len": prefix_len,
-                            "query_positions": list(queries[r]),  # within the suffix
-                            "n_tokens": prefix_len + len(t.suffix_ids),
-                            "suffix_len": len(t.suffix_ids),
-                            **({"logits": out.logits[j].float().cpu()} if self.keep_logits else {}),
-                            **({"generated_ids": generated[j][1]} if self.config.generate else {}),
-                        },
-                    )
+        for r, t in enumerate(toks):
+            k, i = owners[r]
+            results[k].append(
+                QuestionScore(
+                    question=items[k][1][i],
+                    prompt=t.prompt,
+                    p_yes=p_yes[r],
+                    coverage=coverage[r],
+                    answer=answer_from_p(p_yes[r]),
+                    attention=attention[r],
+                    layers=out.layers,
+                    image_mass=image_mass[r],
+                    n_query_tokens=int(n_query[r]),
+                    generated_text=generated[r][0],
+                    generated_answer=parse_free_text(generated[r][0]) if generated[r][0] is not None else None,
+                    extra={
+                        "image_span": list(span),
+                        "prefix_len": prefix_len,
+                        "query_positions": list(queries[r]),  # within the suffix
+                        "n_tokens": prefix_len + len(t.suffix_ids),
+                        "suffix_len": len(t.suffix_ids),
+                        **({"logits": out.logits[r].float().cpu()} if self.keep_logits else {}),
+                        **({"generated_ids": generated[r][1]} if self.config.generate else {}),
+                    },
                 )
+            )
         return results
 
     @torch.no_grad()

@@ -32,7 +32,7 @@ from medvlm.aggregate import resolve_layers
 from medvlm.backend import QuestionScore, VLMBackend
 from medvlm.capture import attention_modules_of
 from medvlm.config import MedicalAttentionConfig
-from medvlm.engine import cache_kwargs, new_cache, score_suffixes
+from medvlm.engine import score_packed
 from medvlm.geometry import Geometry, square_resize_geometry
 from medvlm.queries import suffix_query_positions
 from medvlm.scoring import answer_from_p, parse_free_text, resolve_answer_tokens
@@ -362,9 +362,9 @@ class MedGemmaMedical(VLMBackend):
     def score_many(self, items: Sequence[tuple]) -> list[list[QuestionScore]]:
         """Several studies in one pass: items are (image, questions, findings or None).
 
-        The K images' prefixes run as one batch; every question of every study then runs in
-        one suffix pass against that cache (each study's questions packed after its own
-        prefix). Returns one list of QuestionScore per item, in order.
+        One forward for the whole pass: a batch row per study, its prefix (image included)
+        followed by its questions packed one after another (medvlm.engine.score_packed).
+        Returns one list of QuestionScore per item, in order.
         """
         return self.score_prepared(self.prepare(items))
 
@@ -410,30 +410,35 @@ class MedGemmaMedical(VLMBackend):
         first = entries[0]
         prefix_len, (start, end) = first["prefix_len"], first["span"]
         n_img = len(items)
-        prefix = torch.tensor([first["prefix"]] * n_img, device=device)
-        cache = new_cache(self.model.config.get_text_config())
-        self.model.model(
-            input_ids=prefix,
-            pixel_values=pixel_values.to(device=device, dtype=dtype, non_blocking=True),
-            attention_mask=torch.ones_like(prefix),
-            token_type_ids=(prefix == self.facts.image_token_id).long(),
-            use_cache=True,
-            **cache_kwargs(self.model.model, cache),
-        )
-        out = score_suffixes(
-            decoder=self._decoder,
+        prefix = torch.tensor([first["prefix"]], device=device).expand(n_img, -1)
+        pixels = pixel_values.to(device=device, dtype=dtype, non_blocking=True)
+
+        def forward(suffix_ids, position_ids, mask):
+            return self.model.model(
+                input_ids=torch.cat([prefix, suffix_ids], dim=1),
+                pixel_values=pixels,
+                attention_mask=mask,  # {layer type: mask}: the image block's two-way attention included
+                position_ids=position_ids,
+                use_cache=False,
+            ).last_hidden_state
+
+        out = score_packed(
+            forward=forward,
             head=self._head,
             attention_modules=self._attention,
-            prefix_cache=cache,
+            config=self.model.config.get_text_config(),
+            n_studies=n_img,
             prefix_len=prefix_len,
             suffixes=suffixes,
             query_positions=queries,
+            prefix_rows=rows,
             pad_id=self.processor.tokenizer.pad_token_id,
             image_span=(start, end),
             layers=self.layers,
             head_mode=self.config.attention_head_mode,
             answer_tokens=self.answer_tokens,
-            prefix_rows=rows if n_img > 1 else None,
+            bidirectional_span=(start, end),
+            device=device,
         )
         attention = out.attention.float().cpu().numpy()
         image_mass = out.image_mass.float().cpu().numpy()

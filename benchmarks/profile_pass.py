@@ -1,6 +1,12 @@
-"""Where one backend pass spends its time: torch.profiler over a few studies (GPU).
+"""Where one backend pass spends its time (GPU): phase timings and a kernel profile.
 
-    python benchmarks/profile_pass.py --model llava_rad --studies_per_pass 1 --n 4
+    python benchmarks/profile_pass.py --model medgemma --studies_per_pass 8 16 --n 16
+    python benchmarks/profile_pass.py --model llava_rad --studies_per_pass 2 --n 8
+
+It prints, per pass: wall time; the time of each phase with the GPU synchronised around it
+(host preparation, vision tower, prefix decoder, suffix pass, the rest); then, without
+those synchronisations, the GPU's busy time (sum of kernel times) against the wall time,
+the kernel launches and host synchronisations per pass, and the top kernels and host ops.
 """
 
 from __future__ import annotations
@@ -8,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -16,32 +23,156 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_speed import PARAPHRASES, build, images  # noqa: E402
+from bench_speed import DEVICE, PARAPHRASES, build, images, sync  # noqa: E402
 
 from medvlm.config import MedicalAttentionConfig  # noqa: E402
+
+
+def phase_modules(backend) -> dict:
+    """{phase: module} whose forward is timed (one decoder forward per pass)."""
+    if backend.name == "medgemma":
+        return {"vision": backend.model.model.vision_tower, "decoder": backend.model.model.language_model}
+    return {"vision": backend.vision, "decoder": backend.model.model}
+
+
+def timed_phases(backend, items, k: int) -> dict:
+    """Mean ms per pass of each phase, each synchronised (so the sum exceeds the overlapped wall)."""
+    totals: dict[str, float] = defaultdict(float)
+    originals = {}
+
+    def wrap(name, module):
+        fwd = module.forward
+
+        def timed(*a, **kw):
+            sync()
+            t0 = time.perf_counter()
+            out = fwd(*a, **kw)
+            sync()
+            totals[name] += time.perf_counter() - t0
+            return out
+
+        originals[name] = (module, fwd)
+        module.forward = timed
+
+    for name, module in phase_modules(backend).items():
+        wrap(name, module)
+    passes = 0
+    try:
+        for i in range(0, len(items), k):
+            sync()
+            t0 = time.perf_counter()
+            prep = backend.prepare(items[i : i + k])
+            t1 = time.perf_counter()
+            backend.score_prepared(prep)
+            sync()
+            t2 = time.perf_counter()
+            totals["prepare"] += t1 - t0
+            totals["score_prepared"] += t2 - t1
+            passes += 1
+    finally:
+        for module, fwd in originals.values():
+            module.forward = fwd
+    out = {name: 1e3 * v / passes for name, v in totals.items()}
+    out["rest_of_score_prepared"] = out["score_prepared"] - out["vision"] - out["decoder"]
+    return out
+
+
+def compile_parts(backend, how: str) -> None:
+    """Experiment: torch.compile the vision encoder layers and the decoder's norms and MLPs
+    ("sub"), or whole decoder layers ("layers")."""
+    if backend.name == "medgemma":
+        tower = backend.model.model.vision_tower
+        vision_layers = getattr(tower, "vision_model", tower).encoder.layers
+        decoder_layers = backend.model.model.language_model.layers
+    else:
+        vision_layers = []
+        decoder_layers = backend.model.model.layers
+    for layer in vision_layers:
+        layer.compile()
+    for layer in decoder_layers:
+        if how == "layers":
+            layer.compile(dynamic=True)
+            continue
+        for name, mod in layer.named_modules():
+            if name.endswith(("norm", "mlp")):
+                mod.compile(dynamic=True)
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llava_rad")
-    p.add_argument("--studies_per_pass", type=int, default=1)
-    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--studies_per_pass", type=int, nargs="+", default=[1])
+    p.add_argument("--n", type=int, default=8, help="studies timed (a multiple of studies_per_pass)")
+    p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--compile", default="none", choices=["none", "sub", "layers"])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing")
     a = p.parse_args()
+    if a.smoke:
+        DEVICE.update(name="cpu", full_size=False)
     backend, *_ = build(a.model, torch.bfloat16, MedicalAttentionConfig())
-    imgs = images(a.n + a.studies_per_pass)
-    items = [(im, PARAPHRASES, None) for im in imgs]
-    backend.score_many(items[: a.studies_per_pass])
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
-        for i in range(a.studies_per_pass, len(items), a.studies_per_pass):
-            backend.score_many(items[i : i + a.studies_per_pass])
-        torch.cuda.synchronize()
-    print(f"{(time.perf_counter() - t0) / a.n * 1e3:.1f} ms/study under the profiler")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=50))
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=50))
+    if a.compile != "none":
+        probe = [(im, PARAPHRASES, None) for im in images(2, seed=5)]
+        before = backend.score_many(probe)
+        t0 = time.perf_counter()
+        compile_parts(backend, a.compile)
+        after = backend.score_many(probe)
+        pairs = [(x, y) for b, c in zip(before, after, strict=True) for x, y in zip(b, c, strict=True)]
+        dp = max(abs(x.p_yes - y.p_yes) for x, y in pairs)
+        dr = max(float(abs(x.attention - y.attention).max()) for x, y in pairs)
+        print(f"compiled ({a.compile}) in {time.perf_counter() - t0:.1f} s; vs eager: max |dP(yes)| {dp:.2g}, "
+              f"max |d rows| {dr:.2g}")  # fmt: skip
+    for k in a.studies_per_pass:
+        profile(backend, a, k)
     return 0
+
+
+def profile(backend, a, k: int) -> None:
+    imgs = images(a.n + k)
+    items = [(im, PARAPHRASES, None) for im in imgs]
+    t0 = time.perf_counter()
+    for _ in range(3):
+        backend.score_many(items[:k])  # warm-up (and compilation)
+    sync()
+    print(f"warm-up {time.perf_counter() - t0:.1f} s")
+    timed = items[k:]
+    n_pass = len(timed) // k
+    # wall, no profiler, prepare in line
+    t0 = time.perf_counter()
+    for i in range(0, len(timed), k):
+        backend.score_many(timed[i : i + k])
+    sync()
+    wall = (time.perf_counter() - t0) * 1e3 / n_pass
+    phases = timed_phases(backend, timed, k)
+    print(f"{a.model} k={k}: wall {wall:.1f} ms/pass ({wall / k:.1f} ms/study), synchronised phases ms/pass:")
+    for name, v in phases.items():
+        print(f"  {name:24s} {v:8.1f}")
+    # kernel profile of the score_prepared halves only (preparation done beforehand)
+    preps = [backend.prepare(timed[i : i + k]) for i in range(0, len(timed), k)]
+    sync()
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if DEVICE["name"] == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=acts) as prof:
+        for prep in preps:
+            backend.score_prepared(prep)
+        sync()
+    prof_wall = (time.perf_counter() - t0) * 1e3 / n_pass
+    events = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / 1e3 / n_pass
+    by_name = {e.key: e for e in events}
+
+    def count(name):
+        e = by_name.get(name)
+        return e.count / n_pass if e else 0
+
+    launches = count("cudaLaunchKernel") + count("cuLaunchKernel") + count("cuLaunchKernelEx")
+    print(f"under the profiler: wall {prof_wall:.1f} ms/pass, GPU kernels busy {gpu:.1f} ms/pass "
+          f"({100 * gpu / prof_wall:.0f}%), {launches:.0f} launches/pass, "
+          f"{count('cudaStreamSynchronize') + count('cudaDeviceSynchronize'):.0f} syncs/pass, "
+          f"{count('cudaMemcpyAsync'):.0f} memcpys/pass")  # fmt: skip
+    print(events.table(sort_by="self_cuda_time_total", row_limit=a.rows, max_name_column_width=70))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=70))
 
 
 if __name__ == "__main__":

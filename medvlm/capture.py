@@ -36,6 +36,7 @@ from medvlm.aggregate import aggregate_heads, check_head_mode
 
 ATTN_IMPLEMENTATION = "medvlm_rows"
 _CAPTURE_ATTR = "_medvlm_row_capture"
+_CAUSAL_PREFIX_ATTR = "_medvlm_causal_prefix"
 
 
 def _mask_never_skipped(*args, **kwargs):
@@ -54,10 +55,29 @@ def _row_capture_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA's output; records selected rows when the module carries a RowCapture."""
-    out, _ = sdpa_attention_forward(
-        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-    )
+    """SDPA's output; records selected rows when the module carries a RowCapture.
+
+    With a causal prefix P set by capture_rows (the mask's first P rows are plain causal
+    over the first P keys and see nothing else), those rows run on SDPA's causal kernel and
+    only the remaining rows use the mask: the same attention, without the masked kernel's
+    cost over the whole prefix.
+    """
+    prefix = getattr(module, _CAUSAL_PREFIX_ATTR, 0)
+    if prefix and attention_mask is not None and query.shape[2] > prefix:
+        assert key.shape[2] == query.shape[2], f"causal prefix needs one key per query, got {key.shape[2]} keys"
+        kv_prefix = (key[:, :, :prefix], value[:, :, :prefix])
+        head, _ = sdpa_attention_forward(
+            module, query[:, :, :prefix], *kv_prefix, None, scaling=scaling, dropout=dropout, is_causal=True, **kwargs
+        )
+        tail, _ = sdpa_attention_forward(
+            module, query[:, :, prefix:], key, value, attention_mask[:, :, prefix:], scaling=scaling, dropout=dropout,
+            **kwargs,
+        )  # fmt: skip
+        out = torch.cat([head, tail], dim=1)  # [batch, query_pos, head, head_dim]
+    else:
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     capture = getattr(module, _CAPTURE_ATTR, None)
     if capture is not None:
         capture._record(module, query, key, attention_mask, scaling)
@@ -83,6 +103,9 @@ class CaptureSpec:
     n_keys        total key length of this forward (cache + new tokens), so rows from a
                   sliding-window layer whose cache dropped old keys are left-padded
     head_mode     "mean", "max", "entropy" or "none" (see aggregate.aggregate_heads)
+    causal_prefix P > 0 promises that the forward's first P query rows attend causally to the
+                  first P keys and to nothing else (a packed pass whose prefix mask is plain
+                  causal): every layer then runs those rows on SDPA's causal kernel
     """
 
     layers: tuple[int, ...]
@@ -91,6 +114,7 @@ class CaptureSpec:
     key_span: tuple[int, int] | None
     n_keys: int
     head_mode: str = "mean"
+    causal_prefix: int = 0
 
     def __post_init__(self):
         check_head_mode(self.head_mode)
@@ -99,6 +123,8 @@ class CaptureSpec:
                 f"query_index {tuple(self.query_index.shape)} and query_valid "
                 f"{tuple(self.query_valid.shape)} must both be [batch, n_query]"
             )
+        if not 0 <= self.causal_prefix < self.n_keys:
+            raise ValueError(f"causal prefix {self.causal_prefix} outside [0, {self.n_keys})")
         if self.key_span is not None:
             start, end = self.key_span
             if not 0 <= start < end <= self.n_keys:
@@ -174,11 +200,15 @@ def capture_rows(
             c._attn_implementation = ATTN_IMPLEMENTATION
         for i in spec.layers:
             setattr(by_layer[i], _CAPTURE_ATTR, capture)
+        if spec.causal_prefix:
+            for m in attention_modules:
+                setattr(m, _CAUSAL_PREFIX_ATTR, spec.causal_prefix)
         yield capture
     finally:
-        for i in spec.layers:
-            if hasattr(by_layer[i], _CAPTURE_ATTR):
-                delattr(by_layer[i], _CAPTURE_ATTR)
+        for m in attention_modules:
+            for attr in (_CAPTURE_ATTR, _CAUSAL_PREFIX_ATTR):
+                if attr in vars(m):
+                    delattr(m, attr)
         for k, c in configs.items():
             c._attn_implementation = saved[k]
     got = sorted(capture.hook_pattern)

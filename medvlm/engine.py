@@ -1,14 +1,17 @@
-"""Shared-prefix scoring: the prefix (system text + image) runs once with use_cache; all
-question suffixes of a study are packed into one sequence after it (a block mask keeps each
-question to the prefix and its own tokens), so the prefix is read once per study and never
-copied per question. Several studies run as a batch, one row each.
+"""Packed scoring: one forward per pass. Each study is one batch row: its prefix (system
+text + image) followed by all of its question suffixes packed one after another. A block
+mask keeps every question to the prefix and its own earlier tokens, at its own positions
+(prefix_len + offset), so each question computes exactly what a separate forward of prefix
++ that question would, while the prefix runs once per study, is never copied per question,
+and no KV cache outlives the layer that made it.
 
 Both backends feed this the pieces of their own model:
-    decoder            the text decoder (LlamaModel, Gemma3TextModel): input_ids -> hidden
+    forward            (suffix_ids [K, W], position_ids [K, P + W], mask) -> hidden [K, P + W, d]:
+                       the backend puts the prefix (image included) in front of the suffixes
     head               hidden [n, d] -> logits [n, vocab] (lm_head, plus any final softcap)
     attention_modules  decoder.layers[i].self_attn, for the row capture
-From one forward pass over the suffixes it reads the next-token logits at the last real
-token of each row and the attention rows of the chosen query tokens over the image span.
+From that one forward it reads the next-token logits at the last token of each question and
+the attention rows of the chosen query tokens over the image span.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from medvlm.scoring import AnswerTokens, yes_probability
 
 
 @dataclass(frozen=True)
-class SuffixScores:
-    """One forward over Q question suffixes.
+class PackedScores:
+    """One forward over Q questions.
 
     logits      [Q, vocab] float32: next-token logits at each row's last real token
     p_yes       [Q] float64;  coverage [Q] float64
@@ -48,7 +51,7 @@ class SuffixScores:
 
 def new_cache(text_config=None):
     """An empty DynamicCache whose layers keep every key (sliding layers too: the window is
-    applied by the masks), so key columns are absolute positions in every layer."""
+    applied by the masks), so key columns are absolute positions in every layer (generation)."""
     from transformers import DynamicCache
 
     del text_config  # every layer full: see above
@@ -70,27 +73,6 @@ def select_cache(cache, rows: Sequence[int]):
     return out
 
 
-def _appending_update(self, key_states, value_states, *args, **kwargs):
-    """The prefix's keys/values followed by the new ones; nothing is stored."""
-    return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-
-
-def appending_view(cache):
-    """A view of a filled prefix cache for one forward of new tokens with the same batch:
-    each layer answers update() with [prefix | new] and keeps nothing, so the prefix cache
-    can serve any number of passes."""
-    view = copy.copy(cache)
-    layers = []
-    for layer in cache.layers:
-        if not getattr(layer, "is_initialized", False) or layer.keys is None or layer.keys.numel() == 0:
-            raise ValueError("appending_view needs a filled prefix cache")
-        shared = copy.copy(layer)
-        shared.__class__ = type(f"Appending{type(layer).__name__}", (type(layer),), {"update": _appending_update})
-        layers.append(shared)
-    view.layers = layers
-    return view
-
-
 def query_tensors(positions: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row query positions -> (index [Q, nq] long, valid [Q, nq] bool), padded with 0."""
     if any(len(p) == 0 for p in positions):
@@ -104,82 +86,122 @@ def query_tensors(positions: Sequence[Sequence[int]], device) -> tuple[torch.Ten
     return index.to(device), valid.to(device)
 
 
-@torch.no_grad()
-def _suffix_masks(decoder, rows_tokens, prefix_len: int, width: int, device):
-    """The 4D boolean masks [K, 1, width, prefix_len + width] of a packed suffix pass.
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each question's tokens sit in a packed pass of K studies (host side).
 
-    rows_tokens  per study k, the list of (row id, offset t) of each packed token (pads absent)
-    A packed token (row r, offset t) sits at position prefix_len + t and sees every prefix key
-    and the keys of its own row at offsets <= t; sliding layers also keep only keys within
-    the window (transformers' own causal and sliding-window mask functions decide). Pads see
-    the prefix only. Returns a tensor, or {layer type: tensor} when the model has sliding layers.
+    suffix_ids  [K, W] long: each study's suffixes one after another, right-padded
+    owner       [K, W] long: the question (index into the pass's list) of each packed token, -1 for pads
+    offset      [K, W] long: each token's offset within its own question (0 for pads)
+    start_of    per question, where its first token sits in its study's packed row
+    """
+
+    suffix_ids: torch.Tensor
+    owner: torch.Tensor
+    offset: torch.Tensor
+    start_of: tuple[int, ...]
+
+
+def pack_suffixes(suffixes: Sequence[Sequence[int]], rows: Sequence[int], n_studies: int, pad_id: int) -> PackedLayout:
+    """Pack each study's question suffixes one after another (study rows[r] owns suffix r)."""
+    packed: list[list[int]] = [[] for _ in range(n_studies)]
+    owner: list[list[int]] = [[] for _ in range(n_studies)]
+    offset: list[list[int]] = [[] for _ in range(n_studies)]
+    start_of = []
+    for r, (s, k) in enumerate(zip(suffixes, rows, strict=True)):
+        start_of.append(len(packed[k]))
+        packed[k].extend(int(t) for t in s)
+        owner[k].extend([r] * len(s))
+        offset[k].extend(range(len(s)))
+    width = max(len(p) for p in packed)
+    ids = torch.full((n_studies, width), pad_id, dtype=torch.long)
+    own = torch.full((n_studies, width), -1, dtype=torch.long)
+    off = torch.zeros((n_studies, width), dtype=torch.long)
+    for k in range(n_studies):
+        n = len(packed[k])
+        if n:
+            ids[k, :n] = torch.tensor(packed[k])
+            own[k, :n] = torch.tensor(owner[k])
+            off[k, :n] = torch.tensor(offset[k])
+    return PackedLayout(ids, own, off, tuple(start_of))
+
+
+@torch.no_grad()
+def packed_masks(config, layout: PackedLayout, prefix_len: int, device, bidirectional_span=None):
+    """The boolean masks [K, 1, T, T] (T = prefix_len + W, True = attend) of a packed pass, and
+    the position ids [K, T].
+
+    Prefix tokens attend causally within the prefix; with bidirectional_span (start, end), the
+    prefix tokens in that span also see each other (Gemma3's image block). A packed token
+    (question r, offset t) sits at position prefix_len + t and sees every prefix key and the
+    keys of question r at offsets <= t; pads see the prefix only. Sliding layers also keep
+    only keys inside the window (transformers' own causal and sliding-window functions
+    decide, as transformers composes them for Gemma3: AND(window, OR(causal, block))).
+    Returns (mask or {layer type: mask}, position_ids).
     """
     from transformers.masking_utils import causal_mask_function, sliding_window_overlay
 
-    k_studies = len(rows_tokens)
-    row = torch.full((k_studies, width), -1, dtype=torch.long)
-    off = torch.zeros((k_studies, width), dtype=torch.long)
-    for k, toks in enumerate(rows_tokens):
-        if toks:
-            row[k, : len(toks)] = torch.tensor([r for r, _ in toks])
-            off[k, : len(toks)] = torch.tensor([t for _, t in toks])
-    row, off = row.to(device), off.to(device)
-    q_pos = (prefix_len + off)[:, :, None]  # [K, W, 1]
-    kv_prefix = torch.arange(prefix_len, device=device)[None, None, :]  # [1, 1, P]
-    kv_suffix = (prefix_len + off)[:, None, :]  # [K, 1, W]
-    same_row = (row[:, :, None] == row[:, None, :]) & (row[:, None, :] >= 0)
-    base_prefix = causal_mask_function(None, None, q_pos, kv_prefix).expand(k_studies, width, prefix_len)
-    base_suffix = same_row & causal_mask_function(None, None, q_pos, kv_suffix)
+    k_studies, width = layout.owner.shape
+    prefix_owner = torch.full((k_studies, prefix_len), -2, dtype=torch.long)  # -2: prefix, -1: pad
+    owner = torch.cat([prefix_owner, layout.owner], dim=1).to(device)
+    pos = torch.cat([torch.arange(prefix_len).expand(k_studies, -1), prefix_len + layout.offset], dim=1).to(device)
+    q_pos, kv_pos = pos[:, :, None], pos[:, None, :]
+    in_prefix = owner == -2
+    same_question = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] >= 0)
+    allowed = causal_mask_function(None, None, q_pos, kv_pos) & (in_prefix[:, None, :] | same_question)
+    if bidirectional_span is not None:
+        start, end = bidirectional_span
+        if not 0 <= start < end <= prefix_len:
+            raise ValueError(f"bidirectional span {bidirectional_span} is not inside the {prefix_len}-token prefix")
+        block = in_prefix & (pos >= start) & (pos < end)
+        allowed = allowed | (block[:, :, None] & block[:, None, :])
 
-    def build(window):
-        pre, suf = base_prefix, base_suffix
-        if window is not None:
-            overlay = sliding_window_overlay(window)
-            pre = pre & overlay(None, None, q_pos, kv_prefix)
-            suf = suf & overlay(None, None, q_pos, kv_suffix)
-        return torch.cat([pre, suf], dim=-1)[:, None]  # [K, 1, W, P + W]
+    def with_window(window):
+        m = allowed if window is None else allowed & sliding_window_overlay(window)(None, None, q_pos, kv_pos)
+        return m[:, None]
 
-    cfg = decoder.config
-    types = list(getattr(cfg, "layer_types", None) or [])
+    types = list(getattr(config, "layer_types", None) or [])
     if "sliding_attention" in types:
-        return {"full_attention": build(None), "sliding_attention": build(cfg.sliding_window)}
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and types == []:
+        masks = {"full_attention": with_window(None), "sliding_attention": with_window(config.sliding_window)}
+    elif getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) and types == []:
         raise ValueError("a sliding-window model without layer_types is not supported by the packed pass")
-    return build(None)
+    else:
+        masks = with_window(None)
+    return masks, pos
 
 
-def score_suffixes(
+def score_packed(
     *,
-    decoder: torch.nn.Module,
+    forward: Callable,
     head: Callable[[torch.Tensor], torch.Tensor],
     attention_modules: Sequence[torch.nn.Module],
-    prefix_cache,
+    config,
+    n_studies: int,
     prefix_len: int,
     suffixes: Sequence[Sequence[int]],
     query_positions: Sequence[Sequence[int]],
+    prefix_rows: Sequence[int],
     pad_id: int,
     image_span: tuple[int, int],
     layers: tuple[int, ...],
     head_mode: str,
     answer_tokens: AnswerTokens,
-    prefix_rows: Sequence[int] | None = None,
-) -> SuffixScores:
-    """Score Q suffixes against a prefix cache in one forward.
+    bidirectional_span: tuple[int, int] | None = None,
+    device=None,
+) -> PackedScores:
+    """Score Q questions of K studies in one forward.
 
+    forward          (suffix_ids [K, W], position_ids [K, T], mask) -> hidden [K, T, d], T = P + W:
+                     runs the decoder on each study's prefix (P tokens, image included)
+                     followed by its packed suffixes (see the module docstring)
+    config           the text config (layer_types, sliding_window)
     suffixes         Q token lists that follow the prefix
     query_positions  Q lists of positions within each suffix whose attention rows are kept
                      (the answering token is len(suffix) - 1)
+    prefix_rows      Q study indices in [0, K): which study each question belongs to
     image_span       (start, end) absolute positions of the image tokens in the prefix
-    prefix_rows      Q indices into the prefix cache's batch (several studies' prefixes in
-                     one cache, all of prefix_len positions); None for a batch-1 prefix
-
-    The suffixes of one study are packed into one sequence after its prefix: a batch row per
-    study, not per question, so the prefix keys are read once per study and never copied per
-    question. A block mask keeps every question to the prefix and its own earlier tokens, at
-    its own positions (prefix_len + offset), so each row computes exactly what a separate
-    forward of prefix + that suffix would.
+    bidirectional_span  prefix positions that attend to each other both ways (Gemma3's image)
     """
-    device = next(decoder.parameters()).device
     n = len(suffixes)
     if len(query_positions) != n:
         raise ValueError(f"expected {n} query position lists, found {len(query_positions)}")
@@ -190,34 +212,19 @@ def score_suffixes(
             raise ValueError(f"query position {max(q)} outside a suffix of {len(s)} tokens")
     if not 0 <= image_span[0] < image_span[1] <= prefix_len:
         raise ValueError(f"image span {image_span} is not inside the {prefix_len}-token prefix")
-    batch = prefix_cache.layers[0].keys.shape[0]
-    rows = [0] * n if prefix_rows is None else [int(r) for r in prefix_rows]
+    rows = [int(r) for r in prefix_rows]
     if len(rows) != n:
         raise ValueError(f"expected {n} prefix rows, found {len(rows)}")
-    if max(rows) >= batch or min(rows) < 0:
-        raise ValueError(f"prefix row {max(rows)} outside a prefix batch of {batch}")
-    # pack: study k's suffixes one after another; where each question's tokens landed
-    packed: list[list[int]] = [[] for _ in range(batch)]
-    tokens: list[list[tuple[int, int]]] = [[] for _ in range(batch)]
-    start_of: list[int] = []
-    for r, (s, k) in enumerate(zip(suffixes, rows, strict=True)):
-        start_of.append(len(packed[k]))
-        packed[k].extend(int(t) for t in s)
-        tokens[k].extend((r, t) for t in range(len(s)))
-    width = max(len(p) for p in packed)
-    ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    offsets = torch.zeros((batch, width), dtype=torch.long)
-    for k, p in enumerate(packed):
-        if p:
-            ids[k, : len(p)] = torch.tensor(p)
-            offsets[k, : len(p)] = torch.tensor([t for _, t in tokens[k]])
-    ids, position_ids = ids.to(device), (offsets + prefix_len).to(device)
-    mask = _suffix_masks(decoder, tokens, prefix_len, width, device)
-    # capture: every question's query tokens, gathered per study row
-    per_study_q: list[list[int]] = [[] for _ in range(batch)]
-    q_owner: list[list[int]] = [[] for _ in range(batch)]
+    if max(rows) >= n_studies or min(rows) < 0:
+        raise ValueError(f"prefix row {max(rows)} outside a pass of {n_studies} studies")
+    layout = pack_suffixes(suffixes, rows, n_studies, pad_id)
+    width = layout.suffix_ids.shape[1]
+    mask, position_ids = packed_masks(config, layout, prefix_len, device, bidirectional_span)
+    # capture: every question's query tokens, gathered per study row (absolute positions)
+    per_study_q: list[list[int]] = [[] for _ in range(n_studies)]
+    q_owner: list[list[int]] = [[] for _ in range(n_studies)]
     for r, (k, q) in enumerate(zip(rows, query_positions, strict=True)):
-        per_study_q[k].extend(start_of[r] + int(t) for t in q)
+        per_study_q[k].extend(prefix_len + layout.start_of[r] + int(t) for t in q)
         q_owner[k].extend([r] * len(q))
     q_index, q_valid = query_tensors([q or [0] for q in per_study_q], device)
     q_valid &= torch.tensor([[bool(q)] for q in per_study_q], device=device)
@@ -228,24 +235,18 @@ def score_suffixes(
         key_span=image_span,
         n_keys=prefix_len + width,
         head_mode=head_mode,
+        causal_prefix=prefix_len if bidirectional_span is None and _window_covers(config, prefix_len) else 0,
     )
-    cache = appending_view(prefix_cache)
     with capture_rows(attention_modules, spec) as cap:
-        out = decoder(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **cache_kwargs(decoder, cache),
-        )
+        hidden = forward(layout.suffix_ids.to(device), position_ids, mask)
     last_k = torch.tensor(rows, device=device)
-    last_t = torch.tensor([start_of[r] + len(suffixes[r]) - 1 for r in range(n)], device=device)
-    logits = head(out.last_hidden_state[last_k, last_t]).float()
+    last_t = torch.tensor([prefix_len + layout.start_of[r] + len(suffixes[r]) - 1 for r in range(n)], device=device)
+    logits = head(hidden[last_k, last_t]).float()
     p_yes, coverage = yes_probability(logits, answer_tokens)
-    # average each question's query rows: a [Q, batch * nq] averaging matrix
+    # average each question's query rows: a [Q, K * nq] averaging matrix
     nq = q_index.shape[1]
-    avg = torch.zeros((n, batch * nq))  # built on the host: one copy, not a launch per entry
-    for k in range(batch):
+    avg = torch.zeros((n, n_studies * nq))  # built on the host: one copy, not a launch per entry
+    for k in range(n_studies):
         for j, r in enumerate(q_owner[k]):
             avg[r, k * nq + j] = 1.0
     n_query = avg.sum(1).to(device)
@@ -254,12 +255,12 @@ def score_suffixes(
     for layer in layers:
         pattern = cap.hook_pattern[layer]  # [K, (H,) nq, n_image]
         if pattern.ndim == 4:
-            flat = pattern.transpose(1, 2).reshape(batch * nq, -1)  # [(K nq), H * n_image]
+            flat = pattern.transpose(1, 2).reshape(n_studies * nq, -1)  # [(K nq), H * n_image]
             per_layer.append((avg @ flat).view(n, pattern.shape[1], pattern.shape[-1]))
         else:
-            per_layer.append(avg @ pattern.reshape(batch * nq, -1))
-        mass.append(avg @ cap.hook_image_mass[layer].reshape(batch * nq))
-    return SuffixScores(
+            per_layer.append(avg @ pattern.reshape(n_studies * nq, -1))
+        mass.append(avg @ cap.hook_image_mass[layer].reshape(n_studies * nq))
+    return PackedScores(
         logits=logits,
         p_yes=p_yes,
         coverage=coverage,
@@ -268,3 +269,10 @@ def score_suffixes(
         layers=tuple(layers),
         n_query=n_query.long(),
     )
+
+
+def _window_covers(config, prefix_len: int) -> bool:
+    """True when no layer's sliding window cuts into a prefix of prefix_len tokens."""
+    types = list(getattr(config, "layer_types", None) or [])
+    window = getattr(config, "sliding_window", None)
+    return "sliding_attention" not in types or window is None or window >= prefix_len

@@ -1,5 +1,7 @@
 """Row capture against eager output_attentions on the tiny Gemma3, float32."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import max_diff
@@ -64,12 +66,14 @@ def test_capture_uninstalls_when_the_forward_fails(tiny):
     decoder = model.model.language_model
     mods = attention_modules_of(decoder)
     before = decoder.config._attn_implementation
+    spec = dataclasses.replace(_spec(model, 10, [0]), causal_prefix=4)
     with pytest.raises(RuntimeError, match="boom"):
-        with capture_rows(mods, _spec(model, 10, [0])):
+        with capture_rows(mods, spec):
             assert decoder.config._attn_implementation == ATTN_IMPLEMENTATION
+            assert all(m._medvlm_causal_prefix == 4 for m in mods)
             raise RuntimeError("boom")
     assert decoder.config._attn_implementation == before
-    assert not any(hasattr(m, "_medvlm_row_capture") for m in mods)
+    assert not any(hasattr(m, "_medvlm_row_capture") or hasattr(m, "_medvlm_causal_prefix") for m in mods)
 
 
 def test_without_the_mask_function_capture_refuses(tiny, rgb_image):
@@ -94,6 +98,9 @@ def test_spec_rejects_bad_shapes():
         CaptureSpec((0,), torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.bool), None, 5)
     with pytest.raises(ValueError, match="outside"):
         CaptureSpec((0,), torch.zeros((1, 1), dtype=torch.long), torch.ones((1, 1), dtype=torch.bool), (2, 9), 5)
+    with pytest.raises(ValueError, match="causal prefix 5 outside"):
+        CaptureSpec((0,), torch.zeros((1, 1), dtype=torch.long), torch.ones((1, 1), dtype=torch.bool), None, 5,
+                    causal_prefix=5)  # fmt: skip
     with pytest.raises(ValueError, match="attention_head_mode"):
         one = torch.ones((1, 1), dtype=torch.bool)
         CaptureSpec((0,), torch.zeros((1, 1), dtype=torch.long), one, None, 5, "median")
