@@ -339,8 +339,8 @@ class LLaVARadMedical(VLMBackend):
     """LLaVA-Rad (microsoft/llava-rad) behind the VLMBackend contract."""
 
     name = "llava_rad"
-    # two 6-question studies per pass: within 1.15 x the weights' memory on an H200 (benchmarks/)
-    default_batch_size = 12
+    # eight 6-question studies per pass: within 1.15 x the weights' memory on an H200 (benchmarks/)
+    default_batch_size = 48
 
     def __init__(self, config: MedicalAttentionConfig = _DEFAULT_CONFIG):
         if not isinstance(config, MedicalAttentionConfig):
@@ -662,12 +662,23 @@ class LLaVARadMedical(VLMBackend):
             "vision_select_layer": VISION_SELECT_LAYER,
             "projector": PROJECTOR,
             "random_weights": self.random_weights,
+            "compiled": self.compiled,
         }
         if loaded:
             d["image_span"] = [self.placeholder_index, self.placeholder_index + self.n_image_tokens]
             d["lora"] = {k: self.load_report["lora"][k] for k in ("r", "lora_alpha", "scale", "merged_modules")}
             d["answer_token_ids"] = {"yes": list(self.answer_tokens.yes_ids), "no": list(self.answer_tokens.no_ids)}
         return d
+
+    def compile_regions(self) -> list[tuple[torch.nn.Module, bool | None]]:
+        """Each decoder layer's MLP and two RMSNorms (token counts vary per pass: dynamic)."""
+        self._require_loaded()
+        if self.quantization is not None:
+            raise ValueError("compile is not supported with 8-/4-bit weights")
+        parts = []
+        for layer in self.model.model.layers:
+            parts += [layer.mlp, layer.input_layernorm, layer.post_attention_layernorm]
+        return [(m, True) for m in parts]
 
     def unload(self) -> None:
         on_cuda = self.model is not None and self.device.type == "cuda"

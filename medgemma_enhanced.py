@@ -263,7 +263,21 @@ class MedGemmaMedical(VLMBackend):
             "sliding_window": getattr(text, "sliding_window", None),
             "answer_token_ids": {"yes": list(self.answer_tokens.yes_ids), "no": list(self.answer_tokens.no_ids)},
             "random_weights": self.random_weights,
+            "compiled": self.compiled,
         }
+
+    def compile_regions(self) -> list[tuple[torch.nn.Module, bool | None]]:
+        """The SigLIP encoder layers (a fixed token count per image) and each decoder layer's
+        MLP and six RMSNorms (token counts vary per pass: dynamic)."""
+        if getattr(self.model, "hf_quantizer", None) is not None:
+            raise ValueError("compile is not supported with 8-/4-bit weights")
+        tower = self.model.model.vision_tower
+        regions = [(layer, None) for layer in getattr(tower, "vision_model", tower).encoder.layers]
+        for layer in self._decoder.layers:
+            parts = [layer.mlp, layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+                     layer.post_feedforward_layernorm, layer.self_attn.q_norm, layer.self_attn.k_norm]  # fmt: skip
+            regions += [(m, True) for m in parts]
+        return regions
 
     def unload(self) -> None:
         device = next(self.model.parameters()).device

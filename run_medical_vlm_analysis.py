@@ -69,9 +69,17 @@ BACKENDS = {"llava_rad": _load_llava_rad, "medgemma": _load_medgemma}
 
 def get_backend_loader(name: str):
     try:
-        return BACKENDS[name]
+        load = BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(BACKENDS)}") from None
+
+    def load_and_compile(cfg: RunConfig):
+        backend = load(cfg)
+        if cfg.compile:
+            backend.compile()
+        return backend
+
+    return load_and_compile
 
 
 def parse_args(argv=None) -> RunConfig:
@@ -96,6 +104,9 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--load_in_4bit", action="store_true")
     p.add_argument("--batch_size", type=int,
                    help="questions per forward pass, whole studies packed (default per model; halved on OOM)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile norms, MLPs and vision layers: ~20%% faster once compiled, "
+                        "after tens of seconds of compiling (long runs on a GPU)")
     p.add_argument("--generate", action="store_true", help="also generate free text beside the logit answer")
     p.add_argument("--max_new_tokens", type=int, default=24)
     p.add_argument("--strict", action="store_true", help="refuse the CSV if any row is bad")
@@ -128,7 +139,7 @@ def parse_args(argv=None) -> RunConfig:
         output_dir=a.output_dir, csv=a.csv, image_root=a.image_root, models=tuple(a.models), n_studies=a.n_studies,
         sample=a.sample, seed=a.seed, cluster_by=a.cluster_by, llava_rad_model=a.llava_rad_model,
         llava_rad_base=a.llava_rad_base, medgemma_model=a.medgemma_model, dtype=a.dtype, load_in_8bit=a.load_in_8bit,
-        load_in_4bit=a.load_in_4bit, batch_size=a.batch_size, strict=a.strict, overwrite=a.overwrite,
+        load_in_4bit=a.load_in_4bit, batch_size=a.batch_size, compile=a.compile, strict=a.strict, overwrite=a.overwrite,
         analyze_only=a.analyze_only, demo=a.demo, random_models=random_models,
         attention=attention, n_boot=a.n_boot, bootstrap_seed=a.bootstrap_seed, n_figure_studies=n_figures,
         rank=rank, world_size=world, local_rank=local_rank,

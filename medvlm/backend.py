@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from PIL import Image
 
 from medvlm.geometry import Geometry
@@ -65,6 +66,8 @@ class VLMBackend(ABC):
     name: str = ""
     #: questions per forward pass when the run does not say (studies are packed whole)
     default_batch_size: int = 36
+    #: whether compile() has run (recorded in the manifest)
+    compiled: bool = False
 
     @property
     @abstractmethod
@@ -104,6 +107,25 @@ class VLMBackend(ABC):
     def score_prepared(self, prepared) -> list[list[QuestionScore]]:
         """The device-side work of score_many, on what prepare() returned."""
         return VLMBackend.score_many(self, prepared)
+
+    def compile_regions(self) -> list[tuple[torch.nn.Module, bool | None]]:
+        """(module, dynamic) pairs that compile() hands to torch.compile: modules made of
+        elementwise work around matmuls (norms, MLPs, vision-encoder layers), never the
+        attention or the row capture. None by default."""
+        return []
+
+    def compile(self) -> int:
+        """torch.compile the compile_regions() in place (their elementwise kernels fused).
+        The attention, the masks and the row capture stay eager. Compilation runs during the
+        first passes (tens of seconds on a GPU), so it pays on long runs only. Returns the
+        number of modules compiled."""
+        regions = self.compile_regions()
+        if not regions:
+            raise ValueError(f"backend {self.name!r} has nothing to compile")
+        for module, dynamic in regions:
+            module.compile(dynamic=dynamic)
+        self.compiled = True
+        return len(regions)
 
     def describe(self) -> dict:
         """Facts for the manifest: model id, revision, dtype, attention implementation,

@@ -48,6 +48,7 @@ class RunConfig:
     load_in_8bit: bool = False
     load_in_4bit: bool = False
     batch_size: int | None = None  # questions per forward; None: the backend's default
+    compile: bool = False  # torch.compile the backends' norms, MLPs and vision layers (long runs)
     strict: bool = False
     overwrite: bool = False
     analyze_only: bool = False

@@ -508,3 +508,25 @@ def test_quantized_loading_merges_first_and_stays_exact(tiny, rgb_image, flag):
     assert d <= TOL, f"quantized fast path differs from eager on the same weights by {d:.3g}"
     full = _backend(tiny).score(rgb_image, QUESTIONS[:1])[0]
     assert abs(s.p_yes - full.p_yes) < 0.1, "quantization moved P(yes) implausibly far"
+    with pytest.raises(ValueError, match="not supported with 8-/4-bit"):
+        b.compile()
+
+
+def test_compiled_regions_equal_the_eager_reference(tiny, rgb_image):
+    """compile(): each decoder layer's MLP and norms compiled (inductor on the CPU here); the
+    fast path equals the eager full-prompt reference run on an uncompiled load of the same files."""
+    from torch._dynamo.utils import counters
+
+    b = LLaVARadMedical(MedicalAttentionConfig(attention_head_mode="none")).load_model(*tiny, device="cpu")
+    assert b.compile() == 3 * b.n_layers and b.describe()["compiled"]
+    b.keep_logits = True
+    graphs = counters["stats"]["unique_graphs"]
+    scores = b.score(rgb_image, QUESTIONS[:2])
+    assert counters["stats"]["unique_graphs"] > graphs, "nothing was compiled"
+    for q, s in zip(QUESTIONS[:2], scores, strict=True):
+        ref = _reference(tiny, rgb_image, q)
+        d = max_diff(s.extra["logits"], ref["logits"])
+        assert d <= 1e-4, f"{q!r}: logits differ by {d:.3g}"
+        maps, _ = _ref_maps(ref, [s.extra["prefix_len"] + p for p in s.extra["query_positions"]], "none")
+        d = max_diff(s.attention, maps)
+        assert d <= TOL, f"{q!r}: rows differ by {d:.3g}"
