@@ -1,7 +1,7 @@
 """MedGemma reference: one full prompt per question, eager attention, output_attentions=True.
 
 Slow and memory-hungry (every layer's T x T matrix) but obviously correct: the fast path in
-medgemma_enhanced.py (SDPA, shared prefix cache, batched suffixes, row capture) is tested
+medgemma_enhanced.py (SDPA, one packed forward per pass, row capture) is tested
 against it in float32 on the tiny model, and benchmarked against it on the GPU.
 """
 

@@ -5,7 +5,7 @@ obviously correct, and written along a different path from the fast backend wher
 exists: torchvision transforms for the preprocessing, timm's forward_intermediates for the
 vision features, the official tokenizer_image_token splice written out again, no prefix
 cache, no batching, no row capture. The fast path (llava_rad_medical_only.LLaVARadMedical:
-SDPA, shared prefix cache, batched suffixes, medvlm row capture) is tested against it in
+SDPA, one packed forward per pass, medvlm row capture) is tested against it in
 float32 on the tiny checkpoint.
 """
 

@@ -1,5 +1,5 @@
 """LLaVA-Rad backend on the tiny random checkpoint in the official file layout (CPU, float32):
-fast path (SDPA + prefix cache + batched suffixes + row capture) vs the full-prompt eager
+fast path (SDPA + one packed forward per pass + row capture) vs the full-prompt eager
 reference, the splice position of the image span, the LoRA merge, the loader's refusals,
 preprocessing vs torchvision, and the tokenisation vs the official slow (sentencepiece) path."""
 

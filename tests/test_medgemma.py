@@ -80,7 +80,7 @@ def test_shapes_and_head_modes(tiny_parts, rgb_image):
 
 def test_attention_peak_lands_on_the_planted_grid_cell(rgb_image):
     """Plant, in every layer, a key at image token j aligned with the answering query: the
-    captured map (prefix cache + batched suffix path) must peak at j = row * 16 + col.
+    captured map (the packed fast path) must peak at j = row * 16 + col.
     (A window wider than the prompt, so every layer can see the image.)"""
     backend = _backend(tiny_medgemma(sliding_window=512), attention_head_mode="mean")
     row, col = 5, 11
@@ -90,7 +90,7 @@ def test_attention_peak_lands_on_the_planted_grid_cell(rgb_image):
     target = torch.ones(16)
     hooks = []
 
-    def plant_key(module, args, out):  # out [batch, kv_head, seq, head_dim]; prefix pass holds the image
+    def plant_key(module, args, out):  # out [batch, kv_head, seq, head_dim]; the image sits at [start, end)
         if out.shape[2] > start + j:
             out = out.clone()
             out[:, :, start + j, :] = 8.0 * target
