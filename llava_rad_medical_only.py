@@ -52,13 +52,13 @@ import torch
 from PIL import Image
 
 from medvlm.aggregate import resolve_layers
-from medvlm.backend import QuestionScore, VLMBackend
+from medvlm.backend import QuestionScore, VLMBackend, question_scores
 from medvlm.capture import attention_modules_of
 from medvlm.config import MedicalAttentionConfig
 from medvlm.engine import cache_kwargs, new_cache, score_packed, select_cache
 from medvlm.geometry import Geometry, shortest_side_center_crop_geometry
 from medvlm.queries import suffix_query_positions
-from medvlm.scoring import answer_from_p, parse_free_text, resolve_answer_tokens
+from medvlm.scoring import resolve_answer_tokens
 
 __all__ = [
     "LLaVARadMedical",
@@ -833,37 +833,19 @@ class LLaVARadMedical(VLMBackend):
             cache, cached_len = self.prefix_cache(prep["pixel_values"], prefix)
             assert cached_len == prefix_len, f"prefix cache holds {cached_len} positions, expected {prefix_len}"
             generated = self._generate(cache, prefix_len, suffixes, rows)
-        attention = out.attention.float().cpu().numpy()
-        image_mass = out.image_mass.float().cpu().numpy()
-        p_yes, coverage, n_query = out.p_yes.tolist(), out.coverage.tolist(), out.n_query.tolist()
-        results: list[list[QuestionScore]] = [[] for _ in items]
-        for r, t in enumerate(toks):
-            k, i = owners[r]
-            results[k].append(
-                QuestionScore(
-                    question=items[k][1][i],
-                    prompt=t.prompt,
-                    p_yes=p_yes[r],
-                    coverage=coverage[r],
-                    answer=answer_from_p(p_yes[r]),
-                    attention=attention[r],
-                    layers=out.layers,
-                    image_mass=image_mass[r],
-                    n_query_tokens=int(n_query[r]),
-                    generated_text=generated[r][0],
-                    generated_answer=parse_free_text(generated[r][0]) if generated[r][0] is not None else None,
-                    extra={
-                        "image_span": list(span),
-                        "prefix_len": prefix_len,
-                        "query_positions": list(queries[r]),  # within the suffix
-                        "n_tokens": prefix_len + len(t.suffix_ids),
-                        "suffix_len": len(t.suffix_ids),
-                        **({"logits": out.logits[r].float().cpu()} if self.keep_logits else {}),
-                        **({"generated_ids": generated[r][1]} if self.config.generate else {}),
-                    },
-                )
-            )
-        return results
+        extras = [
+            {
+                "image_span": list(span),
+                "prefix_len": prefix_len,
+                "query_positions": list(queries[r]),  # within the suffix
+                "n_tokens": prefix_len + len(t.suffix_ids),
+                "suffix_len": len(t.suffix_ids),
+                **({"generated_ids": generated[r][1]} if self.config.generate else {}),
+            }
+            for r, t in enumerate(toks)
+        ]
+        return question_scores(out, items, owners, [t.prompt for t in toks], [g[0] for g in generated], extras,
+                               self.keep_logits)  # fmt: skip
 
     @torch.no_grad()
     def _generate(

@@ -29,13 +29,13 @@ import torch
 from PIL import Image
 
 from medvlm.aggregate import resolve_layers
-from medvlm.backend import QuestionScore, VLMBackend
+from medvlm.backend import QuestionScore, VLMBackend, question_scores
 from medvlm.capture import attention_modules_of
 from medvlm.config import MedicalAttentionConfig
 from medvlm.engine import score_packed
 from medvlm.geometry import Geometry, square_resize_geometry
 from medvlm.queries import suffix_query_positions
-from medvlm.scoring import answer_from_p, parse_free_text, resolve_answer_tokens
+from medvlm.scoring import resolve_answer_tokens
 
 DEFAULT_MODEL_ID = "google/medgemma-4b-it"
 MIN_TRANSFORMERS = "4.55"
@@ -454,40 +454,18 @@ class MedGemmaMedical(VLMBackend):
             bidirectional_span=(start, end),
             device=device,
         )
-        attention = out.attention.float().cpu().numpy()
-        image_mass = out.image_mass.float().cpu().numpy()
-        p_yes, coverage, n_query = out.p_yes.tolist(), out.coverage.tolist(), out.n_query.tolist()
         generated = {}
         if self.config.generate:
             for k, (image, questions, _) in enumerate(items):
                 for i, text in enumerate(self.generate(image, questions)):
                     generated[(k, i)] = text
-        results: list[list[QuestionScore]] = [[] for _ in items]
-        for r, (k, i) in enumerate(owners):
-            e, q, text = entries[r], items[k][1][i], generated.get((k, i))
-            results[k].append(
-                QuestionScore(
-                    question=q,
-                    prompt=e["prompt"],
-                    p_yes=p_yes[r],
-                    coverage=coverage[r],
-                    answer=answer_from_p(p_yes[r]),
-                    attention=attention[r],
-                    layers=out.layers,
-                    image_mass=image_mass[r],
-                    n_query_tokens=int(n_query[r]),
-                    generated_text=text,
-                    generated_answer=parse_free_text(text) if text is not None else None,
-                    extra={
-                        "image_span": [start, end],
-                        "prefix_len": prefix_len,
-                        "query_positions": queries[r],
-                        "suffix_len": len(suffixes[r]),
-                        **({"logits": out.logits[r].cpu()} if self.keep_logits else {}),
-                    },
-                )
-            )
-        return results
+        extras = [
+            {"image_span": [start, end], "prefix_len": prefix_len, "query_positions": queries[r],
+             "suffix_len": len(suffixes[r])}
+            for r in range(len(owners))
+        ]  # fmt: skip
+        return question_scores(out, items, owners, [e["prompt"] for e in entries],
+                               [generated.get(o) for o in owners], extras, self.keep_logits)  # fmt: skip
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.lm_head(hidden)

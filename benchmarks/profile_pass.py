@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_speed import DEVICE, PARAPHRASES, build, images, sync  # noqa: E402
+from bench_speed import DEVICE, PARAPHRASES, build, images, sync, time_pass  # noqa: E402
 
 from medvlm.config import MedicalAttentionConfig  # noqa: E402
 
@@ -122,7 +122,18 @@ def profile(backend, a, k: int) -> None:
         backend.score_many(timed[i : i + k])
     sync()
     wall = (time.perf_counter() - t0) * 1e3 / n_pass
+    # the runner's way (the next pass prepared in a thread), then the device side alone
+    threaded = time_pass(backend, [im for im, _, _ in timed], k)[0] * 1e3 * k
+    preps = [backend.prepare(timed[i : i + k]) for i in range(0, len(timed), k)]
+    sync()
+    t0 = time.perf_counter()
+    for prep in preps:
+        backend.score_prepared(prep)
+    sync()
+    device_side = (time.perf_counter() - t0) * 1e3 / n_pass
     phases = timed_phases(backend, timed, k)
+    print(f"{a.model} k={k}: ms/study: prepared in line {wall / k:.1f}, in a thread {threaded / k:.1f}, "
+          f"beforehand (device side alone) {device_side / k:.1f}")
     print(f"{a.model} k={k}: wall {wall:.1f} ms/pass ({wall / k:.1f} ms/study), synchronised phases ms/pass:")
     for name, v in phases.items():
         print(f"  {name:24s} {v:8.1f}")

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from medvlm.geometry import Geometry
+from medvlm.scoring import answer_from_p, parse_free_text
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,50 @@ class QuestionScore:
     generated_text: str | None = None
     generated_answer: str | None = None
     extra: dict = field(default_factory=dict)
+
+
+def question_scores(
+    out,
+    items: Sequence[tuple],
+    owners: Sequence[tuple[int, int]],
+    prompts: Sequence[str],
+    texts: Sequence[str | None],
+    extras: Sequence[dict],
+    keep_logits: bool = False,
+) -> list[list[QuestionScore]]:
+    """One list of QuestionScore per study from a pass's engine output.
+
+    out      medvlm.engine.PackedScores over the pass's Q questions
+    items    the pass's (image, questions, findings) per study
+    owners   per question r: (study k, index i of the question within items[k])
+    prompts, texts, extras  per question: prompt text, generated text (or None), extra fields
+    keep_logits  also put the next-token logits [vocab] in extra["logits"]
+    """
+    attention = out.attention.float().cpu().numpy()
+    image_mass = out.image_mass.float().cpu().numpy()
+    p_yes, coverage, n_query = out.p_yes.tolist(), out.coverage.tolist(), out.n_query.tolist()
+    results: list[list[QuestionScore]] = [[] for _ in items]
+    for r, (k, i) in enumerate(owners):
+        extra = dict(extras[r])
+        if keep_logits:
+            extra["logits"] = out.logits[r].float().cpu()
+        results[k].append(
+            QuestionScore(
+                question=items[k][1][i],
+                prompt=prompts[r],
+                p_yes=p_yes[r],
+                coverage=coverage[r],
+                answer=answer_from_p(p_yes[r]),
+                attention=attention[r],
+                layers=out.layers,
+                image_mass=image_mass[r],
+                n_query_tokens=int(n_query[r]),
+                generated_text=texts[r],
+                generated_answer=parse_free_text(texts[r]) if texts[r] is not None else None,
+                extra=extra,
+            )
+        )
+    return results
 
 
 class VLMBackend(ABC):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import max_diff
 from PIL import Image
+from torch._dynamo.utils import counters
 
 import llava_rad_medical_only as lr
 from archive.reference_llava_rad import eager_attention, llava_rad_reference_score, reference_query_positions
@@ -515,8 +516,6 @@ def test_quantized_loading_merges_first_and_stays_exact(tiny, rgb_image, flag):
 def test_compiled_regions_equal_the_eager_reference(tiny, rgb_image):
     """compile(): each decoder layer's MLP and norms compiled (inductor on the CPU here); the
     fast path equals the eager full-prompt reference run on an uncompiled load of the same files."""
-    from torch._dynamo.utils import counters
-
     b = LLaVARadMedical(MedicalAttentionConfig(attention_head_mode="none")).load_model(*tiny, device="cpu")
     assert b.compile() == 3 * b.n_layers and b.describe()["compiled"]
     b.keep_logits = True

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import max_diff
+from torch._dynamo.utils import counters
 
 from archive.reference import medgemma_reference
 from medgemma_enhanced import FactError, MedGemmaMedical, check_medgemma_facts
@@ -24,6 +25,16 @@ FINDINGS = ["effusion", "cardiomegaly", "pneumothorax", "heart"]
 @pytest.fixture(scope="module")
 def tiny_parts():
     return tiny_medgemma(sliding_window=24)  # the prompt (~300 tokens) outgrows the window
+
+
+def _assert_answer_rows_equal(s, ref, logits_tol):
+    """A QuestionScore (answer query, head mode "none") against the eager reference."""
+    d = max_diff(s.extra["logits"], ref["logits"])
+    assert d <= logits_tol, f"{s.question!r}: logits differ from the reference by {d:.3g}"
+    start, end = ref["image_span"]
+    for li, layer in enumerate(s.layers):
+        d = max_diff(s.attention[li], ref["attentions"][layer][:, -1, start:end])
+        assert d <= 1e-5, f"{s.question!r} layer {layer}: rows differ by {d:.3g}"
 
 
 def _backend(parts, **cfg):
@@ -197,13 +208,7 @@ def test_several_studies_in_one_pass_equal_the_reference(tiny_parts, rgb_image):
     for (image, questions, _), scores in zip(items, many, strict=True):
         single = backend.score(image, questions)
         for q, s, one in zip(questions, scores, single, strict=True):
-            ref = medgemma_reference(backend, image, q)
-            d = max_diff(s.extra["logits"], ref["logits"])
-            assert d <= 1e-5, f"{q!r}: logits differ from the reference by {d:.3g}"
-            start, end = ref["image_span"]
-            for li, layer in enumerate(s.layers):
-                d = max_diff(s.attention[li], ref["attentions"][layer][:, -1, start:end])
-                assert d <= 1e-5, f"{q!r} layer {layer}: rows differ by {d:.3g}"
+            _assert_answer_rows_equal(s, medgemma_reference(backend, image, q), logits_tol=1e-5)
             assert abs(s.p_yes - one.p_yes) <= 1e-6
     # the two studies really differ: a mix-up of prefix rows would show
     assert max_diff(many[0][1].attention, many[1][0].attention) > 1e-4
@@ -214,8 +219,6 @@ def test_compiled_regions_equal_the_eager_reference(rgb_image):
     the CPU here) equals the eager full-prompt reference run on an uncompiled copy (same seed)."""
     eager = _backend(tiny_medgemma(sliding_window=24), attention_head_mode="none")
     fast = _backend(tiny_medgemma(sliding_window=24), attention_head_mode="none")
-    from torch._dynamo.utils import counters
-
     n = fast.compile()
     assert n == 2 + 6 * 7 and fast.compiled and fast.describe()["compiled"]  # 2 vision layers, 7 parts x 6 layers
     fast.keep_logits = True
@@ -225,10 +228,4 @@ def test_compiled_regions_equal_the_eager_reference(rgb_image):
     assert counters["stats"]["unique_graphs"] > graphs, "nothing was compiled"
     for (image, questions, _), scores in zip(items, many, strict=True):
         for q, s in zip(questions, scores, strict=True):
-            ref = medgemma_reference(eager, image, q)
-            d = max_diff(s.extra["logits"], ref["logits"])
-            assert d <= 1e-4, f"{q!r}: logits differ by {d:.3g}"
-            start, end = ref["image_span"]
-            for li, layer in enumerate(s.layers):
-                d = max_diff(s.attention[li], ref["attentions"][layer][:, -1, start:end])
-                assert d <= 1e-5, f"{q!r} layer {layer}: rows differ by {d:.3g}"
+            _assert_answer_rows_equal(s, medgemma_reference(eager, image, q), logits_tol=1e-4)
