@@ -86,6 +86,8 @@ def main() -> int:
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--compile", action="store_true", help="the opt-in compiled path (backend.compile())")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing")
+    p.add_argument("--torch_threads", type=int, nargs="*", default=[],
+                   help="only time the pass three ways under each torch.set_num_threads value (host contention)")
     a = p.parse_args()
     if a.smoke:
         DEVICE.update(name="cpu", full_size=False)
@@ -102,27 +104,32 @@ def main() -> int:
         print(f"compiled in {time.perf_counter() - t0:.1f} s; vs eager: max |dP(yes)| {dp:.2g}, "
               f"max |d rows| {dr:.2g}")  # fmt: skip
     for k in a.studies_per_pass:
-        profile(backend, a, k)
+        for n in a.torch_threads:
+            torch.set_num_threads(n)
+            print(f"torch threads {n}: ", end="")
+            three_ways(backend, a, k)
+        if not a.torch_threads:
+            profile(backend, a, k)
     return 0
 
 
-def profile(backend, a, k: int) -> None:
+def three_ways(backend, a, k: int) -> tuple[list, int]:
+    """ms/study with each pass prepared in line, in a thread (as the runner does), and
+    beforehand (the device side alone). Returns the timed items and the passes."""
     imgs = images(a.n + k)
     items = [(im, PARAPHRASES, None) for im in imgs]
     t0 = time.perf_counter()
     for _ in range(3):
         backend.score_many(items[:k])  # warm-up (and compilation)
     sync()
-    print(f"warm-up {time.perf_counter() - t0:.1f} s")
+    warm = time.perf_counter() - t0
     timed = items[k:]
     n_pass = len(timed) // k
-    # wall, no profiler, prepare in line
     t0 = time.perf_counter()
     for i in range(0, len(timed), k):
         backend.score_many(timed[i : i + k])
     sync()
     wall = (time.perf_counter() - t0) * 1e3 / n_pass
-    # the runner's way (the next pass prepared in a thread), then the device side alone
     threaded = time_pass(backend, [im for im, _, _ in timed], k)[0] * 1e3 * k
     preps = [backend.prepare(timed[i : i + k]) for i in range(0, len(timed), k)]
     sync()
@@ -131,10 +138,15 @@ def profile(backend, a, k: int) -> None:
         backend.score_prepared(prep)
     sync()
     device_side = (time.perf_counter() - t0) * 1e3 / n_pass
-    phases = timed_phases(backend, timed, k)
     print(f"{a.model} k={k}: ms/study: prepared in line {wall / k:.1f}, in a thread {threaded / k:.1f}, "
-          f"beforehand (device side alone) {device_side / k:.1f}")
-    print(f"{a.model} k={k}: wall {wall:.1f} ms/pass ({wall / k:.1f} ms/study), synchronised phases ms/pass:")
+          f"beforehand (device side alone) {device_side / k:.1f}  (warm-up {warm:.1f} s)", flush=True)
+    return timed, n_pass
+
+
+def profile(backend, a, k: int) -> None:
+    timed, n_pass = three_ways(backend, a, k)
+    phases = timed_phases(backend, timed, k)
+    print(f"{a.model} k={k}: synchronised phases ms/pass:")
     for name, v in phases.items():
         print(f"  {name:24s} {v:8.1f}")
     # kernel profile of the score_prepared halves only (preparation done beforehand)
