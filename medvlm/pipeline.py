@@ -275,6 +275,11 @@ def _next_chunk(groups: list[pd.DataFrame], i: int, batch_size: int) -> tuple[li
     return chunk, i
 
 
+def _write_results(store: ResultsStore, model: str, results) -> None:
+    for study, records, maps in results:
+        store.write_study(model, str(study), records, maps)
+
+
 def run_model(
     backend: VLMBackend,
     rows: pd.DataFrame,
@@ -283,9 +288,10 @@ def run_model(
     random_weights: bool,
 ) -> dict:
     """Score every not-yet-finished row of `rows` with one backend, packing whole studies into
-    forward passes of at most cfg.batch_size questions; the next pass's images and prompts
-    are prepared in a thread while the device runs the current one (not while generating
-    text, which shares the tokenizer). Returns counts and timing."""
+    forward passes of at most cfg.batch_size questions. While the device runs a pass, one
+    thread prepares the next pass's images and prompts (not while generating text, which
+    shares the tokenizer) and another writes the previous pass's results, in order; a failed
+    write stops the run at the next pass. Returns counts and timing."""
     done = store.done_keys()
     model = backend.name
     pending = rows[[(model, str(s), f, int(v)) not in done
@@ -296,7 +302,8 @@ def run_model(
     batch_size = cfg.batch_size or backend.default_batch_size
     prefetch = not cfg.attention.generate
     bar = tqdm(total=len(groups), desc=model, unit="study", disable=None)
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    written = None  # the previous pass's write
+    with ThreadPoolExecutor(max_workers=1) as pool, ThreadPoolExecutor(max_workers=1) as writer:
         chunk, i = _next_chunk(groups, 0, batch_size)
         future = pool.submit(prepare_studies, backend, chunk, random_weights) if chunk and prefetch else None
         while chunk:
@@ -304,12 +311,16 @@ def run_model(
             nxt, i_next = _next_chunk(groups, i, batch_size)
             future = pool.submit(prepare_studies, backend, nxt, random_weights) if nxt and prefetch else None
             results, batch_size = score_studies(backend, chunk, batch_size, random_weights, pre)
-            for study, records, maps in results:
-                store.write_study(model, str(study), records, maps)
+            if written is not None:
+                written.result()  # raises the previous write's error, if any
+            written = writer.submit(_write_results, store, model, results)
+            for _, records, _ in results:
                 for r in records:
                     counts[r["status"]] += 1
             bar.update(len(chunk))
             chunk, i = nxt, i_next
+        if written is not None:
+            written.result()
     bar.close()
     counts["seconds"] = time.perf_counter() - t0
     counts["final_batch_size"] = batch_size

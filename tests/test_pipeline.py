@@ -92,6 +92,32 @@ def test_oom_halves_the_batch_and_loses_nothing(tmp_path):
     assert counts["final_batch_size"] <= 3
 
 
+def test_a_failed_write_stops_the_run_and_earlier_passes_stay_written(tmp_path):
+    """Results are written in a background thread, a pass behind; a write error is raised, not lost."""
+    rows = _rows(tmp_path, 6)
+    cfg = RunConfig(output_dir=tmp_path / "out", batch_size=12)
+    store = ResultsStore(cfg.output_dir)
+    real, calls = store.write_study, []
+
+    def write_study(model, study_id, records, maps):
+        calls.append(study_id)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        real(model, study_id, records, maps)
+
+    store.write_study = write_study
+    with pytest.raises(OSError, match="disk full"):
+        run_model(FakeBackend(), rows, store, cfg, random_weights=True)
+    df = read_results(cfg.output_dir)
+    assert sorted(set(df.study_id)) == ["s0", "s1"] and len(df) == 12
+    # resume: the rest is scored, nothing twice
+    store.write_study = real
+    counts = run_model(FakeBackend(), rows, ResultsStore(cfg.output_dir), cfg, random_weights=True)
+    assert counts["skipped_done"] == 12 and counts["ok"] == 24
+    lines = (cfg.output_dir / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 36, f"expected 36 records written once each, found {len(lines)} lines"
+
+
 @pytest.mark.parametrize("bad", [{"batch_size": 0}, {"models": ("llava",)}, {"n_studies": 2, "sample": 2}])
 def test_run_config_refuses_bad_values(tmp_path, bad):
     with pytest.raises(ValueError):
