@@ -722,7 +722,7 @@ class LLaVARadMedical(VLMBackend):
         img = self.image_embeddings(pixel_values)
         text = decoder.embed_tokens(ids).expand(img.shape[0], -1, -1)
         embeds = torch.cat([text, img], dim=1)
-        cache = new_cache(self.model.config)
+        cache = new_cache()
         decoder(inputs_embeds=embeds, use_cache=True, **cache_kwargs(decoder, cache))
         return cache, embeds.shape[1]
 

@@ -49,12 +49,12 @@ class PackedScores:
     n_query: torch.Tensor
 
 
-def new_cache(text_config=None):
-    """An empty DynamicCache whose layers keep every key (sliding layers too: the window is
-    applied by the masks), so key columns are absolute positions in every layer (generation)."""
+def new_cache():
+    """An empty DynamicCache for generation: built without a config, every layer keeps every
+    key (sliding layers too: the window is applied by the masks), so key columns are absolute
+    positions in every layer."""
     from transformers import DynamicCache
 
-    del text_config  # every layer full: see above
     return DynamicCache()
 
 
