@@ -717,11 +717,16 @@ class LLaVARadMedical(VLMBackend):
     def prefix_cache(self, pixel_values: torch.Tensor, prefix_ids: Sequence[int]):
         """Run BOS + system text + image embeddings once per image: (cache, prefix_len), the
         KV cache that generation continues from. pixel_values [K, 3, S, S] gives a cache of batch K."""
-        decoder = self.model.model
-        ids = torch.tensor([list(prefix_ids)], device=self.device)
         img = self.image_embeddings(pixel_values)
-        text = decoder.embed_tokens(ids).expand(img.shape[0], -1, -1)
-        embeds = torch.cat([text, img], dim=1)
+        return self._cache_prefix(torch.cat([self._text_embeddings(prefix_ids, img.shape[0]), img], dim=1))
+
+    def _text_embeddings(self, ids: Sequence[int], n: int) -> torch.Tensor:
+        """The embeddings of one token sequence, repeated for n rows: [n, len(ids), hidden]."""
+        return self.model.model.embed_tokens(torch.tensor([list(ids)], device=self.device)).expand(n, -1, -1)
+
+    def _cache_prefix(self, embeds: torch.Tensor):
+        """Run prefix embeddings [K, P, hidden] with use_cache: (cache, P)."""
+        decoder = self.model.model
         cache = new_cache()
         decoder(inputs_embeds=embeds, use_cache=True, **cache_kwargs(decoder, cache))
         return cache, embeds.shape[1]
@@ -803,7 +808,7 @@ class LLaVARadMedical(VLMBackend):
         img = self.image_embeddings(prep["pixel_values"])
         if img.shape[1] != n_img:
             raise RuntimeError(f"expected {n_img} image embeddings per image, found {img.shape[1]}")
-        text = decoder.embed_tokens(torch.tensor([list(prefix)], device=self.device)).expand(img.shape[0], -1, -1)
+        text = self._text_embeddings(prefix, img.shape[0])
 
         def forward(suffix_ids, position_ids, mask):
             embeds = torch.cat([text, img, decoder.embed_tokens(suffix_ids)], dim=1)
@@ -830,7 +835,7 @@ class LLaVARadMedical(VLMBackend):
         )
         generated = [(None, None)] * len(toks)
         if self.config.generate:
-            cache, cached_len = self.prefix_cache(prep["pixel_values"], prefix)
+            cache, cached_len = self._cache_prefix(torch.cat([text, img], dim=1))  # the image embedded once
             assert cached_len == prefix_len, f"prefix cache holds {cached_len} positions, expected {prefix_len}"
             generated = self._generate(cache, prefix_len, suffixes, rows)
         extras = [

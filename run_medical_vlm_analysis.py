@@ -105,8 +105,8 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--batch_size", type=int,
                    help="questions per forward pass, whole studies packed (default per model; halved on OOM)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile norms, MLPs and vision layers: ~20%% faster once compiled, "
-                        "after tens of seconds of compiling (long runs on a GPU)")
+                   help="torch.compile norms, MLPs and vision layers: 10-20%% faster once compiled, "
+                        "after 10-20 s of compiling on an H200 (long runs on a GPU)")
     p.add_argument("--generate", action="store_true", help="also generate free text beside the logit answer")
     p.add_argument("--max_new_tokens", type=int, default=24)
     p.add_argument("--strict", action="store_true", help="refuse the CSV if any row is bad")

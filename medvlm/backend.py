@@ -162,7 +162,7 @@ class VLMBackend(ABC):
     def compile(self) -> int:
         """torch.compile the compile_regions() in place (their elementwise kernels fused).
         The attention, the masks and the row capture stay eager. Compilation runs during the
-        first passes (tens of seconds on a GPU), so it pays on long runs only. Returns the
+        first passes (10-20 s on an H200), so it pays on long runs only. Returns the
         number of modules compiled."""
         regions = self.compile_regions()
         if not regions:
