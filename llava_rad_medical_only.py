@@ -37,13 +37,13 @@ with the official code on the real weights.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import math
 import os
 import re
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -663,6 +663,7 @@ class LLaVARadMedical(VLMBackend):
             "projector": PROJECTOR,
             "random_weights": self.random_weights,
             "compiled": self.compiled,
+            "preprocess_workers": self.preprocess_workers,
         }
         if loaded:
             d["image_span"] = [self.placeholder_index, self.placeholder_index + self.n_image_tokens]
@@ -681,6 +682,7 @@ class LLaVARadMedical(VLMBackend):
         return [(m, True) for m in parts]
 
     def unload(self) -> None:
+        self.stop_workers()
         on_cuda = self.model is not None and self.device.type == "cuda"
         self.model = self.vision = self.projector = None
         self._attention = None
@@ -696,6 +698,9 @@ class LLaVARadMedical(VLMBackend):
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """[3, 518, 518] float32, open_clip's eval transform."""
         return preprocess_image(image, self.image_size, self.mean, self.std)
+
+    def pixel_transform(self) -> Callable:
+        return functools.partial(preprocess_image, size=self.image_size, mean=self.mean, std=self.std)
 
     @torch.no_grad()
     def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -784,12 +789,7 @@ class LLaVARadMedical(VLMBackend):
                 toks.append(t)
                 rows.append(k)
                 owners.append((k, i))
-        images = [item[0] for item in items]
-        if len(images) > 1:  # PIL's resize releases the GIL: decode the K images in parallel
-            with ThreadPoolExecutor(max_workers=min(len(images), 8)) as pool:
-                pixel_values = torch.stack(list(pool.map(self.preprocess, images)))
-        else:
-            pixel_values = self.preprocess(images[0])[None]
+        pixel_values = self.pixel_values([item[0] for item in items])
         if self.device.type == "cuda":
             pixel_values = pixel_values.pin_memory()
         return {"items": items, "toks": toks, "queries": queries, "rows": rows, "owners": owners,

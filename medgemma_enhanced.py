@@ -19,10 +19,11 @@ image to a square without cropping; image soft tokens (config.image_token_id) si
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import math
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,10 @@ NUM_TEXT_LAYERS = 34
 TURN_MARKERS = ("<start_of_turn>user", "<start_of_turn>model")
 
 QUANTIZATION = (None, "4bit", "8bit")
+
+
+# SigLIP's MLP activation that cuBLASLt's GELU epilogue computes (tanh approximation)
+GELU_TANH_ACTS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 
 
 class FactError(ValueError):
@@ -193,6 +198,77 @@ def load_medgemma(
     return model, processor
 
 
+def processor_pixels(image_processor, image: Image.Image) -> torch.Tensor:
+    """[3, S, S] float32: the processor's own preprocessing of one RGB image."""
+    return image_processor(image, return_tensors="pt")["pixel_values"][0]
+
+
+def _fused_gelu_mlp(mlp, hidden: torch.Tensor) -> torch.Tensor:
+    """SiglipMLP.forward with fc1's bias and tanh-GELU in the matmul's epilogue (cuBLASLt):
+    one kernel instead of a matmul and an elementwise pass over [tokens, 4304].
+    hidden [batch, tokens, width] -> [batch, tokens, width]."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    inner = torch._addmm_activation(mlp.fc1.bias, flat, mlp.fc1.weight.t(), use_gelu=True)
+    return mlp.fc2(inner).view(*hidden.shape[:-1], -1)
+
+
+_EPILOGUE_IS_TANH: dict[str, bool] = {}
+
+
+def epilogue_gelu_is_tanh(device: torch.device) -> bool:
+    """Whether torch._addmm_activation(use_gelu=True) computes tanh-GELU on this device type,
+    checked once per device type against linear + gelu(approximate="tanh") in float32. (It
+    does on CUDA: cuBLASLt's epilogue and its fallback; on the CPU it computes the erf GELU,
+    so the CPU never takes the fused path.)"""
+    kind = torch.device(device).type
+    if kind not in _EPILOGUE_IS_TANH:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x, w, b = (torch.randn(*shape, generator=g).to(device) for shape in ((64, 32), (48, 32), (48,)))
+        try:
+            fused = torch._addmm_activation(b, x, w.t(), use_gelu=True)
+            ref = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh")
+            _EPILOGUE_IS_TANH[kind] = bool((fused - ref).abs().max() <= 1e-5)
+        except (RuntimeError, AttributeError):  # an op this torch or device lacks: the unfused forward
+            _EPILOGUE_IS_TANH[kind] = False
+    return _EPILOGUE_IS_TANH[kind]
+
+
+@contextlib.contextmanager
+def siglip_fast_path(vision_model: torch.nn.Module):
+    """The SigLIP tower's forward without two avoidable costs, installed for one call and
+    always removed (the model is left as it was):
+
+    - the patch embeddings leave the convolution as a transposed view ([B, C, N] in memory),
+      and every residual add keeps that layout, so each layer norm copies its input and each
+      residual add runs the strided kernel: the embeddings are made contiguous once (the
+      same values, so the same result);
+    - where the device's epilogue computes tanh-GELU (epilogue_gelu_is_tanh), each MLP's fc1
+      bias and GELU run in the matmul's epilogue (_fused_gelu_mlp): the same function, the
+      GELU applied before the bf16 rounding instead of after.
+    vision_model  SiglipVisionTransformer (.embeddings, .encoder.layers[i].mlp)
+    """
+    hooks, patched = [], []
+    fuse = epilogue_gelu_is_tanh(vision_model.embeddings.patch_embedding.weight.device)
+    try:
+        hooks.append(vision_model.embeddings.register_forward_hook(lambda m, args, out: out.contiguous()))
+        for layer in vision_model.encoder.layers if fuse else ():
+            mlp = layer.mlp
+            plain = type(mlp.fc1) is torch.nn.Linear and mlp.fc1.bias is not None  # not 8-/4-bit layers
+            if plain and getattr(mlp.config, "hidden_act", None) in GELU_TANH_ACTS:
+                fused = getattr(mlp, "_medvlm_fused_forward", None)
+                if fused is None:  # one object per module, so compiled callers see the same forward
+                    fused = mlp._medvlm_fused_forward = lambda h, mlp=mlp: _fused_gelu_mlp(mlp, h)
+                mlp.forward = fused
+                patched.append(mlp)
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for mlp in patched:
+            if "forward" in vars(mlp):
+                del mlp.forward
+
+
 class MedGemmaMedical(VLMBackend):
     """Scores yes/no questions about one image and captures question-to-image attention."""
 
@@ -211,6 +287,8 @@ class MedGemmaMedical(VLMBackend):
         self.layers = resolve_layers(self.config.layers, self.facts.n_layers)
         self._decoder = model.model.language_model
         self._attention = attention_modules_of(self._decoder)
+        tower = model.model.vision_tower
+        self._vision_model = getattr(tower, "vision_model", tower)
         self.keep_logits = False  # tests: keep each question's next-token logits in extra["logits"]
         self._prompt_cache: dict[str, dict] = {}
 
@@ -264,6 +342,8 @@ class MedGemmaMedical(VLMBackend):
             "answer_token_ids": {"yes": list(self.answer_tokens.yes_ids), "no": list(self.answer_tokens.no_ids)},
             "random_weights": self.random_weights,
             "compiled": self.compiled,
+            "preprocess_workers": self.preprocess_workers,
+            "siglip_gelu_epilogue": epilogue_gelu_is_tanh(self._vision_model.embeddings.patch_embedding.weight.device),
         }
 
     def compile_regions(self) -> list[tuple[torch.nn.Module, bool | None]]:
@@ -271,8 +351,7 @@ class MedGemmaMedical(VLMBackend):
         MLP and six RMSNorms (token counts vary per pass: dynamic)."""
         if getattr(self.model, "hf_quantizer", None) is not None:
             raise ValueError("compile is not supported with 8-/4-bit weights")
-        tower = self.model.model.vision_tower
-        regions = [(layer, None) for layer in getattr(tower, "vision_model", tower).encoder.layers]
+        regions = [(layer, None) for layer in self._vision_model.encoder.layers]
         for layer in self._decoder.layers:
             parts = [layer.mlp, layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
                      layer.post_feedforward_layernorm, layer.self_attn.q_norm, layer.self_attn.k_norm]  # fmt: skip
@@ -280,8 +359,9 @@ class MedGemmaMedical(VLMBackend):
         return regions
 
     def unload(self) -> None:
+        self.stop_workers()
         device = next(self.model.parameters()).device
-        del self.model, self._decoder, self._attention
+        del self.model, self._decoder, self._attention, self._vision_model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -360,14 +440,8 @@ class MedGemmaMedical(VLMBackend):
             raise FactError("the image token types differ from the processor's token_type_ids")
         entry["checked"] = True
 
-    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
-        """[K, 3, S, S] from the processor's image processor, the K images in parallel threads
-        (PIL's resize releases the GIL)."""
-        one = lambda im: self.processor.image_processor(im, return_tensors="pt")["pixel_values"][0]  # noqa: E731
-        if len(images) == 1:
-            return one(images[0])[None]
-        with ThreadPoolExecutor(max_workers=min(len(images), 8)) as pool:
-            return torch.stack(list(pool.map(one, images)))
+    def pixel_transform(self) -> Callable:
+        return functools.partial(processor_pixels, self.processor.image_processor)
 
     def score(self, image: Image.Image, questions: Sequence[str], findings: Sequence[str] | None = None):
         return self.score_many([(image, questions, findings)])[0]
@@ -408,7 +482,7 @@ class MedGemmaMedical(VLMBackend):
                 rows.append(k)
                 entries.append(e)
                 owners.append((k, i))
-        pixel_values = self._pixels(images)
+        pixel_values = self.pixel_values(images)
         if torch.cuda.is_available():
             pixel_values = pixel_values.pin_memory()
         return {"items": items, "entries": entries, "suffixes": suffixes, "queries": queries, "rows": rows,
@@ -428,13 +502,14 @@ class MedGemmaMedical(VLMBackend):
         pixels = pixel_values.to(device=device, dtype=dtype, non_blocking=True)
 
         def forward(suffix_ids, position_ids, mask):
-            return self.model.model(
-                input_ids=torch.cat([prefix, suffix_ids], dim=1),
-                pixel_values=pixels,
-                attention_mask=mask,  # {layer type: mask}: the image block's two-way attention included
-                position_ids=position_ids,
-                use_cache=False,
-            ).last_hidden_state
+            with siglip_fast_path(self._vision_model):
+                return self.model.model(
+                    input_ids=torch.cat([prefix, suffix_ids], dim=1),
+                    pixel_values=pixels,
+                    attention_mask=mask,  # {layer type: mask}: the image block's two-way attention included
+                    position_ids=position_ids,
+                    use_cache=False,
+                ).last_hidden_state
 
         out = score_packed(
             forward=forward,

@@ -52,3 +52,15 @@ def test_llava_rad_on_cuda_equals_eager(tmp_path, rgb_image):
         for li, layer in enumerate(s.layers):
             d = max_diff(s.attention[li], ref["rows"][layer][:, -1, start:end])
             assert d <= 1e-5, f"layer {layer}: rows differ by {d:.3g} on the GPU"
+
+
+def test_siglip_gelu_epilogue_on_cuda_is_the_tanh_mlp():
+    """The fused fc1 + GELU (cuBLASLt epilogue) is SigLIP's MLP (tanh-GELU) on the GPU."""
+    from medgemma_enhanced import _fused_gelu_mlp, epilogue_gelu_is_tanh
+
+    backend = MedGemmaMedical.tiny(device="cuda")
+    assert epilogue_gelu_is_tanh(torch.device("cuda")), "CUDA's epilogue is not tanh-GELU: the fused path is off"
+    mlp = backend._vision_model.encoder.layers[0].mlp
+    x = torch.randn(2, 64, mlp.fc1.in_features, device="cuda")
+    d = max_diff(_fused_gelu_mlp(mlp, x), mlp(x))
+    assert d <= 1e-5, f"fused MLP differs from SiglipMLP by {d:.3g} (fp32)"

@@ -229,3 +229,45 @@ def test_compiled_regions_equal_the_eager_reference(rgb_image):
     for (image, questions, _), scores in zip(items, many, strict=True):
         for q, s in zip(questions, scores, strict=True):
             _assert_answer_rows_equal(s, medgemma_reference(eager, image, q), logits_tol=1e-4)
+
+
+def test_siglip_fast_path_is_the_same_tower_and_always_uninstalls(tiny_parts):
+    """siglip_fast_path: the embeddings leave contiguous (they are a transposed view without
+    it), the tower's output is unchanged, and nothing stays installed, even after an error.
+    The CPU's addmm epilogue is the erf GELU, so the CPU never takes the fused MLP."""
+    from medgemma_enhanced import epilogue_gelu_is_tanh, siglip_fast_path
+
+    model, _ = tiny_parts
+    vm = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
+    pixels = torch.randn(2, 3, vm.config.image_size, vm.config.image_size)
+    seen = []
+    probe = vm.encoder.layers[0].register_forward_pre_hook(  # what the first layer receives
+        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).is_contiguous()),
+        with_kwargs=True,
+    )
+    try:
+        with torch.no_grad():
+            plain = vm(pixel_values=pixels).last_hidden_state
+            with siglip_fast_path(vm):
+                fast = vm(pixel_values=pixels).last_hidden_state
+    finally:
+        probe.remove()
+    assert seen == [False, True], f"embeddings contiguous without / with the fast path: {seen}"
+    assert torch.equal(plain, fast)
+    assert not epilogue_gelu_is_tanh(torch.device("cpu"))
+    n_hooks = len(vm.embeddings._forward_hooks)
+    with pytest.raises(RuntimeError, match="boom"), siglip_fast_path(vm):
+        raise RuntimeError("boom")
+    assert len(vm.embeddings._forward_hooks) == n_hooks
+    assert all("forward" not in vars(layer.mlp) for layer in vm.encoder.layers)
+
+
+def test_siglip_fast_path_patches_the_mlps_only_inside(tiny_parts, monkeypatch):
+    import medgemma_enhanced as mg
+
+    model, _ = tiny_parts
+    vm = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
+    monkeypatch.setitem(mg._EPILOGUE_IS_TANH, "cpu", True)  # as on CUDA
+    with mg.siglip_fast_path(vm):
+        assert all("forward" in vars(layer.mlp) for layer in vm.encoder.layers)
+    assert all("forward" not in vars(layer.mlp) for layer in vm.encoder.layers)
