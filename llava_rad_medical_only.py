@@ -663,7 +663,6 @@ class LLaVARadMedical(VLMBackend):
             "projector": PROJECTOR,
             "random_weights": self.random_weights,
             "compiled": self.compiled,
-            "preprocess_workers": self.preprocess_workers,
         }
         if loaded:
             d["image_span"] = [self.placeholder_index, self.placeholder_index + self.n_image_tokens]
@@ -682,7 +681,6 @@ class LLaVARadMedical(VLMBackend):
         return [(m, True) for m in parts]
 
     def unload(self) -> None:
-        self.stop_workers()
         on_cuda = self.model is not None and self.device.type == "cuda"
         self.model = self.vision = self.projector = None
         self._attention = None

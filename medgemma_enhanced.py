@@ -342,7 +342,6 @@ class MedGemmaMedical(VLMBackend):
             "answer_token_ids": {"yes": list(self.answer_tokens.yes_ids), "no": list(self.answer_tokens.no_ids)},
             "random_weights": self.random_weights,
             "compiled": self.compiled,
-            "preprocess_workers": self.preprocess_workers,
             "siglip_gelu_epilogue": epilogue_gelu_is_tanh(self._vision_model.embeddings.patch_embedding.weight.device),
         }
 
@@ -359,7 +358,6 @@ class MedGemmaMedical(VLMBackend):
         return regions
 
     def unload(self) -> None:
-        self.stop_workers()
         device = next(self.model.parameters()).device
         del self.model, self._decoder, self._attention, self._vision_model
         gc.collect()

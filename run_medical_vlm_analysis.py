@@ -107,9 +107,6 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile norms, MLPs and vision layers: 10-20%% faster once compiled, "
                         "after 10-20 s of compiling on an H200 (long runs on a GPU)")
-    p.add_argument("--preprocess_workers", type=int, default=None,
-                   help="processes that preprocess images (default: on a GPU with 32+ studies, half the cores, "
-                        "at most 8; 0: threads in the main process)")
     p.add_argument("--generate", action="store_true", help="also generate free text beside the logit answer")
     p.add_argument("--max_new_tokens", type=int, default=24)
     p.add_argument("--strict", action="store_true", help="refuse the CSV if any row is bad")
@@ -142,8 +139,7 @@ def parse_args(argv=None) -> RunConfig:
         output_dir=a.output_dir, csv=a.csv, image_root=a.image_root, models=tuple(a.models), n_studies=a.n_studies,
         sample=a.sample, seed=a.seed, cluster_by=a.cluster_by, llava_rad_model=a.llava_rad_model,
         llava_rad_base=a.llava_rad_base, medgemma_model=a.medgemma_model, dtype=a.dtype, load_in_8bit=a.load_in_8bit,
-        load_in_4bit=a.load_in_4bit, batch_size=a.batch_size, compile=a.compile,
-        preprocess_workers=a.preprocess_workers, strict=a.strict, overwrite=a.overwrite,
+        load_in_4bit=a.load_in_4bit, batch_size=a.batch_size, compile=a.compile, strict=a.strict, overwrite=a.overwrite,
         analyze_only=a.analyze_only, demo=a.demo, random_models=random_models,
         attention=attention, n_boot=a.n_boot, bootstrap_seed=a.bootstrap_seed, n_figure_studies=n_figures,
         rank=rank, world_size=world, local_rank=local_rank,

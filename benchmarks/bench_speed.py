@@ -20,8 +20,7 @@ reported beside it as floor_with_vision_attention_s_per_study.
 
 naive = what the original scripts did per question: the full prompt with eager attention and
 output_attentions=True, then generate 50 tokens (archive/). ours = the backend's passes as the
-runner drives them (score_prepared, the next pass prepared in a thread meanwhile, its images
-preprocessed in worker processes).
+runner drives them (score_prepared, the next pass prepared in a thread meanwhile).
 """
 
 from __future__ import annotations
@@ -43,7 +42,6 @@ sys.path.insert(0, str(ROOT))
 
 from archive.reference import naive_study  # noqa: E402
 from medvlm.config import MedicalAttentionConfig  # noqa: E402
-from medvlm.workers import default_workers  # noqa: E402
 
 PARAPHRASES = [
     "Is there a pleural effusion?",
@@ -169,10 +167,6 @@ def bench_model(name: str, args, tflops: float) -> dict:
              + 2 * n["vision_params"] * n["vision_tokens"])  # fmt: skip
     floor = flops / (tflops * 1e12)
     floor_attn = (flops + n["vision_attention_flops"]) / (tflops * 1e12)
-    workers = args.preprocess_workers if args.preprocess_workers is not None else (
-        default_workers() if DEVICE["name"] == "cuda" else 0)  # fmt: skip
-    if workers:
-        backend.start_workers(workers)  # as the runner does on a GPU (time_pass warms them up)
     sweep = {}
     for k in args.studies_per_pass:
         t, peak = time_pass(backend, imgs[: args.sweep_studies], k)
@@ -209,7 +203,6 @@ def bench_model(name: str, args, tflops: float) -> dict:
         "floor_s_per_study": floor,
         "floor_with_vision_attention_s_per_study": floor_attn,
         "ours_over_floor_with_vision_attention": ours / floor_attn,
-        "preprocess_workers": workers,
         "peak_gib": peak_gib,
         "weights_gib": weights_gib,
         "peak_over_weights": peak_gib / weights_gib,
@@ -335,8 +328,6 @@ def main(argv=None) -> int:
     p.add_argument("--exactness_only", action="store_true")
     p.add_argument("--compile", action="store_true", help="also time (and check) the opt-in compiled path")
     p.add_argument("--skip_exactness", action="store_true")
-    p.add_argument("--preprocess_workers", type=int, default=None,
-                   help="image preprocessing processes (default: as the runner on a GPU; 0: threads)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--kind", default="nvidia-h200")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing")

@@ -3,7 +3,6 @@
     python benchmarks/profile_pass.py --model medgemma --studies_per_pass 8 16 --n 16
     python benchmarks/profile_pass.py --model llava_rad --studies_per_pass 2 --n 8
     python benchmarks/profile_pass.py --model medgemma --studies_per_pass 8 --n 16 --compile
-    python benchmarks/profile_pass.py --model medgemma --studies_per_pass 8 --n 32 --preprocess_workers 0 8
 
 It prints, per pass: wall time; the time of each phase with the GPU synchronised around it
 (host preparation, vision tower, decoder, the rest); then, without those synchronisations,
@@ -89,8 +88,6 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing")
     p.add_argument("--torch_threads", type=int, nargs="*", default=[],
                    help="only time the pass three ways under each torch.set_num_threads value (host contention)")
-    p.add_argument("--preprocess_workers", type=int, nargs="*", default=[],
-                   help="only time the pass three ways with each number of preprocessing processes (0: threads)")
     a = p.parse_args()
     if a.smoke:
         DEVICE.update(name="cpu", full_size=False)
@@ -111,13 +108,8 @@ def main() -> int:
             torch.set_num_threads(n)
             print(f"torch threads {n}: ", end="")
             three_ways(backend, a, k)
-        for w in a.preprocess_workers:
-            backend.start_workers(w) if w else backend.stop_workers()
-            print(f"preprocess workers {w}: ", end="")
-            three_ways(backend, a, k)
-        if not (a.torch_threads or a.preprocess_workers):
+        if not a.torch_threads:
             profile(backend, a, k)
-    backend.stop_workers()
     return 0
 
 

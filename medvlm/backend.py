@@ -8,7 +8,6 @@ subclass :class:`VLMBackend`. The runner never knows which model it drives.
         (= backend.score_prepared(backend.prepare(items)): host work, then device work)
     backend.grid                               -> (rows, cols) of the image-token grid
     backend.geometry(width, height)            -> Geometry: where the grid sits on the image
-    backend.start_workers(n) / stop_workers()  image preprocessing in n worker processes
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from PIL import Image
 
 from medvlm.geometry import Geometry
 from medvlm.scoring import answer_from_p, parse_free_text
-from medvlm.workers import PreprocessPool
 
 
 @dataclass(frozen=True)
@@ -116,8 +114,6 @@ class VLMBackend(ABC):
     default_batch_size: int = 36
     #: whether compile() has run (recorded in the manifest)
     compiled: bool = False
-    #: the worker processes that preprocess images, once start_workers() has run
-    _preprocess_pool: PreprocessPool | None = None
 
     @property
     @abstractmethod
@@ -159,38 +155,18 @@ class VLMBackend(ABC):
         return VLMBackend.score_many(self, prepared)
 
     def pixel_transform(self) -> Callable:
-        """The model's image preprocessing as a picklable callable: PIL image -> [3, S, S]
-        float32 (what prepare() runs on each image; worker processes receive it)."""
+        """The model's image preprocessing: PIL image -> [3, S, S] float32 (what prepare()
+        runs on each image)."""
         raise NotImplementedError(f"backend {self.name!r} has no pixel transform")
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """[K, 3, S, S] float32: pixel_transform() on K images, in the worker processes once
-        start_workers() has run, else in threads (PIL's resize releases the interpreter)."""
-        if self._preprocess_pool is not None:
-            return self._preprocess_pool.map(images)
+        """[K, 3, S, S] float32: pixel_transform() on K images, in threads (the resize releases
+        the interpreter)."""
         transform = self.pixel_transform()
         if len(images) == 1:
             return transform(images[0])[None]
         with ThreadPoolExecutor(max_workers=min(len(images), 8)) as pool:
             return torch.stack(list(pool.map(transform, images)))
-
-    def start_workers(self, workers: int) -> None:
-        """Preprocess images in `workers` spawned processes from now on (same results, bit for
-        bit): a GPU run's preparing thread then leaves the interpreter to the thread that
-        launches the kernels. The processes take seconds to start; stop_workers() ends them."""
-        self.stop_workers()
-        self._preprocess_pool = PreprocessPool(self.pixel_transform(), workers)
-
-    def stop_workers(self) -> None:
-        """End the worker processes, if any (preprocessing returns to threads)."""
-        pool, self._preprocess_pool = self._preprocess_pool, None
-        if pool is not None:
-            pool.close()
-
-    @property
-    def preprocess_workers(self) -> int:
-        """Worker processes preprocessing images now (0: threads in this process)."""
-        return self._preprocess_pool.workers if self._preprocess_pool is not None else 0
 
     def compile_regions(self) -> list[tuple[torch.nn.Module, bool | None]]:
         """(module, dynamic) pairs that compile() hands to torch.compile: modules made of

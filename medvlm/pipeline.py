@@ -9,7 +9,6 @@ error halves the batch and retries. Rerunning into the same folder skips finishe
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import traceback
@@ -26,7 +25,6 @@ from medvlm.backend import VLMBackend
 from medvlm.config import MedicalAttentionConfig
 from medvlm.data import ImageLoadError, load_image
 from medvlm.store import ResultsStore, map_key
-from medvlm.workers import default_workers
 
 MODEL_NAMES = ("llava_rad", "medgemma")
 
@@ -51,7 +49,6 @@ class RunConfig:
     load_in_4bit: bool = False
     batch_size: int | None = None  # questions per forward; None: the backend's default
     compile: bool = False  # torch.compile the backends' norms, MLPs and vision layers (long runs)
-    preprocess_workers: int | None = None  # image preprocessing processes; None: auto (GPU runs of 32+ studies)
     strict: bool = False
     overwrite: bool = False
     analyze_only: bool = False
@@ -71,8 +68,6 @@ class RunConfig:
             raise ValueError(f"unknown model(s) {unknown}; valid: {', '.join(MODEL_NAMES)}")
         if self.load_in_8bit and self.load_in_4bit:
             raise ValueError("choose one of --load_in_8bit and --load_in_4bit")
-        if self.preprocess_workers is not None and self.preprocess_workers < 0:
-            raise ValueError(f"preprocess_workers must be >= 0, got {self.preprocess_workers}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.n_studies is not None and self.sample is not None:
@@ -210,17 +205,32 @@ class PreparedStudies:
     error: BaseException | None = None
 
 
+# threads that decode one pass's images (a pass holds at most a few dozen studies)
+DECODE_THREADS = 8
+
+
 def prepare_studies(backend: VLMBackend, studies: list[pd.DataFrame], random_weights: bool) -> PreparedStudies:
     """Read the studies' images and run backend.prepare on them (safe to run in a thread
-    while the device scores the previous pass). Never raises for a bad study."""
+    while the device scores the previous pass). The images are decoded in parallel threads
+    (PNG, JPEG and DICOM decoders release the interpreter; decoding one after another was the
+    runner's bottleneck on a GPU). Never raises for a bad study."""
     model = backend.name
     failed, ready = [], []
-    for rows in studies:
+
+    def load(rows):
         try:
-            ready.append((rows, load_image(rows.iloc[0].image_abspath)))
+            return load_image(rows.iloc[0].image_abspath)
         except (ImageLoadError, OSError) as e:
+            return e
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(studies), DECODE_THREADS))) as pool:
+        loaded = list(pool.map(load, studies))
+    for rows, img in zip(studies, loaded, strict=True):
+        if isinstance(img, BaseException):
             failed.append((rows.iloc[0].study_id, _failed_records(model, rows.itertuples(index=False),
-                                                                   f"image: {e}", random_weights), {}))  # fmt: skip
+                                                                   f"image: {img}", random_weights), {}))  # fmt: skip
+        else:
+            ready.append((rows, img))
     pre = PreparedStudies(failed, ready)
     if ready:
         try:
@@ -285,21 +295,6 @@ def _write_results(store: ResultsStore, model: str, results) -> None:
         store.write_study(model, str(study), records, maps)
 
 
-# below this many studies the workers' start (seconds) costs more than they save
-MIN_STUDIES_FOR_WORKERS = 32
-
-
-def preprocess_workers(cfg: RunConfig, n_studies: int) -> int:
-    """How many image-preprocessing processes a run uses: cfg.preprocess_workers if set; else,
-    on a GPU with at least MIN_STUDIES_FOR_WORKERS studies to score, half this process's share
-    of the host's cores (at most 8), and none otherwise (threads)."""
-    if cfg.preprocess_workers is not None:
-        return cfg.preprocess_workers
-    if not cfg.device.startswith("cuda") or n_studies < MIN_STUDIES_FOR_WORKERS:
-        return 0
-    return default_workers(share=cfg.world_size)
-
-
 def run_model(
     backend: VLMBackend,
     rows: pd.DataFrame,
@@ -310,9 +305,8 @@ def run_model(
     """Score every not-yet-finished row of `rows` with one backend, packing whole studies into
     forward passes of at most cfg.batch_size questions. While the device runs a pass, one
     thread prepares the next pass's images and prompts (not while generating text, which
-    shares the tokenizer), its image preprocessing in worker processes on GPU runs
-    (preprocess_workers), and another thread writes the previous pass's results, in order; a
-    failed write stops the run at the next pass. Returns counts and timing."""
+    shares the tokenizer) and another writes the previous pass's results, in order; a failed
+    write stops the run at the next pass. Returns counts and timing."""
     done = store.done_keys()
     model = backend.name
     pending = rows[[(model, str(s), f, int(v)) not in done
@@ -324,14 +318,7 @@ def run_model(
     prefetch = not cfg.attention.generate
     bar = tqdm(total=len(groups), desc=model, unit="study", disable=None)
     written = None  # the previous pass's write
-    workers = preprocess_workers(cfg, len(groups)) if groups else 0
-    counts["preprocess_workers"] = workers
-    if workers:
-        backend.start_workers(workers)
-    with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=1) as pool, \
-            ThreadPoolExecutor(max_workers=1) as writer:  # fmt: skip
-        if workers:
-            stack.callback(backend.stop_workers)
+    with ThreadPoolExecutor(max_workers=1) as pool, ThreadPoolExecutor(max_workers=1) as writer:
         chunk, i = _next_chunk(groups, 0, batch_size)
         future = pool.submit(prepare_studies, backend, chunk, random_weights) if chunk and prefetch else None
         while chunk:

@@ -8,7 +8,7 @@ from PIL import Image
 
 from medvlm.backend import QuestionScore, VLMBackend
 from medvlm.geometry import square_resize_geometry
-from medvlm.pipeline import MIN_STUDIES_FOR_WORKERS, RunConfig, preprocess_workers, run_model
+from medvlm.pipeline import RunConfig, run_model
 from medvlm.store import ResultsStore, read_results
 
 
@@ -118,41 +118,7 @@ def test_a_failed_write_stops_the_run_and_earlier_passes_stay_written(tmp_path):
     assert len(lines) == 36, f"expected 36 records written once each, found {len(lines)} lines"
 
 
-def test_worker_processes_start_for_the_run_and_always_stop(tmp_path, monkeypatch):
-    """run_model starts the backend's preprocessing workers when asked and stops them after
-    the last pass, also when the run fails; the CPU default is none."""
-    events = []
-    monkeypatch.setattr(FakeBackend, "start_workers", lambda self, n: events.append(("start", n)), raising=False)
-    monkeypatch.setattr(FakeBackend, "stop_workers", lambda self: events.append(("stop",)), raising=False)
-    rows = _rows(tmp_path, 3)
-    cfg = RunConfig(output_dir=tmp_path / "out", batch_size=12, preprocess_workers=2)
-    counts = run_model(FakeBackend(), rows, ResultsStore(cfg.output_dir), cfg, random_weights=True)
-    assert events == [("start", 2), ("stop",)] and counts["preprocess_workers"] == 2 and counts["ok"] == 18
-    events.clear()
-    store = ResultsStore(tmp_path / "out2")
-    store.write_study = lambda *a: (_ for _ in ()).throw(OSError("disk full"))
-    with pytest.raises(OSError):
-        run_model(FakeBackend(), rows, store, RunConfig(output_dir=tmp_path / "out2", preprocess_workers=1),
-                  random_weights=True)  # fmt: skip
-    assert events == [("start", 1), ("stop",)]
-    events.clear()
-    run_model(FakeBackend(), rows, ResultsStore(tmp_path / "out3"), RunConfig(output_dir=tmp_path / "out3"),
-              random_weights=True)  # fmt: skip
-    assert events == [], "no workers on the CPU by default"
-
-
-def test_worker_default_follows_the_device_and_the_run_size(tmp_path, monkeypatch):
-    cfg = RunConfig(output_dir=tmp_path)
-    assert preprocess_workers(cfg, 10_000) == 0  # CPU
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert preprocess_workers(cfg, MIN_STUDIES_FOR_WORKERS - 1) == 0
-    assert 1 <= preprocess_workers(cfg, MIN_STUDIES_FOR_WORKERS) <= 8
-    assert preprocess_workers(RunConfig(output_dir=tmp_path, preprocess_workers=3), 1) == 3
-
-
-@pytest.mark.parametrize(
-    "bad", [{"batch_size": 0}, {"preprocess_workers": -1}, {"models": ("llava",)}, {"n_studies": 2, "sample": 2}]
-)
+@pytest.mark.parametrize("bad", [{"batch_size": 0}, {"models": ("llava",)}, {"n_studies": 2, "sample": 2}])
 def test_run_config_refuses_bad_values(tmp_path, bad):
     with pytest.raises(ValueError):
         RunConfig(output_dir=tmp_path, **bad)
