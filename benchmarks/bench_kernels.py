@@ -14,6 +14,7 @@ attention  SigLIP's self-attention at 896 px (K images x 16 heads x 4096 patches
 gelu       fc1 + tanh-GELU (SigLIP's MLP): linear then gelu, cuBLASLt's GELU epilogue
            (torch._addmm_activation), and torch.compile of the pair.
 patch      the patch-embedding convolution: cuDNN's default choice, cudnn.benchmark, unfold + matmul.
+rmsnorm    Gemma3's RMSNorm in eager against F.rms_norm (one pass's tokens).
 pass       the kernels of one backend pass (k studies), the vision tower alone and the whole
            pass, eager and compiled, grouped by kernel name.
 """
@@ -180,6 +181,24 @@ def patch_part(k: int, size: int, patch: int, width: int) -> None:
             torch.backends.cudnn.benchmark = saved
 
 
+def rmsnorm_part(tokens: int, width: int) -> None:
+    """Gemma3's RMSNorm in eager (x.float(), pow, mean, rsqrt, two muls, cast) against
+    F.rms_norm with the weight (1 + w) folded in."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    dev = DEVICE["name"]
+    norm = Gemma3RMSNorm(width, eps=1e-6).to(dev)
+    with torch.no_grad():
+        norm.weight.normal_(0, 0.1)
+    x = torch.randn(tokens, width, device=dev, dtype=torch.bfloat16)
+    w1 = 1.0 + norm.weight.float()
+    fused = lambda: F.rms_norm(x.float(), (width,), w1, 1e-6).to(x.dtype)  # noqa: E731
+    with torch.no_grad():
+        ref = norm(x)
+        print(f"RMSNorm [{tokens} x {width}] bf16: eager {bench(lambda: norm(x)):.3f} ms, F.rms_norm "
+              f"{bench(fused):.3f} ms, max|diff| {float((fused().float() - ref.float()).abs().max()):.2e}", flush=True)
+
+
 def kernel_table(fn, n: int, rows: int) -> float:
     """Profile n calls of fn; print the top kernels (ms per call); return kernel ms per call."""
     acts = [torch.profiler.ProfilerActivity.CPU]
@@ -224,7 +243,7 @@ def pass_part(k: int, n: int, rows: int, compile_too: bool) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--parts", nargs="+", default=["attention", "gelu", "patch", "pass"])
+    p.add_argument("--parts", nargs="+", default=["attention", "gelu", "patch", "rmsnorm", "pass"])
     p.add_argument("--k", type=int, default=8, help="images (studies) per pass")
     p.add_argument("--n", type=int, default=3, help="profiled passes")
     p.add_argument("--rows", type=int, default=30)
@@ -240,6 +259,8 @@ def main(argv=None) -> int:
         attention_part(a.k, heads, seq, dim)
     if "gelu" in a.parts:
         gelu_part(a.k, seq, width, inner)
+    if "rmsnorm" in a.parts:
+        rmsnorm_part(a.k * 530, 2560 if not a.smoke else 16)
     if "patch" in a.parts:
         patch_part(a.k, 896 if not a.smoke else 28, 14, width)
     if "pass" in a.parts:

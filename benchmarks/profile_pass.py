@@ -86,11 +86,19 @@ def main() -> int:
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--compile", action="store_true", help="the opt-in compiled path (backend.compile())")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing")
+    p.add_argument("--no_siglip_fast_path", action="store_true",
+                   help="MedGemma without medgemma_enhanced.siglip_fast_path (for an A/B on one machine)")
     p.add_argument("--torch_threads", type=int, nargs="*", default=[],
                    help="only time the pass three ways under each torch.set_num_threads value (host contention)")
     a = p.parse_args()
     if a.smoke:
         DEVICE.update(name="cpu", full_size=False)
+    if a.no_siglip_fast_path:
+        import contextlib
+
+        import medgemma_enhanced
+
+        medgemma_enhanced.siglip_fast_path = lambda vision_model: contextlib.nullcontext()
     backend, *_ = build(a.model, torch.bfloat16, MedicalAttentionConfig())
     if a.compile:
         probe = [(im, PARAPHRASES, None) for im in images(2, seed=5)]
