@@ -56,6 +56,7 @@ from medvlm.backend import QuestionScore, VLMBackend, question_scores
 from medvlm.capture import attention_modules_of
 from medvlm.config import MedicalAttentionConfig
 from medvlm.engine import cache_kwargs, new_cache, score_packed, select_cache
+from medvlm.fused_norms import fused_rms_norms, norm_modules
 from medvlm.geometry import Geometry, shortest_side_center_crop_geometry
 from medvlm.queries import suffix_query_positions
 from medvlm.scoring import resolve_answer_tokens
@@ -471,6 +472,7 @@ class LLaVARadMedical(VLMBackend):
         self.n_layers = int(lm.config.num_hidden_layers)
         self.layers = layers
         self._attention = attention
+        self._norms = norm_modules(lm.model)  # fused in eager passes (medvlm.fused_norms)
         self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.unk_token_id, 0) if i is not None)
         self.model_path, self.model_base = str(model_path), str(model_base)
         self.model_dir, self.base_dir = model_dir, base_dir
@@ -683,7 +685,7 @@ class LLaVARadMedical(VLMBackend):
     def unload(self) -> None:
         on_cuda = self.model is not None and self.device.type == "cuda"
         self.model = self.vision = self.projector = None
-        self._attention = None
+        self._attention = self._norms = None
         gc.collect()
         if on_cuda:
             torch.cuda.empty_cache()
@@ -810,8 +812,9 @@ class LLaVARadMedical(VLMBackend):
 
         def forward(suffix_ids, position_ids, mask):
             embeds = torch.cat([text, img, decoder.embed_tokens(suffix_ids)], dim=1)
-            return decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                           use_cache=False).last_hidden_state  # fmt: skip
+            with fused_rms_norms(() if self.compiled else self._norms):
+                return decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state  # fmt: skip
 
         suffixes = [t.suffix_ids for t in toks]
         out = score_packed(

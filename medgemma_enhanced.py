@@ -34,6 +34,7 @@ from medvlm.backend import QuestionScore, VLMBackend, question_scores
 from medvlm.capture import attention_modules_of
 from medvlm.config import MedicalAttentionConfig
 from medvlm.engine import score_packed
+from medvlm.fused_norms import fused_rms_norms, norm_modules, patched_forwards
 from medvlm.geometry import Geometry, square_resize_geometry
 from medvlm.queries import suffix_query_positions
 from medvlm.scoring import resolve_answer_tokens
@@ -247,26 +248,22 @@ def siglip_fast_path(vision_model: torch.nn.Module):
       GELU applied before the bf16 rounding instead of after.
     vision_model  SiglipVisionTransformer (.embeddings, .encoder.layers[i].mlp)
     """
-    hooks, patched = [], []
     fuse = epilogue_gelu_is_tanh(vision_model.embeddings.patch_embedding.weight.device)
+    patches = []
+    for layer in vision_model.encoder.layers if fuse else ():
+        mlp = layer.mlp
+        plain = type(mlp.fc1) is torch.nn.Linear and mlp.fc1.bias is not None  # not 8-/4-bit layers
+        if plain and getattr(mlp.config, "hidden_act", None) in GELU_TANH_ACTS:
+            fused = getattr(mlp, "_medvlm_fused_forward", None)
+            if fused is None:  # one object per module, so compiled callers see the same forward
+                fused = mlp._medvlm_fused_forward = lambda h, mlp=mlp: _fused_gelu_mlp(mlp, h)
+            patches.append((mlp, fused))
+    hook = vision_model.embeddings.register_forward_hook(lambda m, args, out: out.contiguous())
     try:
-        hooks.append(vision_model.embeddings.register_forward_hook(lambda m, args, out: out.contiguous()))
-        for layer in vision_model.encoder.layers if fuse else ():
-            mlp = layer.mlp
-            plain = type(mlp.fc1) is torch.nn.Linear and mlp.fc1.bias is not None  # not 8-/4-bit layers
-            if plain and getattr(mlp.config, "hidden_act", None) in GELU_TANH_ACTS:
-                fused = getattr(mlp, "_medvlm_fused_forward", None)
-                if fused is None:  # one object per module, so compiled callers see the same forward
-                    fused = mlp._medvlm_fused_forward = lambda h, mlp=mlp: _fused_gelu_mlp(mlp, h)
-                mlp.forward = fused
-                patched.append(mlp)
-        yield
+        with patched_forwards(patches):
+            yield
     finally:
-        for h in hooks:
-            h.remove()
-        for mlp in patched:
-            if "forward" in vars(mlp):
-                del mlp.forward
+        hook.remove()
 
 
 class MedGemmaMedical(VLMBackend):
@@ -289,6 +286,7 @@ class MedGemmaMedical(VLMBackend):
         self._attention = attention_modules_of(self._decoder)
         tower = model.model.vision_tower
         self._vision_model = getattr(tower, "vision_model", tower)
+        self._norms = norm_modules(model.model)  # fused in eager passes (medvlm.fused_norms)
         self.keep_logits = False  # tests: keep each question's next-token logits in extra["logits"]
         self._prompt_cache: dict[str, dict] = {}
 
@@ -359,7 +357,7 @@ class MedGemmaMedical(VLMBackend):
 
     def unload(self) -> None:
         device = next(self.model.parameters()).device
-        del self.model, self._decoder, self._attention, self._vision_model
+        del self.model, self._decoder, self._attention, self._vision_model, self._norms
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -500,7 +498,7 @@ class MedGemmaMedical(VLMBackend):
         pixels = pixel_values.to(device=device, dtype=dtype, non_blocking=True)
 
         def forward(suffix_ids, position_ids, mask):
-            with siglip_fast_path(self._vision_model):
+            with siglip_fast_path(self._vision_model), fused_rms_norms(() if self.compiled else self._norms):
                 return self.model.model(
                     input_ids=torch.cat([prefix, suffix_ids], dim=1),
                     pixel_values=pixels,

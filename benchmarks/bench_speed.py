@@ -330,6 +330,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip_exactness", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--kind", default="nvidia-h200")
+    p.add_argument("--label", default="", help="what this run measures (kept as 'path', and in later runs' history)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing")
     args = p.parse_args(argv)
     if args.smoke:
@@ -347,6 +348,7 @@ def main(argv=None) -> int:
         "transformers": transformers.__version__,
         "dtype": "bfloat16",
         "weights": "random, full-size shapes of the real configs",
+        "path": args.label or "the default path and --compile as of this commit",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{result['date']}-{args.kind}.json"
