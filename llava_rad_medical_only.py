@@ -665,6 +665,7 @@ class LLaVARadMedical(VLMBackend):
             "projector": PROJECTOR,
             "random_weights": self.random_weights,
             "compiled": self.compiled,
+            "fused_rms_norms": bool(self._norms) and not self.compiled,
         }
         if loaded:
             d["image_span"] = [self.placeholder_index, self.placeholder_index + self.n_image_tokens]

@@ -340,6 +340,7 @@ class MedGemmaMedical(VLMBackend):
             "answer_token_ids": {"yes": list(self.answer_tokens.yes_ids), "no": list(self.answer_tokens.no_ids)},
             "random_weights": self.random_weights,
             "compiled": self.compiled,
+            "fused_rms_norms": bool(self._norms) and not self.compiled,
             "siglip_gelu_epilogue": epilogue_gelu_is_tanh(self._vision_model.embeddings.patch_embedding.weight.device),
         }
 
