@@ -37,13 +37,12 @@ with the official code on the real weights.
 
 from __future__ import annotations
 
-import functools
 import gc
 import json
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -699,9 +698,6 @@ class LLaVARadMedical(VLMBackend):
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """[3, 518, 518] float32, open_clip's eval transform."""
         return preprocess_image(image, self.image_size, self.mean, self.std)
-
-    def pixel_transform(self) -> Callable:
-        return functools.partial(preprocess_image, size=self.image_size, mean=self.mean, std=self.std)
 
     @torch.no_grad()
     def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,9 @@ image to a square without cropping; image soft tokens (config.image_token_id) si
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +33,7 @@ from medvlm.backend import QuestionScore, VLMBackend, question_scores
 from medvlm.capture import attention_modules_of
 from medvlm.config import MedicalAttentionConfig
 from medvlm.engine import score_packed
-from medvlm.fused_norms import fused_rms_norms, norm_modules, patched_forwards
+from medvlm.fused_norms import fused_rms_norms, module_forward, norm_modules, patched_forwards
 from medvlm.geometry import Geometry, square_resize_geometry
 from medvlm.queries import suffix_query_positions
 from medvlm.scoring import resolve_answer_tokens
@@ -199,11 +198,6 @@ def load_medgemma(
     return model, processor
 
 
-def processor_pixels(image_processor, image: Image.Image) -> torch.Tensor:
-    """[3, S, S] float32: the processor's own preprocessing of one RGB image."""
-    return image_processor(image, return_tensors="pt")["pixel_values"][0]
-
-
 def _fused_gelu_mlp(mlp, hidden: torch.Tensor) -> torch.Tensor:
     """SiglipMLP.forward with fc1's bias and tanh-GELU in the matmul's epilogue (cuBLASLt):
     one kernel instead of a matmul and an elementwise pass over [tokens, 4304].
@@ -254,10 +248,7 @@ def siglip_fast_path(vision_model: torch.nn.Module):
         mlp = layer.mlp
         plain = type(mlp.fc1) is torch.nn.Linear and mlp.fc1.bias is not None  # not 8-/4-bit layers
         if plain and getattr(mlp.config, "hidden_act", None) in GELU_TANH_ACTS:
-            fused = getattr(mlp, "_medvlm_fused_forward", None)
-            if fused is None:  # one object per module, so compiled callers see the same forward
-                fused = mlp._medvlm_fused_forward = lambda h, mlp=mlp: _fused_gelu_mlp(mlp, h)
-            patches.append((mlp, fused))
+            patches.append((mlp, module_forward(mlp, _fused_gelu_mlp)))
     hook = vision_model.embeddings.register_forward_hook(lambda m, args, out: out.contiguous())
     try:
         with patched_forwards(patches):
@@ -437,8 +428,9 @@ class MedGemmaMedical(VLMBackend):
             raise FactError("the image token types differ from the processor's token_type_ids")
         entry["checked"] = True
 
-    def pixel_transform(self) -> Callable:
-        return functools.partial(processor_pixels, self.processor.image_processor)
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """[3, S, S] float32: the processor's own preprocessing of one RGB image."""
+        return self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
 
     def score(self, image: Image.Image, questions: Sequence[str], findings: Sequence[str] | None = None):
         return self.score_many([(image, questions, findings)])[0]

@@ -13,7 +13,7 @@ subclass :class:`VLMBackend`. The runner never knows which model it drives.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -154,19 +154,18 @@ class VLMBackend(ABC):
         """The device-side work of score_many, on what prepare() returned."""
         return VLMBackend.score_many(self, prepared)
 
-    def pixel_transform(self) -> Callable:
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
         """The model's image preprocessing: PIL image -> [3, S, S] float32 (what prepare()
         runs on each image)."""
-        raise NotImplementedError(f"backend {self.name!r} has no pixel transform")
+        raise NotImplementedError(f"backend {self.name!r} has no image preprocessing")
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """[K, 3, S, S] float32: pixel_transform() on K images, in threads (the resize releases
+        """[K, 3, S, S] float32: preprocess() on K images, in threads (the resize releases
         the interpreter)."""
-        transform = self.pixel_transform()
         if len(images) == 1:
-            return transform(images[0])[None]
+            return self.preprocess(images[0])[None]
         with ThreadPoolExecutor(max_workers=min(len(images), 8)) as pool:
-            return torch.stack(list(pool.map(transform, images)))
+            return torch.stack(list(pool.map(self.preprocess, images)))
 
     def compile_regions(self) -> list[tuple[torch.nn.Module, bool | None]]:
         """(module, dynamic) pairs that compile() hands to torch.compile: modules made of

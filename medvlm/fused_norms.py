@@ -53,6 +53,15 @@ def norm_modules(root: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in root.modules() if type(m).__name__ in FUSED and m.weight.is_floating_point()]
 
 
+def module_forward(module: torch.nn.Module, fn: Callable) -> Callable:
+    """x -> fn(module, x) as module's forward, made once per module and function and kept on
+    the module (compiled callers then see the same forward object on every pass)."""
+    cache = vars(module).setdefault("_medvlm_forwards", {})
+    if fn not in cache:
+        cache[fn] = lambda x: fn(module, x)
+    return cache[fn]
+
+
 @contextlib.contextmanager
 def patched_forwards(patches: Iterable[tuple[torch.nn.Module, Callable]]) -> Iterator[None]:
     """Give each module the paired forward for the duration of the block; always restores
@@ -71,11 +80,4 @@ def patched_forwards(patches: Iterable[tuple[torch.nn.Module, Callable]]) -> Ite
 
 def fused_rms_norms(norms: Iterable[torch.nn.Module]) -> contextlib.AbstractContextManager:
     """The fused forward on each of norms (see norm_modules) for one block."""
-
-    def bound(m):
-        fwd = getattr(m, "_medvlm_fused_forward", None)
-        if fwd is None:  # one object per module: created once, not per pass
-            fwd = m._medvlm_fused_forward = lambda x, m=m: FUSED[type(m).__name__](m, x)
-        return fwd
-
-    return patched_forwards((m, bound(m)) for m in norms)
+    return patched_forwards((m, module_forward(m, FUSED[type(m).__name__])) for m in norms)
