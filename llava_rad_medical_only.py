@@ -54,7 +54,7 @@ from medvlm.aggregate import resolve_layers
 from medvlm.backend import QuestionScore, VLMBackend, question_scores
 from medvlm.capture import attention_modules_of
 from medvlm.config import MedicalAttentionConfig
-from medvlm.engine import cache_kwargs, new_cache, score_packed, select_cache
+from medvlm.engine import cache_kwargs, new_cache, score_packed, select_cache, to_device
 from medvlm.fused_norms import fused_rms_norms, norm_modules
 from medvlm.geometry import Geometry, shortest_side_center_crop_geometry
 from medvlm.queries import suffix_query_positions
@@ -724,7 +724,7 @@ class LLaVARadMedical(VLMBackend):
 
     def _text_embeddings(self, ids: Sequence[int], n: int) -> torch.Tensor:
         """The embeddings of one token sequence, repeated for n rows: [n, len(ids), hidden]."""
-        return self.model.model.embed_tokens(torch.tensor([list(ids)], device=self.device)).expand(n, -1, -1)
+        return self.model.model.embed_tokens(to_device(torch.tensor([list(ids)]), self.device)).expand(n, -1, -1)
 
     def _cache_prefix(self, embeds: torch.Tensor):
         """Run prefix embeddings [K, P, hidden] with use_cache: (cache, P)."""

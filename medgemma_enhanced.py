@@ -32,7 +32,7 @@ from medvlm.aggregate import resolve_layers
 from medvlm.backend import QuestionScore, VLMBackend, question_scores
 from medvlm.capture import attention_modules_of
 from medvlm.config import MedicalAttentionConfig
-from medvlm.engine import score_packed
+from medvlm.engine import score_packed, to_device
 from medvlm.fused_norms import fused_rms_norms, module_forward, norm_modules, patched_forwards
 from medvlm.geometry import Geometry, square_resize_geometry
 from medvlm.queries import suffix_query_positions
@@ -207,6 +207,35 @@ def _fused_gelu_mlp(mlp, hidden: torch.Tensor) -> torch.Tensor:
     return mlp.fc2(inner).view(*hidden.shape[:-1], -1)
 
 
+def normalizes_on_device(image_processor) -> bool:
+    """Whether the processor's work can be split at its last step: resize (and the rest) on
+    the host, with rescale_and_normalize skipped so the pixels stay 8-bit, then the
+    processor's own rescale_and_normalize run on the device. That halves the host's share
+    of each image (the float pass and the float copies) and the bytes sent. Only when the
+    split is exact: checked once on a probe image, against the processor's own output,
+    bit for bit (element-wise float ops round the same on the GPU, tests/test_gpu.py)."""
+    if not callable(getattr(image_processor, "rescale_and_normalize", None)):
+        return False
+    rng = torch.Generator().manual_seed(0)
+    probe = Image.fromarray(torch.randint(0, 256, (37, 29, 3), dtype=torch.uint8, generator=rng).numpy())
+    try:
+        full = image_processor(probe, return_tensors="pt")["pixel_values"]
+        raw = image_processor(probe, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
+        if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8:
+            return False
+        return torch.equal(normalize_pixels(image_processor, raw), full)
+    except (TypeError, ValueError, AttributeError):  # a processor without these options: the host does it all
+        return False
+
+
+def normalize_pixels(image_processor, pixels: torch.Tensor) -> torch.Tensor:
+    """[K, 3, S, S] uint8 (resized by the processor) -> float32, by the processor's own
+    rescale_and_normalize, on whatever device the pixels are."""
+    ip = image_processor
+    return ip.rescale_and_normalize(pixels, ip.do_rescale, ip.rescale_factor, ip.do_normalize,
+                                    tuple(ip.image_mean), tuple(ip.image_std))  # fmt: skip
+
+
 _EPILOGUE_IS_TANH: dict[str, bool] = {}
 
 
@@ -280,6 +309,7 @@ class MedGemmaMedical(VLMBackend):
         self._norms = norm_modules(model.model)  # fused in eager passes (medvlm.fused_norms)
         self.keep_logits = False  # tests: keep each question's next-token logits in extra["logits"]
         self._prompt_cache: dict[str, dict] = {}
+        self._normalize_on_device = normalizes_on_device(processor.image_processor)
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -332,6 +362,7 @@ class MedGemmaMedical(VLMBackend):
             "random_weights": self.random_weights,
             "compiled": self.compiled,
             "fused_rms_norms": bool(self._norms) and not self.compiled,
+            "pixel_normalization": "device" if self._normalize_on_device else "host",
             "siglip_gelu_epilogue": epilogue_gelu_is_tanh(self._vision_model.embeddings.patch_embedding.weight.device),
         }
 
@@ -429,8 +460,14 @@ class MedGemmaMedical(VLMBackend):
         entry["checked"] = True
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """[3, S, S] float32: the processor's own preprocessing of one RGB image."""
-        return self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+        """[3, S, S]: the processor's own preprocessing of one RGB image: float32, or uint8
+        with its last step (rescale and normalise) left to the device half of the pass
+        (normalizes_on_device)."""
+        if self._normalize_on_device:
+            out = self.processor.image_processor(image, do_rescale=False, do_normalize=False, return_tensors="pt")
+        else:
+            out = self.processor.image_processor(image, return_tensors="pt")
+        return out["pixel_values"][0]
 
     def score(self, image: Image.Image, questions: Sequence[str], findings: Sequence[str] | None = None):
         return self.score_many([(image, questions, findings)])[0]
@@ -487,14 +524,25 @@ class MedGemmaMedical(VLMBackend):
         first = entries[0]
         prefix_len, (start, end) = first["prefix_len"], first["span"]
         n_img = len(items)
-        prefix = torch.tensor([first["prefix"]], device=device).expand(n_img, -1)
-        pixels = pixel_values.to(device=device, dtype=dtype, non_blocking=True)
+        prefix = to_device(torch.tensor([first["prefix"]]), device)  # [1, P]; no host sync
+        pixels = pixel_values.to(device=device, non_blocking=True)
+        if pixels.dtype == torch.uint8:
+            pixels = normalize_pixels(self.processor.image_processor, pixels)
+        pixels = pixels.to(dtype)
+        embed = self.model.model.get_input_embeddings()  # Gemma3's scaled embedding
 
         def forward(suffix_ids, position_ids, mask):
+            # The image features go into their span directly: the model's own merge (given
+            # input_ids and pixel_values) formats a device tensor into its check message,
+            # a host sync that would hold the decoder's launches until the tower finished.
             with siglip_fast_path(self._vision_model), fused_rms_norms(() if self.compiled else self._norms):
+                image = self.image_features(pixels)
+                if image.shape[1] != end - start:
+                    raise FactError(f"expected {end - start} image embeddings per image, found {image.shape[1]}")
+                parts = [embed(prefix[:, :start]), image.to(dtype), embed(prefix[:, end:]), embed(suffix_ids)]
+                embeds = torch.cat([p.expand(n_img, -1, -1) for p in parts], dim=1)
                 return self.model.model(
-                    input_ids=torch.cat([prefix, suffix_ids], dim=1),
-                    pixel_values=pixels,
+                    inputs_embeds=embeds,
                     attention_mask=mask,  # {layer type: mask}: the image block's two-way attention included
                     position_ids=position_ids,
                     use_cache=False,
@@ -530,6 +578,13 @@ class MedGemmaMedical(VLMBackend):
         ]  # fmt: skip
         return question_scores(out, items, owners, [e["prompt"] for e in entries],
                                [generated.get(o) for o in owners], extras, self.keep_logits)  # fmt: skip
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[K, 3, S, S] -> [K, 256, hidden]: the vision tower and the projector (the model's
+        get_image_features, which returns the tensor or, in newer transformers, an output
+        whose pooler_output holds it)."""
+        out = self.model.model.get_image_features(pixel_values)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.lm_head(hidden)

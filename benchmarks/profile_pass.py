@@ -3,11 +3,13 @@
     python benchmarks/profile_pass.py --model medgemma --studies_per_pass 8 16 --n 16
     python benchmarks/profile_pass.py --model llava_rad --studies_per_pass 2 --n 8
     python benchmarks/profile_pass.py --model medgemma --studies_per_pass 8 --n 16 --compile
+    python benchmarks/profile_pass.py --model medgemma --studies_per_pass 8 --find_syncs --torch_threads 16
 
 It prints, per pass: wall time; the time of each phase with the GPU synchronised around it
 (host preparation, vision tower, decoder, the rest); then, without those synchronisations,
 the GPU's busy time (sum of kernel times) against the wall time, the kernel launches and
-host synchronisations per pass, and the top kernels and host ops.
+host synchronisations per pass, and the top kernels and host ops. --find_syncs first lists
+where one pass's device half makes the host wait on the GPU (torch.cuda.set_sync_debug_mode).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import defaultdict
+import traceback
+import warnings
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -90,6 +94,10 @@ def main() -> int:
                    help="MedGemma without medgemma_enhanced.siglip_fast_path (for an A/B on one machine)")
     p.add_argument("--torch_threads", type=int, nargs="*", default=[],
                    help="only time the pass three ways under each torch.set_num_threads value (host contention)")
+    p.add_argument("--switch_intervals", type=float, nargs="*", default=[],
+                   help="only time the pass three ways under each sys.setswitchinterval value (seconds)")
+    p.add_argument("--find_syncs", action="store_true",
+                   help="first list where one pass's device half synchronises with the host (CUDA only)")
     a = p.parse_args()
     if a.smoke:
         DEVICE.update(name="cpu", full_size=False)
@@ -112,13 +120,49 @@ def main() -> int:
         print(f"compiled in {time.perf_counter() - t0:.1f} s; vs eager: max |dP(yes)| {dp:.2g}, "
               f"max |d rows| {dr:.2g}")  # fmt: skip
     for k in a.studies_per_pass:
+        if a.find_syncs and DEVICE["name"] == "cuda":
+            find_syncs(backend, a, k)
         for n in a.torch_threads:
             torch.set_num_threads(n)
             print(f"torch threads {n}: ", end="")
             three_ways(backend, a, k)
-        if not a.torch_threads:
+        default_interval = sys.getswitchinterval()
+        for v in a.switch_intervals:
+            sys.setswitchinterval(v)
+            print(f"switch interval {v * 1e3:g} ms: ", end="")
+            try:
+                three_ways(backend, a, k)
+            finally:
+                sys.setswitchinterval(default_interval)
+        if not a.torch_threads and not a.switch_intervals:
             profile(backend, a, k)
     return 0
+
+
+def find_syncs(backend, a, k: int) -> None:
+    """Print each place where score_prepared (the device half of a pass) makes the host wait
+    on the GPU, with counts; the reading-out of the results at the end is expected."""
+    items = [(im, PARAPHRASES, None) for im in images(k, seed=7)]
+    backend.score_many(items)  # one-time checks may sync
+    prep = backend.prepare(items)
+    sync()
+    found: Counter = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
+        found[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            backend.score_prepared(prep)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    print(f"{a.model} k={k}: {sum(found.values())} host syncs in one pass's device half:")
+    for where, n in found.most_common():
+        print(f"  {n:4d}  {where}")
 
 
 def three_ways(backend, a, k: int) -> tuple[list, int]:

@@ -155,13 +155,14 @@ class VLMBackend(ABC):
         return VLMBackend.score_many(self, prepared)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """The model's image preprocessing: PIL image -> [3, S, S] float32 (what prepare()
-        runs on each image)."""
+        """The model's image preprocessing: PIL image -> [3, S, S] (what prepare() runs on
+        each image): float32 pixel values, or uint8 whose last step (rescale, normalise) the
+        backend's device half runs."""
         raise NotImplementedError(f"backend {self.name!r} has no image preprocessing")
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """[K, 3, S, S] float32: preprocess() on K images, in threads (the resize releases
-        the interpreter)."""
+        """[K, 3, S, S]: preprocess() on K images, in threads (the resize releases the
+        interpreter)."""
         if len(images) == 1:
             return self.preprocess(images[0])[None]
         with ThreadPoolExecutor(max_workers=min(len(images), 8)) as pool:

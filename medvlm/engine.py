@@ -49,6 +49,18 @@ class PackedScores:
     n_query: torch.Tensor
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on the device without a host synchronisation: a plain .to(cuda) waits
+    for every kernel already queued (the copy is made blocking), so a pass that copies index
+    tensors after launching its vision tower stalls the host until the tower finishes and
+    then launches the decoder one kernel at a time behind an idle GPU. On CUDA the tensor is
+    staged in pinned memory (the caching host allocator keeps it until the copy is done)
+    and copied asynchronously, in stream order."""
+    if device is None or torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def new_cache():
     """An empty DynamicCache for generation: built without a config, every layer keeps every
     key (sliding layers too: the window is applied by the masks), so key columns are absolute
@@ -83,7 +95,7 @@ def query_tensors(positions: Sequence[Sequence[int]], device) -> tuple[torch.Ten
     for i, p in enumerate(positions):
         index[i, : len(p)] = torch.tensor(list(p), dtype=torch.long)
         valid[i, : len(p)] = True
-    return index.to(device), valid.to(device)
+    return to_device(index, device), to_device(valid, device)
 
 
 @dataclass(frozen=True)
@@ -143,8 +155,9 @@ def packed_masks(config, layout: PackedLayout, prefix_len: int, device, bidirect
 
     k_studies, width = layout.owner.shape
     prefix_owner = torch.full((k_studies, prefix_len), -2, dtype=torch.long)  # -2: prefix, -1: pad
-    owner = torch.cat([prefix_owner, layout.owner], dim=1).to(device)
-    pos = torch.cat([torch.arange(prefix_len).expand(k_studies, -1), prefix_len + layout.offset], dim=1).to(device)
+    owner = to_device(torch.cat([prefix_owner, layout.owner], dim=1), device)
+    pos = torch.cat([torch.arange(prefix_len).expand(k_studies, -1), prefix_len + layout.offset], dim=1)
+    pos = to_device(pos, device)
     q_pos, kv_pos = pos[:, :, None], pos[:, None, :]
     in_prefix = owner == -2
     same_question = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] >= 0)
@@ -227,7 +240,7 @@ def score_packed(
         per_study_q[k].extend(prefix_len + layout.start_of[r] + int(t) for t in q)
         q_owner[k].extend([r] * len(q))
     q_index, q_valid = query_tensors([q or [0] for q in per_study_q], device)
-    q_valid &= torch.tensor([[bool(q)] for q in per_study_q], device=device)
+    q_valid &= to_device(torch.tensor([[bool(q)] for q in per_study_q]), device)
     spec = CaptureSpec(
         layers=layers,
         query_index=q_index,
@@ -237,20 +250,23 @@ def score_packed(
         head_mode=head_mode,
         causal_prefix=prefix_len if bidirectional_span is None and _window_covers(config, prefix_len) else 0,
     )
-    with capture_rows(attention_modules, spec) as cap:
-        hidden = forward(layout.suffix_ids.to(device), position_ids, mask)
-    last_k = torch.tensor(rows, device=device)
-    last_t = torch.tensor([prefix_len + layout.start_of[r] + len(suffixes[r]) - 1 for r in range(n)], device=device)
-    logits = head(hidden[last_k, last_t]).float()
-    p_yes, coverage = yes_probability(logits, answer_tokens)
+    # everything the reading-out needs is on the device before the forward is launched: the
+    # host never waits on the GPU until the caller reads the results (tests/test_gpu.py checks)
+    last_k = to_device(torch.tensor(rows), device)
+    last_t = to_device(torch.tensor([prefix_len + layout.start_of[r] + len(suffixes[r]) - 1 for r in range(n)]), device)
     # average each question's query rows: a [Q, K * nq] averaging matrix
     nq = q_index.shape[1]
     avg = torch.zeros((n, n_studies * nq))  # built on the host: one copy, not a launch per entry
     for k in range(n_studies):
         for j, r in enumerate(q_owner[k]):
             avg[r, k * nq + j] = 1.0
-    n_query = avg.sum(1).to(device)
-    avg = (avg / avg.sum(1, keepdim=True)).to(device)
+    n_query = to_device(avg.sum(1), device)
+    avg = to_device(avg / avg.sum(1, keepdim=True), device)
+    suffix_ids = to_device(layout.suffix_ids, device)
+    with capture_rows(attention_modules, spec) as cap:
+        hidden = forward(suffix_ids, position_ids, mask)
+    logits = head(hidden[last_k, last_t]).float()
+    p_yes, coverage = yes_probability(logits, answer_tokens)
     per_layer, mass = [], []
     for layer in layers:
         pattern = cap.hook_pattern[layer]  # [K, (H,) nq, n_image]

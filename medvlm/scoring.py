@@ -63,8 +63,12 @@ def yes_probability(logits: torch.Tensor, tokens: AnswerTokens) -> tuple[torch.T
     coverage = sum softmax[yes ids] + sum softmax[no ids]
     """
     logp = torch.log_softmax(logits.double(), dim=-1)
-    ly = torch.logsumexp(logp[:, list(tokens.yes_ids)], dim=-1)
-    ln = torch.logsumexp(logp[:, list(tokens.no_ids)], dim=-1)
+    n_yes = len(tokens.yes_ids)
+    # ids copied asynchronously (list indexing would make a blocking copy: a host sync)
+    ids = torch.tensor([*tokens.yes_ids, *tokens.no_ids]).to(logits.device, non_blocking=True)
+    picked = logp.index_select(1, ids)
+    ly = torch.logsumexp(picked[:, :n_yes], dim=-1)
+    ln = torch.logsumexp(picked[:, n_yes:], dim=-1)
     p_yes = torch.sigmoid(ly - ln)
     coverage = torch.exp(ly) + torch.exp(ln)
     return p_yes, coverage

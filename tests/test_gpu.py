@@ -64,3 +64,49 @@ def test_siglip_gelu_epilogue_on_cuda_is_the_tanh_mlp():
     x = torch.randn(2, 64, mlp.fc1.in_features, device="cuda")
     d = max_diff(_fused_gelu_mlp(mlp, x), mlp(x))
     assert d <= 1e-5, f"fused MLP differs from SiglipMLP by {d:.3g} (fp32)"
+
+
+@pytest.mark.parametrize("model", ["medgemma", "llava_rad"])
+def test_a_pass_never_waits_on_the_gpu_before_its_results_are_read(model, tmp_path, rgb_image, monkeypatch):
+    """No host synchronisation from the pass's first launch until the results are read: a
+    sync after the vision tower's launches (a blocking copy, a tensor formatted into a
+    message) would leave the GPU idle while the decoder is launched one kernel at a time."""
+    import llava_rad_medical_only
+    import medgemma_enhanced
+
+    if model == "medgemma":
+        module, backend = medgemma_enhanced, MedGemmaMedical.tiny(device="cuda")
+    else:
+        module = llava_rad_medical_only
+        backend = LLaVARadMedical(MedicalAttentionConfig()).load_model(*write_tiny_llava_rad(tmp_path), device="cuda")
+    items = [(rgb_image, QUESTIONS, None)] * 2
+    expected = backend.score_many(items)  # warm-up: one-time checks and handles may sync
+    prep = backend.prepare(items)
+    seen = []
+    monkeypatch.setattr(module, "question_scores", lambda out, *a, **kw: seen.append(out))  # the reading-out
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            torch.zeros(1, device="cuda").item()  # the check itself is armed
+        backend.score_prepared(prep)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    (out,) = seen
+    got = out.p_yes.tolist()
+    want = [s.p_yes for study in expected for s in study]
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-6
+
+
+def test_pixels_normalised_on_cuda_equal_the_processor_on_the_cpu(rgb_image):
+    """The processor's rescale_and_normalize on the GPU rounds as on the CPU: bit for bit."""
+    from medgemma_enhanced import normalize_pixels
+
+    backend = MedGemmaMedical.tiny(device="cuda")
+    ip = backend.processor.image_processor
+    raw = backend.preprocess(rgb_image)[None]
+    assert raw.dtype == torch.uint8
+    on_gpu = normalize_pixels(ip, raw.to("cuda")).cpu()
+    assert torch.equal(on_gpu, ip(rgb_image, return_tensors="pt")["pixel_values"]), (
+        f"differs by {max_diff(on_gpu, ip(rgb_image, return_tensors='pt')['pixel_values']):.3g}"
+    )

@@ -1,11 +1,13 @@
 """MedGemma backend on the tiny random Gemma3: fast path vs full-prompt eager reference."""
 
+import copy
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
 from conftest import max_diff
+from PIL import Image
 from torch._dynamo.utils import counters
 
 from archive.reference import medgemma_reference
@@ -271,3 +273,52 @@ def test_siglip_fast_path_patches_the_mlps_only_inside(tiny_parts, monkeypatch):
     with mg.siglip_fast_path(vm):
         assert all("forward" in vars(layer.mlp) for layer in vm.encoder.layers)
     assert all("forward" not in vars(layer.mlp) for layer in vm.encoder.layers)
+
+
+def test_pixels_normalised_on_the_device_are_the_processors_own(tiny_parts, rgb_image):
+    """The processor's work split at its last step (8-bit resize on the host, its own
+    rescale_and_normalize in the pass) gives its full output bit for bit, on a radiograph-like
+    grayscale image and a color one; a processor whose split is not exact keeps it all on the host."""
+    from medgemma_enhanced import normalize_pixels, normalizes_on_device
+
+    backend = _backend(tiny_parts)
+    ip = backend.processor.image_processor
+    assert normalizes_on_device(ip) and backend.describe()["pixel_normalization"] == "device"
+    gray = Image.fromarray(np.random.default_rng(3).integers(0, 4096, (90, 70)).astype(np.uint16) // 16)
+    for image in (rgb_image, gray.convert("L").convert("RGB")):
+        raw = backend.preprocess(image)
+        assert raw.dtype == torch.uint8
+        assert torch.equal(normalize_pixels(ip, raw[None]), ip(image, return_tensors="pt")["pixel_values"])
+
+
+    class Shifted(NoSplit):  # as a processor version whose full formula is not its split's
+        def __call__(self, image, **kw):
+            out = self._ip(image, **kw)
+            if kw.get("do_normalize", True):
+                out["pixel_values"] = out["pixel_values"] + 1e-6
+            return out
+
+    assert not normalizes_on_device(Shifted(ip))
+    assert not normalizes_on_device(NoSplit(ip))
+    processor = copy.copy(tiny_parts[1])
+    processor.image_processor = NoSplit(ip)
+    host = MedGemmaMedical(tiny_parts[0], processor, MedicalAttentionConfig())
+    assert host.describe()["pixel_normalization"] == "host" and host.preprocess(rgb_image).dtype == torch.float32
+    host.keep_logits = True
+    (s,) = host.score(rgb_image, QUESTIONS[:1])
+    assert max_diff(s.extra["logits"], medgemma_reference(host, rgb_image, QUESTIONS[0])["logits"]) <= 1e-5
+
+
+class NoSplit:
+    """A processor without rescale_and_normalize (the whole preprocessing stays on the host)."""
+
+    def __init__(self, ip):
+        self._ip = ip
+
+    def __call__(self, *args, **kwargs):
+        return self._ip(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name == "rescale_and_normalize":
+            raise AttributeError(name)
+        return getattr(self._ip, name)
