@@ -207,13 +207,13 @@ def _fused_gelu_mlp(mlp, hidden: torch.Tensor) -> torch.Tensor:
     return mlp.fc2(inner).view(*hidden.shape[:-1], -1)
 
 
-def normalizes_on_device(image_processor) -> bool:
+def normalizes_on_device(image_processor, device=None) -> bool:
     """Whether the processor's work can be split at its last step: resize (and the rest) on
     the host, with rescale_and_normalize skipped so the pixels stay 8-bit, then the
     processor's own rescale_and_normalize run on the device. That halves the host's share
     of each image (the float pass and the float copies) and the bytes sent. Only when the
-    split is exact: checked once on a probe image, against the processor's own output,
-    bit for bit (element-wise float ops round the same on the GPU, tests/test_gpu.py)."""
+    split is exact: checked once on a probe image, run on `device` (the model's), against the
+    processor's own output on the host, bit for bit."""
     if not callable(getattr(image_processor, "rescale_and_normalize", None)):
         return False
     rng = torch.Generator().manual_seed(0)
@@ -223,8 +223,8 @@ def normalizes_on_device(image_processor) -> bool:
         raw = image_processor(probe, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
         if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8:
             return False
-        return torch.equal(normalize_pixels(image_processor, raw), full)
-    except (TypeError, ValueError, AttributeError):  # a processor without these options: the host does it all
+        return torch.equal(normalize_pixels(image_processor, raw.to(device)).cpu(), full)
+    except (TypeError, ValueError, AttributeError, RuntimeError):  # an option it lacks, a device it fails on
         return False
 
 
@@ -309,7 +309,7 @@ class MedGemmaMedical(VLMBackend):
         self._norms = norm_modules(model.model)  # fused in eager passes (medvlm.fused_norms)
         self.keep_logits = False  # tests: keep each question's next-token logits in extra["logits"]
         self._prompt_cache: dict[str, dict] = {}
-        self._normalize_on_device = normalizes_on_device(processor.image_processor)
+        self._normalize_on_device = normalizes_on_device(processor.image_processor, next(model.parameters()).device)
 
     # -- construction ------------------------------------------------------------------
     @classmethod

@@ -64,7 +64,8 @@ def yes_probability(logits: torch.Tensor, tokens: AnswerTokens) -> tuple[torch.T
     """
     logp = torch.log_softmax(logits.double(), dim=-1)
     n_yes = len(tokens.yes_ids)
-    # ids copied asynchronously (list indexing would make a blocking copy: a host sync)
+    # the ids sent without blocking (indexing by a list makes a blocking copy, a host sync
+    # inside the pass; from pageable memory the driver stages them before returning)
     ids = torch.tensor([*tokens.yes_ids, *tokens.no_ids]).to(logits.device, non_blocking=True)
     picked = logp.index_select(1, ids)
     ly = torch.logsumexp(picked[:, :n_yes], dim=-1)

@@ -103,6 +103,7 @@ def test_pixels_normalised_on_cuda_equal_the_processor_on_the_cpu(rgb_image):
     from medgemma_enhanced import normalize_pixels
 
     backend = MedGemmaMedical.tiny(device="cuda")
+    assert backend.describe()["pixel_normalization"] == "device", "the probe on the GPU found the split inexact"
     ip = backend.processor.image_processor
     raw = backend.preprocess(rgb_image)[None]
     assert raw.dtype == torch.uint8
