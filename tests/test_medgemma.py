@@ -290,15 +290,9 @@ def test_pixels_normalised_on_the_device_are_the_processors_own(tiny_parts, rgb_
         assert raw.dtype == torch.uint8
         assert torch.equal(normalize_pixels(ip, raw[None]), ip(image, return_tensors="pt")["pixel_values"])
 
-
-    class Shifted(NoSplit):  # as a processor version whose full formula is not its split's
-        def __call__(self, image, **kw):
-            out = self._ip(image, **kw)
-            if kw.get("do_normalize", True):
-                out["pixel_values"] = out["pixel_values"] + 1e-6
-            return out
-
-    assert not normalizes_on_device(Shifted(ip))
+    shifted = Shifted(ip)  # it has rescale_and_normalize: refused for the shift alone
+    assert callable(shifted.rescale_and_normalize) and not normalizes_on_device(shifted)
+    assert normalizes_on_device(Wrapped(ip)), "the wrapper itself must not change the verdict"
     assert not normalizes_on_device(NoSplit(ip))
     processor = copy.copy(tiny_parts[1])
     processor.image_processor = NoSplit(ip)
@@ -309,8 +303,8 @@ def test_pixels_normalised_on_the_device_are_the_processors_own(tiny_parts, rgb_
     assert max_diff(s.extra["logits"], medgemma_reference(host, rgb_image, QUESTIONS[0])["logits"]) <= 1e-5
 
 
-class NoSplit:
-    """A processor without rescale_and_normalize (the whole preprocessing stays on the host)."""
+class Wrapped:
+    """An image processor seen through a wrapper that forwards everything."""
 
     def __init__(self, ip):
         self._ip = ip
@@ -319,6 +313,23 @@ class NoSplit:
         return self._ip(*args, **kwargs)
 
     def __getattr__(self, name):
+        return getattr(self._ip, name)
+
+
+class NoSplit(Wrapped):
+    """A processor without rescale_and_normalize (the whole preprocessing stays on the host)."""
+
+    def __getattr__(self, name):
         if name == "rescale_and_normalize":
             raise AttributeError(name)
-        return getattr(self._ip, name)
+        return super().__getattr__(name)
+
+
+class Shifted(Wrapped):
+    """As a processor version whose full output is not what its split gives."""
+
+    def __call__(self, image, **kw):
+        out = self._ip(image, **kw)
+        if kw.get("do_normalize", True):
+            out["pixel_values"] = out["pixel_values"] + 1e-6
+        return out
