@@ -27,30 +27,32 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def test_medgemma_on_cuda_equals_eager(rgb_image):
-    backend = MedGemmaMedical.tiny(MedicalAttentionConfig(attention_head_mode="none"), device="cuda")
-    backend.keep_logits = True
-    for s, q in zip(backend.score(rgb_image, QUESTIONS), QUESTIONS, strict=True):
-        ref = medgemma_reference(backend, rgb_image, q)
-        assert max_diff(s.extra["logits"], ref["logits"]) <= 1e-4
-        start, end = ref["image_span"]
-        for li, layer in enumerate(s.layers):
-            d = max_diff(s.attention[li], ref["attentions"][layer][:, -1, start:end])
-            assert d <= 1e-5, f"layer {layer}: rows differ by {d:.3g} on the GPU"
+def _cuda_backend(model: str, tmp_path, config: MedicalAttentionConfig | None = None):
+    """The tiny backend on the GPU in float32."""
+    config = config or MedicalAttentionConfig()
+    if model == "medgemma":
+        return MedGemmaMedical.tiny(config, device="cuda")
+    return LLaVARadMedical(config).load_model(*write_tiny_llava_rad(tmp_path), device="cuda", dtype=torch.float32)
 
 
-def test_llava_rad_on_cuda_equals_eager(tmp_path, rgb_image):
-    paths = write_tiny_llava_rad(tmp_path)
-    backend = LLaVARadMedical(MedicalAttentionConfig(attention_head_mode="none")).load_model(
-        *paths, device="cuda", dtype=torch.float32
-    )
+def _reference(backend, image, question: str) -> tuple:
+    """(logits, {layer: [head, T, T] eager attention}, image span) of the full-prompt reference."""
+    if backend.name == "medgemma":
+        ref = medgemma_reference(backend, image, question)
+        return ref["logits"], ref["attentions"], ref["image_span"]
+    ref = llava_rad_reference_score(backend, image, question)
+    return ref["logits"], ref["rows"], ref["image_span"]
+
+
+@pytest.mark.parametrize("model", ["medgemma", "llava_rad"])
+def test_on_cuda_equals_eager(model, tmp_path, rgb_image):
+    backend = _cuda_backend(model, tmp_path, MedicalAttentionConfig(attention_head_mode="none"))
     backend.keep_logits = True
     for s, q in zip(backend.score(rgb_image, QUESTIONS), QUESTIONS, strict=True):
-        ref = llava_rad_reference_score(backend, rgb_image, q)
-        assert max_diff(s.extra["logits"], ref["logits"]) <= 1e-4
-        start, end = ref["image_span"]
+        logits, rows, (start, end) = _reference(backend, rgb_image, q)
+        assert max_diff(s.extra["logits"], logits) <= 1e-4
         for li, layer in enumerate(s.layers):
-            d = max_diff(s.attention[li], ref["rows"][layer][:, -1, start:end])
+            d = max_diff(s.attention[li], rows[layer][:, -1, start:end])
             assert d <= 1e-5, f"layer {layer}: rows differ by {d:.3g} on the GPU"
 
 
@@ -74,11 +76,8 @@ def test_a_pass_never_waits_on_the_gpu_before_its_results_are_read(model, tmp_pa
     import llava_rad_medical_only
     import medgemma_enhanced
 
-    if model == "medgemma":
-        module, backend = medgemma_enhanced, MedGemmaMedical.tiny(device="cuda")
-    else:
-        module = llava_rad_medical_only
-        backend = LLaVARadMedical(MedicalAttentionConfig()).load_model(*write_tiny_llava_rad(tmp_path), device="cuda")
+    module = medgemma_enhanced if model == "medgemma" else llava_rad_medical_only
+    backend = _cuda_backend(model, tmp_path)
     items = [(rgb_image, QUESTIONS, None)] * 2
     expected = backend.score_many(items)  # warm-up: one-time checks and handles may sync
     prep = backend.prepare(items)
