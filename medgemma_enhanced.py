@@ -509,7 +509,7 @@ class MedGemmaMedical(VLMBackend):
                 entries.append(e)
                 owners.append((k, i))
         pixel_values = self.pixel_values(images)
-        if torch.cuda.is_available():
+        if next(self.model.parameters()).device.type == "cuda":  # as LLaVA-Rad: pinned only for a GPU model
             pixel_values = pixel_values.pin_memory()
         return {"items": items, "entries": entries, "suffixes": suffixes, "queries": queries, "rows": rows,
                 "owners": owners, "pixel_values": pixel_values}  # fmt: skip
