@@ -124,6 +124,8 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--n_boot", type=int, default=10_000)
     p.add_argument("--bootstrap_seed", type=int, default=0)
     p.add_argument("--n_figure_studies", type=int, help="studies that get per-study figures (default 3; demo 1)")
+    p.add_argument("--figure_studies", nargs="+", help="study ids that get per-study figures (default: the first N)")
+    p.add_argument("--figure_findings", nargs="+", help="findings that get per-study figures (default: all)")
     a = p.parse_args(argv)
     named = ("all", "last_quarter", "last_half")
     layers = a.layers if a.layers in named else tuple(int(x) for x in a.layers.split(","))
@@ -142,6 +144,8 @@ def parse_args(argv=None) -> RunConfig:
         load_in_4bit=a.load_in_4bit, batch_size=a.batch_size, compile=a.compile, strict=a.strict, overwrite=a.overwrite,
         analyze_only=a.analyze_only, demo=a.demo, random_models=random_models,
         attention=attention, n_boot=a.n_boot, bootstrap_seed=a.bootstrap_seed, n_figure_studies=n_figures,
+        figure_studies=tuple(a.figure_studies) if a.figure_studies else None,
+        figure_findings=tuple(a.figure_findings) if a.figure_findings else None,
         rank=rank, world_size=world, local_rank=local_rank,
     )  # fmt: skip
 

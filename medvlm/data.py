@@ -51,7 +51,6 @@ decode and so catches truncation; other formats Pillow knows are decoded in full
 from __future__ import annotations
 
 import csv
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -61,7 +60,8 @@ from types import MappingProxyType
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps, UnidentifiedImageError
+
+from medvlm.images import ImageLoadError, LoadedImage, check_image, load_image  # noqa: F401 - re-exported
 
 VARIANT_IDS = tuple(range(6))
 CLUSTER_CHOICES = ("study_id", "subject_id")
@@ -95,7 +95,6 @@ ROW_COLUMNS = (
     "baseline_question",
 )
 
-_DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 _INT_RE = re.compile(r"[+-]?\d+(\.0*)?")
 
 
@@ -109,10 +108,6 @@ class DatasetError(ValueError):
         super().__init__(message)
         self.path = Path(path) if path is not None else None
         self.bad_rows = tuple(bad_rows)
-
-
-class ImageLoadError(ValueError):
-    """An image that cannot be found, read or decoded; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -288,25 +283,6 @@ class StudySelection:
     available: int
     seed: int | None = None
     warning: str | None = None
-
-
-@dataclass(frozen=True)
-class LoadedImage:
-    """An image ready for a model.
-
-    path           the file it came from
-    image          PIL image, mode "RGB", 8 bits per channel
-    original_size  (width, height) of the stored image (first frame for multi-frame)
-    source_kind    "dicom", "png", "jpeg", or Pillow's format name in lower case
-    notes          what was done to it, e.g. "MONOCHROME1 inverted",
-                   "VOI LUT applied (window center 40, width 400)"
-    """
-
-    path: Path
-    image: Image.Image
-    original_size: tuple[int, int]
-    source_kind: str
-    notes: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- CSV reading
@@ -645,24 +621,6 @@ def select_studies(
                           int(seed) if mode == "sample" else None, warning)
 
 
-# --------------------------------------------------------------------------- images
-
-
-def _sniff_kind(path: Path) -> str:
-    """'dicom', 'png', 'jpeg' or 'pil' (anything else: let Pillow try)."""
-    with open(path, "rb") as fh:
-        head = fh.read(132)
-    if len(head) >= 132 and head[128:132] == b"DICM":
-        return "dicom"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if path.suffix.lower() in _DICOM_SUFFIXES:
-        return "dicom"
-    return "pil"
-
-
 def _image_problem(path: Path) -> str | None:
     """None if the image exists and can be read, else the reason (naming the file)."""
     if not path.exists():
@@ -672,253 +630,3 @@ def _image_problem(path: Path) -> str | None:
     except ImageLoadError as e:
         return f"unreadable image: {e}"
     return None
-
-
-def _existing_kind(path) -> tuple[Path, str]:
-    """(path, sniffed kind) of an existing file; ImageLoadError naming it otherwise."""
-    p = Path(path)
-    if not p.is_file():
-        raise ImageLoadError(f"{p}: no such file")
-    try:
-        return p, _sniff_kind(p)
-    except OSError as e:
-        raise ImageLoadError(f"{p}: cannot read ({e})") from e
-
-
-def check_image(path: str | os.PathLike[str]) -> str:
-    """Check that ``path`` is a readable image; return its kind. Raises ImageLoadError.
-
-    DICOM: read in full and first frame decoded. PNG: ``verify()`` (every chunk's CRC).
-    JPEG: decoded at reduced scale (full entropy decode). Other formats: decoded in full.
-    """
-    p, kind = _existing_kind(path)
-    if kind == "dicom":
-        ds = _read_dicom(p)
-        _first_frame(ds, p)
-        return "dicom"
-    try:
-        with Image.open(p) as im:
-            fmt = (im.format or kind).lower()
-            if kind == "png":
-                im.verify()
-            elif kind == "jpeg":
-                im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
-                im.load()
-            else:
-                im.load()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(f"{p}: cannot decode as {kind} ({e})") from e
-    return fmt
-
-
-def load_image(path: str | os.PathLike[str]) -> LoadedImage:
-    """Load a PNG/JPEG/DICOM (or other Pillow-readable) image as 8-bit RGB.
-
-    PNG/JPEG: EXIF orientation applied; 8-bit grayscale kept as is; 16-bit/32-bit/float
-    grayscale scaled to 8 bits by the min-max of its actual range (not truncated).
-    DICOM (pydicom): first frame of multi-frame files; modality LUT (rescale
-    slope/intercept or LUT sequence); VOI LUT sequence or window center/width (the first
-    of several), else min-max of the actual range; MONOCHROME1 (or a Presentation LUT
-    Shape of INVERSE on MONOCHROME2) inverted so that dense tissue is bright; 8 bits; RGB.
-    PALETTE COLOR is expanded through its palette, YBR converted to RGB.
-    Every failure raises ImageLoadError naming the file.
-    """
-    p, kind = _existing_kind(path)
-    if kind == "dicom":
-        return _load_dicom(p)
-    return _load_pil(p, kind)
-
-
-def _to_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Linear map [lo, hi] -> [0, 255] with clipping; zeros when hi <= lo."""
-    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
-        return np.zeros(arr.shape, dtype=np.uint8)
-    scaled = (arr.astype(np.float64) - lo) / (hi - lo)
-    return np.round(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def _load_pil(p: Path, kind: str) -> LoadedImage:
-    notes: list[str] = []
-    try:
-        with Image.open(p) as im:
-            im.load()
-            fmt = (im.format or kind).lower()
-            transposed = ImageOps.exif_transpose(im)
-            if transposed is not None and transposed is not im:
-                if transposed.size != im.size or im.getexif().get(0x0112, 1) != 1:
-                    notes.append("EXIF orientation applied")
-                im = transposed
-            size = im.size
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                arr = np.asarray(im).astype(np.float64)
-                finite = arr[np.isfinite(arr)]
-                lo = float(finite.min()) if finite.size else 0.0
-                hi = float(finite.max()) if finite.size else 0.0
-                u8 = _to_uint8(np.nan_to_num(arr, nan=lo), lo, hi)
-                notes.append(f"{mode} grayscale scaled to 8 bits by min-max of its range [{lo:g}, {hi:g}]")
-                if hi <= lo:
-                    notes.append("constant image")
-                rgb = Image.fromarray(u8).convert("RGB")
-            elif mode == "RGB":
-                rgb = im.copy()
-            else:
-                if "A" in mode or "a" in mode or (mode == "P" and "transparency" in im.info):
-                    notes.append("alpha channel dropped")
-                if mode not in ("L", "P", "1"):
-                    notes.append(f"converted from {mode}")
-                rgb = im.convert("RGB")
-    except ImageLoadError:
-        raise
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(f"{p}: cannot decode as {kind} ({e})") from e
-    return LoadedImage(p, rgb, (int(size[0]), int(size[1])), fmt, tuple(notes))
-
-
-def _read_dicom(p: Path):
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-    with open(p, "rb") as fh:
-        fh.seek(128)
-        force = fh.read(4) != b"DICM"  # preamble-less files: only reached for a .dcm suffix
-    try:
-        ds = pydicom.dcmread(p, force=force)
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ImageLoadError(f"{p}: not a readable DICOM file ({type(e).__name__}: {e})") from e
-    if "PixelData" not in ds:
-        raise ImageLoadError(f"{p}: DICOM file has no pixel data")
-    if "TransferSyntaxUID" not in ds.file_meta:
-        # No file meta (a preamble-less file): the encoding the dataset was read with is the
-        # only possible one for native pixel data.
-        implicit, little = ds.original_encoding
-        if implicit is None or little is None:
-            raise ImageLoadError(f"{p}: DICOM file has no transfer syntax and its encoding is unknown")
-        ds.file_meta.TransferSyntaxUID = (
-            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-        )
-    return ds
-
-
-def _first_frame(ds, p: Path) -> tuple[np.ndarray, int]:
-    """(first frame's pixels, number of frames)."""
-    from pydicom.pixels import pixel_array
-
-    try:
-        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError):
-        n_frames = 1
-    try:
-        arr = pixel_array(ds, index=0)
-    except Exception as e:  # pydicom raises many types for bad/undecodable pixel data
-        ts = ds.file_meta.TransferSyntaxUID
-        raise ImageLoadError(
-            f"{p}: cannot decode DICOM pixel data ({ts.name}): {type(e).__name__}: {e}"
-        ) from e
-    return arr, n_frames
-
-
-def _load_dicom(p: Path) -> LoadedImage:
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing
-
-    ds = _read_dicom(p)
-    arr, n_frames = _first_frame(ds, p)
-    notes: list[str] = []
-    if n_frames > 1:
-        notes.append(f"multi-frame ({n_frames} frames): first frame used")
-    pi = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    try:
-        if pi in ("MONOCHROME1", "MONOCHROME2"):
-            if arr.ndim != 2:
-                raise ImageLoadError(f"{p}: {pi} frame has shape {arr.shape}, expected 2-D")
-            u8 = _dicom_grayscale(ds, arr, pi, notes, apply_modality_lut, apply_voi, apply_windowing)
-            rgb = Image.fromarray(u8).convert("RGB")
-        elif pi == "PALETTE COLOR":
-            colour = apply_color_lut(arr, ds)
-            bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-            colour = colour if bits <= 8 else _to_uint8(colour, 0, 2**bits - 1)
-            notes.append(f"PALETTE COLOR expanded through its {bits}-bit palette")
-            rgb = Image.fromarray(np.ascontiguousarray(colour.astype(np.uint8)), "RGB")
-        elif pi in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"):
-            if arr.ndim != 3 or arr.shape[-1] != 3:
-                raise ImageLoadError(f"{p}: {pi} frame has shape {arr.shape}, expected rows x cols x 3")
-            if pi != "RGB":
-                notes.append(f"{pi} converted to RGB")
-            bits = int(ds.get("BitsStored", 8) or 8)
-            colour = arr if arr.dtype == np.uint8 else _to_uint8(arr, 0, 2**bits - 1)
-            rgb = Image.fromarray(np.ascontiguousarray(colour), "RGB")
-        else:
-            raise ImageLoadError(f"{p}: unsupported photometric interpretation {pi!r}")
-    except ImageLoadError:
-        raise
-    except Exception as e:  # LUT/window tags that pydicom rejects
-        raise ImageLoadError(f"{p}: cannot apply the DICOM display pipeline ({type(e).__name__}: {e})") from e
-    size = (int(rgb.width), int(rgb.height))
-    return LoadedImage(p, rgb, size, "dicom", tuple(notes))
-
-
-def _dicom_grayscale(ds, arr, pi, notes, apply_modality_lut, apply_voi, apply_windowing) -> np.ndarray:
-    """Modality LUT -> VOI (LUT sequence, window, or min-max) -> polarity -> uint8."""
-    if ds.get("ModalityLUTSequence"):
-        arr = apply_modality_lut(arr, ds)
-        notes.append("modality LUT sequence applied")
-    elif "RescaleSlope" in ds and "RescaleIntercept" in ds:
-        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
-        arr = apply_modality_lut(arr, ds)
-        if slope != 1.0 or intercept != 0.0:
-            notes.append(f"modality rescale applied (slope {slope:g}, intercept {intercept:g})")
-
-    voi_seq = ds.get("VOILUTSequence")
-    has_voi_lut = bool(voi_seq) and all(k in voi_seq[0] for k in ("LUTDescriptor", "LUTData"))
-    has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
-    if has_voi_lut:
-        if np.issubdtype(arr.dtype, np.floating):
-            arr = np.round(arr).astype(np.int64)
-        out = apply_voi(arr, ds, 0)
-        lut = np.asarray(_voi_lut_values(ds), dtype=np.float64)
-        lo, hi = float(lut.min()), float(lut.max())
-        notes.append(f"VOI LUT applied (VOI LUT sequence, output range of the LUT [{lo:g}, {hi:g}])")
-    elif has_window:
-        center_el, width_el = ds["WindowCenter"], ds["WindowWidth"]
-        center = float(center_el.value[0] if center_el.VM > 1 else center_el.value)
-        width = float(width_el.value[0] if width_el.VM > 1 else width_el.value)
-        func = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-        out = apply_windowing(arr, ds, 0)
-        # The window's output range (pydicom picks it from bits stored, signedness and
-        # rescale): read it back by windowing two values far outside the window.
-        with np.errstate(over="ignore"):
-            probe = apply_windowing(np.array([-1e12, 1e12]), ds, 0)
-        lo, hi = float(probe[0]), float(probe[1])
-        extra = f", function {func}" if func != "LINEAR" else ""
-        several = f", first of {center_el.VM} windows" if center_el.VM > 1 else ""
-        notes.append(f"VOI LUT applied (window center {center:g}, width {width:g}{extra}{several})")
-    else:
-        out = arr.astype(np.float64)
-        lo, hi = float(out.min()), float(out.max())
-        notes.append(f"no VOI LUT or window in header: min-max of the actual range [{lo:g}, {hi:g}]")
-    u8 = _to_uint8(np.asarray(out), lo, hi)
-    if hi <= lo:
-        notes.append("constant image")
-    if pi == "MONOCHROME1":
-        u8 = 255 - u8
-        notes.append("MONOCHROME1 inverted (dense = bright)")
-    elif str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
-        u8 = 255 - u8
-        notes.append("Presentation LUT Shape INVERSE: inverted")
-    return u8
-
-
-def _voi_lut_values(ds) -> list[int]:
-    """LUT Data of the first VOI LUT item as integers (US or OW encoded)."""
-    import struct
-
-    item = ds.VOILUTSequence[0]
-    data = item.LUTData
-    if isinstance(data, bytes | bytearray):
-        n = len(data) // 2
-        little = ds.file_meta._tsyntax_encoding[1] if hasattr(ds, "file_meta") else True
-        return list(struct.unpack(f"{'<' if little in (True, None) else '>'}{n}H", data[: 2 * n]))
-    if isinstance(data, int):
-        return [data]
-    return [int(v) for v in data]

@@ -58,6 +58,8 @@ class RunConfig:
     n_boot: int = 10_000
     bootstrap_seed: int = 0
     n_figure_studies: int = 3
+    figure_studies: tuple[str, ...] | None = None  # draw these studies (default: the first n_figure_studies)
+    figure_findings: tuple[str, ...] | None = None  # draw only these findings (default: all)
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
