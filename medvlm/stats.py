@@ -28,72 +28,44 @@ in every result.
 Conventions: shapes are written [G, k] (clusters x sums), [B, G] (resamples x clusters).
 A statistic returns nan where it is undefined (e.g. 0 / 0); such resamples are left out of
 the interval and counted, never replaced by a number.
+
+The intervals themselves (percentile, BCa, the exact bound at 0 or 1, no interval below
+5 clusters, the few-cluster flag) are made in medvlm.intervals; its names are re-exported here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy.special import ndtr, ndtri
 
-Method = Literal["percentile", "bca"]
+from medvlm.intervals import (  # noqa: F401 - re-exported
+    DEGENERATE_NOTE,
+    EXACT_METHOD,
+    MAX_UNDEFINED_FRACTION,
+    MIN_CLUSTERS,
+    MIN_CLUSTERS_FOR_CI,
+    NO_CI_METHOD,
+    TIE_RTOL,
+    BootstrapCI,
+    CIMethod,
+    IntervalPair,
+    Method,
+    check_level,
+    cluster_note,
+    exact_cluster_bound,
+    intervals_from_replicates,
+    no_interval_pair,
+)
+
 SumStatistic = Callable[[np.ndarray], np.ndarray]
 """Maps aggregated sums [..., k] to theta [...], vectorised over the leading axes."""
 RowStatistic = Callable[..., np.ndarray]
 """Called as statistic(*row_arrays, weights=w) with w [..., n_rows]; returns theta [...]."""
 
-MIN_CLUSTERS = 25
-"""Below this many clusters the intervals carry a warning."""
-MAX_UNDEFINED_FRACTION = 0.01
-"""Above this fraction of undefined (nan) resamples the intervals carry a warning."""
 _CHUNK_ELEMENTS = 2_000_000
 """Resamples are drawn and evaluated in chunks of about this many weight entries."""
-
-
-@dataclass(frozen=True)
-class BootstrapCI:
-    """One confidence interval.
-
-    estimate    the statistic on the full sample (float; nan when undefined)
-    ci_low, ci_high   interval ends (floats; nan when the interval is undefined)
-    method      "percentile" or "bca"
-    level       nominal coverage, e.g. 0.95
-    n_boot      number of resamples drawn (B)
-    seed        the seed of np.random.default_rng that drew them
-    n_clusters  number of clusters resampled (G)
-    n_undefined resamples where the statistic was nan (left out of the interval)
-    warning     None, or a human-readable reason the interval is unreliable or undefined
-    """
-
-    estimate: float
-    ci_low: float
-    ci_high: float
-    method: Method
-    level: float
-    n_boot: int
-    seed: int
-    n_clusters: int
-    n_undefined: int
-    warning: str | None
-
-
-@dataclass(frozen=True)
-class IntervalPair:
-    """Percentile and BCa intervals computed from one and the same set of resamples."""
-
-    percentile: BootstrapCI
-    bca: BootstrapCI
-
-    def get(self, method: Method) -> BootstrapCI:
-        """The interval of the named method."""
-        if method == "percentile":
-            return self.percentile
-        if method == "bca":
-            return self.bca
-        raise ValueError(f"method must be 'percentile' or 'bca', got {method!r}")
 
 
 # --------------------------------------------------------------------------------------
@@ -374,28 +346,35 @@ def bootstrap_many(
     seed: int,
     level: float = 0.95,
     draws: BootstrapDraws | None = None,
+    proportions: Collection[str] = (),
 ) -> dict[str, IntervalPair]:
     """Percentile and BCa intervals for several statistics over the same clusters, from one
     set of draws (so every statistic sees the same resampled clusters).
 
     All specs must have the same number of clusters G (rows of their sums / cluster indices
     aligned to the same clusters). draws: optional BootstrapDraws for (G, n_boot, seed),
-    to reuse materialised weights across calls. Returns {name: IntervalPair}.
+    to reuse materialised weights across calls. proportions: names of specs that are
+    proportions in [0, 1] (a SumsSpec of (events, units) per cluster with events <= units)
+    or DifferenceSpecs of two such: where their bootstrap distribution is a point at 0 or 1
+    they get the exact bound of the module docstring instead. With fewer than
+    MIN_CLUSTERS_FOR_CI clusters nothing is drawn and every interval is "none".
+    Returns {name: IntervalPair}.
     """
     _check_boot(n_boot)
-    _check_level(level)
+    check_level(level)
     if not specs:
         return {}
+    unknown = sorted(set(proportions) - set(specs))
+    if unknown:
+        raise ValueError(f"proportions names {unknown}, not among the statistics {sorted(specs)}")
     sizes = {name: spec.n_clusters for name, spec in specs.items()}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"all statistics need the same clusters, found cluster counts {sizes}")
     g = next(iter(sizes.values()))
     estimates = {name: spec.estimate() for name, spec in specs.items()}
-    if g == 0:
-        return {
-            name: _undefined_pair(estimates[name], g, n_boot, seed, level, "no clusters to resample")
-            for name in specs
-        }
+    if g < MIN_CLUSTERS_FOR_CI:
+        reason = "no clusters to resample" if g == 0 else None
+        return {name: no_interval_pair(estimates[name], g, n_boot, seed, level, reason) for name in specs}
     if draws is None:
         draws = BootstrapDraws(g, n_boot, seed)
     elif (draws.n_clusters, draws.n_boot, draws.seed) != (g, n_boot, seed):
@@ -413,125 +392,47 @@ def bootstrap_many(
     out = {}
     for name, spec in specs.items():
         if np.isnan(estimates[name]):
-            out[name] = _undefined_pair(
+            out[name] = no_interval_pair(
                 estimates[name], g, n_boot, seed, level, "statistic undefined on the full sample"
             )
-        else:
-            out[name] = intervals_from_replicates(
-                estimates[name], reps[name], spec.jackknife(), level=level, n_boot=n_boot, seed=seed
-            )
+            continue
+        pair = intervals_from_replicates(
+            estimates[name], reps[name], spec.jackknife(), level=level, n_boot=n_boot, seed=seed
+        )
+        if name in proportions and pair.bca.degenerate:
+            pair = _exact_boundary_pair(spec, pair)
+        out[name] = pair
     return out
 
 
-def intervals_from_replicates(
-    estimate: float,
-    replicates: np.ndarray,
-    jackknife: np.ndarray,
-    *,
-    level: float,
-    n_boot: int,
-    seed: int,
-) -> IntervalPair:
-    """Percentile and BCa intervals from bootstrap replicates [B] and leave-one-cluster-out
-    jackknife values [G].
-
-    Percentile: the (1-level)/2 and (1+level)/2 quantiles (linear interpolation, as numpy
-    and scipy.stats.bootstrap) of the defined (non-nan) replicates.
-    BCa (Efron & Tibshirani 1993, 14.3): z0 = Phi^-1(fraction of replicates below the
-    estimate, ties counted half); acceleration a from the jackknife (undefined jackknife
-    values left out; a = 0 when the jackknife values do not vary); the interval ends are the
-    quantiles at Phi(z0 + (z0 + z)/(1 - a (z0 + z))) for z = Phi^-1 of the two tails. BCa is
-    nan (with a warning) when every replicate lies on one side of the estimate.
-    """
-    _check_level(level)
-    reps = np.asarray(replicates, dtype=np.float64).reshape(-1)
-    jack = np.asarray(jackknife, dtype=np.float64).reshape(-1)
-    g = jack.shape[0]
-    notes = []
-    if g < MIN_CLUSTERS:
-        notes.append(f"only {g} clusters (< {MIN_CLUSTERS}): intervals are unreliable")
-    defined = reps[~np.isnan(reps)]
-    n_undefined = int(reps.shape[0] - defined.shape[0])
-    if n_undefined > MAX_UNDEFINED_FRACTION * reps.shape[0]:
-        notes.append(
-            f"statistic undefined in {n_undefined} of {reps.shape[0]} resamples "
-            f"({100.0 * n_undefined / reps.shape[0]:.1f}%), left out of the interval"
+def _exact_boundary_pair(spec: Spec, pair: IntervalPair) -> IntervalPair:
+    """The exact bound of the module docstring for a degenerate proportion (or difference of
+    two proportions), both entries of the pair; the pair unchanged when the estimate (or a
+    model's estimate) is not at 0 or 1."""
+    ci = pair.bca
+    g, level = ci.n_clusters, ci.level
+    if isinstance(spec, DifferenceSpec):
+        ends = (spec.a.estimate(), spec.b.estimate())
+        if not all(e in (0.0, 1.0) for e in ends):
+            return pair
+        side = 1.0 - (1.0 - level) / 2.0
+        (lo_a, hi_a), (lo_b, hi_b) = (exact_cluster_bound(e, g, side) for e in ends)
+        lo, hi = lo_a - hi_b, hi_a - lo_b
+        note = (
+            f"both estimates at 0 or 1 in every resample: exact interval from each model's one-sided "
+            f"{side:.3g} bound over {g} clusters (Clopper-Pearson, clusters as trials; Bonferroni)"
         )
-
-    def make(method: Method, lo: float, hi: float, extra: str | None = None) -> BootstrapCI:
-        msgs = notes + ([extra] if extra else [])
-        return BootstrapCI(
-            estimate=float(estimate),
-            ci_low=float(lo),
-            ci_high=float(hi),
-            method=method,
-            level=float(level),
-            n_boot=int(n_boot),
-            seed=int(seed),
-            n_clusters=int(g),
-            n_undefined=n_undefined,
-            warning="; ".join(msgs) if msgs else None,
+    else:
+        if ci.estimate not in (0.0, 1.0):
+            return pair
+        lo, hi = exact_cluster_bound(ci.estimate, g, level)
+        note = (
+            f"estimate {ci.estimate:g} in every resample: exact one-sided {level:g} bound over {g} "
+            f"clusters (Clopper-Pearson, clusters as trials)"
         )
-
-    if np.isnan(estimate) or defined.size == 0:
-        reason = "statistic undefined on the full sample" if np.isnan(estimate) else "no defined resamples"
-        nan = float("nan")
-        return IntervalPair(make("percentile", nan, nan, reason), make("bca", nan, nan, reason))
-
-    alpha = (1.0 - level) / 2.0
-    p_lo, p_hi = np.quantile(defined, [alpha, 1.0 - alpha])
-    percentile = make("percentile", p_lo, p_hi)
-
-    below = np.count_nonzero(defined < estimate) + 0.5 * np.count_nonzero(defined == estimate)
-    frac = below / defined.size
-    if frac <= 0.0 or frac >= 1.0:
-        nan = float("nan")
-        bca = make("bca", nan, nan, "BCa undefined: every resample lies on one side of the estimate")
-        return IntervalPair(percentile, bca)
-    z0 = float(ndtri(frac))
-    accel = _acceleration(jack)
-    z = np.array([ndtri(alpha), ndtri(1.0 - alpha)])
-    adjusted = ndtr(z0 + (z0 + z) / (1.0 - accel * (z0 + z)))
-    b_lo, b_hi = np.quantile(defined, adjusted)
-    return IntervalPair(percentile, make("bca", b_lo, b_hi))
-
-
-def _acceleration(jack: np.ndarray) -> float:
-    """Jackknife acceleration sum(d^3) / (6 sum(d^2)^1.5), d = mean - theta_(g)."""
-    vals = jack[~np.isnan(jack)]
-    if vals.size < 2:
-        return 0.0
-    d = vals.mean() - vals
-    den = float(np.sum(d**2))
-    if den <= 0.0 or not np.isfinite(den):
-        return 0.0
-    return float(np.sum(d**3) / (6.0 * den**1.5))
-
-
-def _undefined_pair(
-    estimate: float, g: int, n_boot: int, seed: int, level: float, reason: str
-) -> IntervalPair:
-    notes = []
-    if g < MIN_CLUSTERS:
-        notes.append(f"only {g} clusters (< {MIN_CLUSTERS}): intervals are unreliable")
-    notes.append(reason)
-    nan = float("nan")
-
-    def make(method: Method) -> BootstrapCI:
-        return BootstrapCI(
-            float(estimate),
-            nan,
-            nan,
-            method,
-            float(level),
-            int(n_boot),
-            int(seed),
-            int(g),
-            0,
-            "; ".join(notes),
-        )
-
-    return IntervalPair(make("percentile"), make("bca"))
+    notes = tuple(n for n in ci.notes if n != DEGENERATE_NOTE) + (note,)
+    exact = replace(ci, ci_low=float(lo), ci_high=float(hi), method=EXACT_METHOD, notes=notes)
+    return IntervalPair(exact, exact)
 
 
 # --------------------------------------------------------------------------------------
@@ -664,8 +565,3 @@ def sum_by_cluster(values: np.ndarray, cluster_index: np.ndarray, n_clusters: in
 def _check_boot(n_boot: int) -> None:
     if int(n_boot) < 1:
         raise ValueError(f"n_boot must be at least 1, got {n_boot}")
-
-
-def _check_level(level: float) -> None:
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must lie strictly between 0 and 1, got {level}")

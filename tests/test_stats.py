@@ -229,8 +229,109 @@ def test_few_clusters_warn_and_enough_clusters_do_not():
     _, small = _clustered(7, 12)
     ci = st.cluster_bootstrap(small, st.ratio_statistic, n_boot=200, seed=0)
     assert ci.warning == "only 12 clusters (< 25): intervals are unreliable"
+    # the cluster count is flagged once, apart from the interval's own notes
+    assert ci.few_clusters and ci.notes == () and ci.method == "bca"
     _, big = _clustered(7, 40)
-    assert st.cluster_bootstrap(big, st.ratio_statistic, n_boot=200, seed=0).warning is None
+    ci = st.cluster_bootstrap(big, st.ratio_statistic, n_boot=200, seed=0)
+    assert ci.warning is None and not ci.few_clusters
+
+
+def test_fewer_than_five_clusters_give_no_interval():
+    _, sums = _clustered(7, 4)
+    pair = st.cluster_bootstrap_both(sums, st.ratio_statistic, n_boot=200, seed=0)
+    for ci in (pair.percentile, pair.bca):
+        assert ci.method == "none" and np.isnan(ci.ci_low) and np.isnan(ci.ci_high)
+        assert ci.estimate == pytest.approx(sums[:, 0].sum() / sums[:, 1].sum())
+        assert ci.warning == "only 4 clusters (< 5): no interval" and ci.few_clusters
+    _, five = _clustered(7, 5)
+    assert st.cluster_bootstrap(five, st.ratio_statistic, n_boot=200, seed=0, method="percentile").method == (
+        "percentile"
+    )
+
+
+@pytest.mark.parametrize(("events", "g", "level"), [(0, 20, 0.95), (1, 30, 0.95), (0, 60, 0.9)])
+def test_proportion_at_a_boundary_gets_the_exact_cluster_bound(events, g, level):
+    """Every cluster without an event (or with only events): the bootstrap distribution is a
+    point, so the interval is the exact one-sided Clopper-Pearson bound over G clusters."""
+    sizes = 1.0 + np.arange(g) % 4
+    sums = np.stack([events * sizes, sizes], axis=-1)
+    spec = {"p": st.sums_spec(sums, st.ratio_statistic)}
+    bootstrap = st.bootstrap_many(spec, n_boot=300, seed=0, level=level)["p"]
+    assert (bootstrap.bca.ci_low, bootstrap.bca.ci_high) == (events, events)  # what a bootstrap says
+    assert bootstrap.bca.degenerate and "zero-width" in bootstrap.bca.warning
+    pair = st.bootstrap_many(spec, n_boot=300, seed=0, level=level, proportions=["p"])["p"]
+    alpha = 1.0 - level
+    expected = (0.0, 1.0 - alpha ** (1.0 / g)) if events == 0 else (alpha ** (1.0 / g), 1.0)
+    for ci in (pair.percentile, pair.bca):
+        assert ci.method == "exact_one_sided_clusters" and ci.estimate == events
+        assert (ci.ci_low, ci.ci_high) == pytest.approx(expected, abs=1e-15)
+        assert f"exact one-sided {level:g} bound over {g} clusters" in ci.warning
+        assert "zero-width" not in ci.warning
+    # the binomial's own one-sided bound: P(0 events in G trials | p = upper) = alpha
+    upper = expected[1] if events == 0 else 1.0 - expected[0]
+    assert sps.binom.pmf(0, g, upper) == pytest.approx(alpha)
+    if events == 0 and level == 0.95:
+        assert expected[1] == pytest.approx(3.0 / g, rel=0.1)  # the rule of three, -ln(0.05) / G
+
+
+def test_proportion_difference_both_at_boundaries_gets_bonferroni_exact_bounds():
+    g = 30
+    sizes = np.full(g, 6.0)
+    zero = np.stack([0 * sizes, sizes], axis=-1)
+    one = np.stack([sizes, sizes], axis=-1)
+    zero_spec, one_spec = st.sums_spec(zero, st.ratio_statistic), st.sums_spec(one, st.ratio_statistic)
+    diff = {"same": st.DifferenceSpec(zero_spec, zero_spec), "opposite": st.DifferenceSpec(zero_spec, one_spec)}
+    res = st.bootstrap_many(diff, n_boot=200, seed=1, proportions=["same", "opposite"])
+    u = 1.0 - 0.025 ** (1.0 / g)  # each model's one-sided bound at 97.5%
+    same, opposite = res["same"].bca, res["opposite"].bca
+    assert same.method == opposite.method == "exact_one_sided_clusters"
+    assert (same.estimate, same.ci_low, same.ci_high) == pytest.approx((0.0, -u, u))
+    assert (opposite.estimate, opposite.ci_low, opposite.ci_high) == pytest.approx((-1.0, -1.0, -1.0 + 2 * u))
+    with pytest.raises(ValueError, match=r"proportions names \['nope'\]"):
+        st.bootstrap_many(diff, n_boot=10, seed=1, proportions=["nope"])
+
+
+def test_proportion_inside_the_range_keeps_its_bootstrap_interval():
+    _, sums = _clustered(3, 30)
+    plain = st.bootstrap_many({"p": st.sums_spec(sums, st.ratio_statistic)}, n_boot=300, seed=0)["p"]
+    marked = st.bootstrap_many(
+        {"p": st.sums_spec(sums, st.ratio_statistic)}, n_boot=300, seed=0, proportions=["p"]
+    )["p"]
+    assert marked == plain and marked.bca.method == "bca" and not marked.bca.degenerate
+
+
+def test_bca_counts_ties_that_differ_only_by_rounding():
+    """A paired difference of two accuracies with equal cluster sizes: a resample's difference
+    (k_a - k_b) / (6 G) equals the estimate's whenever k_a - k_b does, but computed as
+    k_a / (6 G) - k_b / (6 G) it can be an ulp away. BCa must count those as ties."""
+    g, b, seed = 25, 2000, 0
+    rng = np.random.default_rng(4)
+    n = np.full(g, 6.0)
+    k_a = rng.integers(0, 7, size=g).astype(float)
+    k_b = np.clip(k_a + rng.integers(-1, 2, size=g) * (rng.random(g) < 0.3), 0, 6)
+    sums_a, sums_b = np.stack([k_a, n], axis=-1), np.stack([k_b, n], axis=-1)
+    w = st.bootstrap_weights(g, n_boot=b, seed=seed)
+    reps = st.ratio_statistic(w @ sums_a) - st.ratio_statistic(w @ sums_b)
+    est = float(st.ratio_statistic(sums_a.sum(0)) - st.ratio_statistic(sums_b.sum(0)))
+    d_exact, d_est = w @ (k_a - k_b), (k_a - k_b).sum()  # integers: exact
+    assert np.sum(reps == est) < 0.7 * np.sum(d_exact == d_est)  # many ties are off by an ulp
+
+    spec = st.DifferenceSpec(st.sums_spec(sums_a, st.ratio_statistic), st.sums_spec(sums_b, st.ratio_statistic))
+    d = spec.jackknife().mean() - spec.jackknife()
+    accel = np.sum(d**3) / (6 * np.sum(d**2) ** 1.5)
+    z = ndtri(np.array([0.025, 0.975]))
+
+    def bca_ends(below):
+        z0 = ndtri(below / b)
+        return tuple(np.quantile(reps, ndtr(z0 + (z0 + z) / (1 - accel * (z0 + z)))))
+
+    right = bca_ends(np.sum(d_exact < d_est) + 0.5 * np.sum(d_exact == d_est))
+    float_ties = bca_ends(np.sum(reps < est) + 0.5 * np.sum(reps == est))
+    assert abs(float_ties[1] - right[1]) > 0.2 * (right[1] - right[0])  # the bug moved the end
+    ci = st.paired_cluster_bootstrap(
+        sums_a, st.ratio_statistic, sums_b, st.ratio_statistic, n_boot=b, seed=seed, method="bca"
+    )
+    assert (ci.ci_low, ci.ci_high) == pytest.approx(right, abs=1e-12)
 
 
 def test_undefined_estimate_gives_nan_interval_with_reason():
