@@ -3,19 +3,29 @@ each with percentile and BCa cluster-bootstrap intervals, per model and as paire
 differences. No GPU is needed: everything is read from result records and stored maps.
 
 Input records (a pandas DataFrame, one row per (model, study, finding, variant)) need the
-columns REQUIRED_COLUMNS. Only status == "ok" rows enter the metrics; failed rows are
-counted and reported, never imputed. A cluster is the record's cluster_id (the study, or the
-patient when a patient has several studies).
+columns REQUIRED_COLUMNS and may carry ``polarity`` (medvlm.records checks them). Only status
+== "ok" rows enter the metrics; failed rows are counted and reported, never imputed. A cluster
+is the record's cluster_id (the study, or the patient when a patient has several studies).
+
+Negated paraphrases: a variant whose correct answer is the opposite of variant 0's ("Is the
+pleural space clear?") has polarity "negated" (given, or inferred from answer_gt; see
+medvlm.records). Accuracy and AUROC use each row's own answer_gt. The robustness metrics use
+the row's judgement, its answer in variant 0's terms (the opposite answer when negated), so
+that they measure whether the model's judgement changed, not the literal word.
+AnalysisTables.n_negated counts negated records per model; per_study.n_negated per group.
 
 Metrics (METRICS), each computed per model over all findings (finding == "ALL") and per
 finding:
   accuracy            correct / ok rows
   auroc               AUROC of p_yes against answer_gt == "yes" (bootstrapped as a bilinear form
                       in the cluster weights: the same as per-row weights W[b, cluster])
-  flip_rate           flips / comparisons against variant 0 (groups whose variant 0 is ok)
-  all_agree           complete groups (all six variants ok) whose answers all agree / complete
-  consistent_correct  complete groups whose answers all agree and equal answer_gt / complete
-  fleiss_kappa        Fleiss' kappa, raters = the six variants, subjects = complete groups
+  flip_rate           judgements differing from variant 0's / comparisons against variant 0
+                      (groups whose variant 0 is ok)
+  all_agree           complete groups (all six variants ok) whose judgements all agree / complete
+  consistent_correct  complete groups whose judgements all agree and equal variant 0's
+                      answer_gt (every answer correct) / complete
+  fleiss_kappa        Fleiss' kappa of the judgements, raters = the six variants, subjects =
+                      complete groups
   attn_js_vs_v0       mean JS divergence (bits) between a variant's map and variant 0's map,
                       over variants 1..5 of groups where both maps exist
   attn_spearman_vs_v0 mean Spearman correlation, same pairs (constant maps left out, counted)
@@ -25,33 +35,30 @@ Attention means are pooled ratios (sum of per-row values / number of rows) boots
 cluster ratio sums. Paired differences (model "a - b") use the clusters both models have in
 the slice and the same resampled clusters for both. With get_common_map, BETWEEN_METRICS
 compare the two models' maps of the same question on a common grid (model "a vs b").
+
+Intervals (medvlm.intervals): ci_method "bca" normally; "none" (nan ends) with fewer than 5
+clusters or an estimate undefined on all data; "exact_one_sided_clusters" for the proportions
+PROPORTION_METRICS (and their paired differences) whose estimate is exactly 0 or 1 with every
+resample equal to it: the exact one-sided Clopper-Pearson bound at the stated level over the
+clusters as Bernoulli trials (e.g. flip rate 0 over 30 clusters: [0, 0.095]), not a zero-width
+interval. Below 25 clusters intervals are unreliable: the column few_clusters says so per row,
+and AnalysisTables.warnings once per table; a row's warning holds only its own issues.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from medvlm import metrics as mt
 from medvlm import stats as st
+from medvlm.records import REQUIRED_COLUMNS, validate_records  # noqa: F401 - REQUIRED_COLUMNS re-exported
 
 ALL = "ALL"
-REQUIRED_COLUMNS = (
-    "model",
-    "study_id",
-    "cluster_id",
-    "finding",
-    "variant_id",
-    "answer_gt",
-    "p_yes",
-    "answer",
-    "correct",
-    "status",
-)
 METRICS = (
     "accuracy",
     "auroc",
@@ -65,6 +72,7 @@ METRICS = (
     "attn_entropy",
 )
 BETWEEN_METRICS = ("attn_js_between", "attn_spearman_between", "attn_iou10_between")
+PROPORTION_METRICS = ("accuracy", "flip_rate", "all_agree", "consistent_correct")
 SUMMARY_COLUMNS = (
     "model",
     "finding",
@@ -77,6 +85,7 @@ SUMMARY_COLUMNS = (
     "ci_high_percentile",
     "level",
     "n_clusters",
+    "few_clusters",
     "n_rows",
     "n_units",
     "n_failed",
@@ -91,6 +100,7 @@ PER_STUDY_COLUMNS = (
     "cluster_id",
     "finding",
     "answer_gt",
+    "n_negated",
     "n_variants_ok",
     "n_failed",
     "has_v0",
@@ -129,21 +139,28 @@ class AnalysisTables:
                     pair "a - b" (paired difference) and, with common maps, "a vs b"
     per_finding  DataFrame, SUMMARY_COLUMNS, one block per finding (same row kinds)
     per_study    DataFrame, PER_STUDY_COLUMNS, one row per (model, study, finding)
-    warnings     data-level warnings (failed rows, missing maps, undefined values) and the
-                 warnings of the summary rows; per-row warnings are in the warning column
+    warnings     data-level warnings (failed rows, missing maps, undefined values), the
+                 warnings of the summary rows, and one few-cluster warning per table
+                 ("summary: ..." / "per_finding: ..."); per-row warnings are in the warning column
+    n_negated    {model: records (ok or failed) whose polarity is negated}
 
-    Row columns: estimate is the statistic on all data; ci_low / ci_high the BCa interval
-    (ci_method == "bca"); ci_low_percentile / ci_high_percentile the percentile interval
-    from the same resamples; n_clusters the clusters resampled; n_rows the ok records in
-    them; n_units the units of the metric's denominator (rows, comparisons, complete groups
-    or map pairs; for a paired difference, both models together); n_failed the failed
-    records of the slice; n_undefined resamples where the statistic was undefined.
+    Row columns: estimate is the statistic on all data; ci_low / ci_high the interval of
+    ci_method ("bca", "exact_one_sided_clusters" or "none" with nan ends; module docstring);
+    ci_low_percentile / ci_high_percentile the percentile interval from the same resamples
+    (nan where ci_method is not "bca"); n_clusters the clusters resampled; few_clusters
+    n_clusters < 25 (intervals unreliable, stated once per table, not in warning); n_rows the
+    ok records in them; n_units the units of the metric's denominator (rows, comparisons,
+    complete groups or map pairs; for a paired difference, both models together); n_failed
+    the failed records of the slice; n_undefined resamples where the statistic was undefined.
+    per_study: answer_gt is variant 0's answer_gt (the group's answer in variant 0's terms),
+    n_negated the group's negated records; flips, agreement and consistency use judgements.
     """
 
     summary: pd.DataFrame
     per_finding: pd.DataFrame
     per_study: pd.DataFrame
     warnings: list[str]
+    n_negated: dict[str, int] = field(default_factory=dict)
 
 
 def summarize(
@@ -167,7 +184,7 @@ def summarize(
       sorted model names (e.g. ("llava_rad", "medgemma")).
     Returns AnalysisTables.
     """
-    df = _validate(records)
+    df = validate_records(records)
     warnings: list[str] = []
     models = sorted(df["model"].unique().tolist())
     if pairs is None:
@@ -208,80 +225,29 @@ def summarize(
         warnings.append(
             f"per_finding: {n_warn} of {len(per_finding)} rows carry a warning (see its warning column)"
         )
+    warnings += [w for name, t in (("summary", summary), ("per_finding", per_finding)) if (w := _few_clusters(name, t))]
 
     per_study = _per_study(df, ok_rows)
-    return AnalysisTables(summary=summary, per_finding=per_finding, per_study=per_study, warnings=warnings)
+    negated = df["polarity"] == "negated"
+    n_negated = {m: int((negated & (df["model"] == m)).sum()) for m in models}
+    return AnalysisTables(summary, per_finding, per_study, warnings, n_negated)
 
 
-# --------------------------------------------------------------------------------------
-# validation
-
-
-def _validate(records: pd.DataFrame) -> pd.DataFrame:
-    missing = [c for c in REQUIRED_COLUMNS if c not in records.columns]
-    if missing:
-        raise ValueError(f"records lack required columns {missing}")
-    df = records.loc[:, list(REQUIRED_COLUMNS)].copy()
-    if df.empty:
-        raise ValueError("records are empty: expected at least 1 row, found 0")
-    for col in ("model", "study_id", "cluster_id", "finding"):
-        if df[col].isna().any():
-            raise ValueError(f"column {col} has {int(df[col].isna().sum())} missing values")
-        df[col] = df[col].astype(str)
-    bad_status = ~df["status"].isin(["ok", "failed"])
-    if bad_status.any():
-        raise ValueError(
-            f"status must be 'ok' or 'failed', found {int(bad_status.sum())} other values: "
-            f"{sorted(df.loc[bad_status, 'status'].astype(str).unique())[:5]}"
-        )
-    variant = pd.to_numeric(df["variant_id"], errors="coerce")
-    bad_variant = variant.isna() | (variant % 1 != 0) | (variant < 0) | (variant >= mt.N_VARIANTS)
-    if bad_variant.any():
-        raise ValueError(
-            f"expected variant_id in 0..{mt.N_VARIANTS - 1}, found "
-            f"{sorted(df.loc[bad_variant, 'variant_id'].astype(str).unique())[:5]}"
-        )
-    df["variant_id"] = variant.astype(int)
-    bad_gt = ~df["answer_gt"].isin(["yes", "no"])
-    if bad_gt.any():
-        raise ValueError(f"answer_gt must be 'yes' or 'no', found {int(bad_gt.sum())} other values")
-    dup = df.duplicated(["model", "study_id", "finding", "variant_id"])
-    if dup.any():
-        raise ValueError(
-            f"expected one record per (model, study, finding, variant), found {int(dup.sum())} duplicates"
-        )
-    clusters_per_study = df.groupby("study_id")["cluster_id"].nunique()
-    if (clusters_per_study > 1).any():
-        raise ValueError(
-            f"each study needs one cluster_id, found {int((clusters_per_study > 1).sum())} "
-            f"studies with several"
-        )
-    gt_per_group = df.groupby(["study_id", "finding"])["answer_gt"].nunique()
-    if (gt_per_group > 1).any():
-        raise ValueError(
-            f"answer_gt must be the same for all variants and models of a (study, finding), "
-            f"found {int((gt_per_group > 1).sum())} groups with two"
-        )
-    ok = df["status"] == "ok"
-    bad_answer = ok & ~df["answer"].isin(["yes", "no"])
-    if bad_answer.any():
-        raise ValueError(f"ok rows need answer 'yes' or 'no', found {int(bad_answer.sum())} other values")
-    p_yes = pd.to_numeric(df["p_yes"], errors="coerce")
-    bad_p = ok & ~(np.isfinite(p_yes) & (p_yes >= 0) & (p_yes <= 1))
-    if bad_p.any():
-        raise ValueError(f"ok rows need p_yes in [0, 1], found {int(bad_p.sum())} rows outside or missing")
-    df["p_yes"] = p_yes
-    bad_correct = ok & ~df["correct"].isin([True, False])
-    if bad_correct.any():
-        raise ValueError(f"ok rows need a boolean correct, found {int(bad_correct.sum())} other values")
-    expected = df["answer"] == df["answer_gt"]
-    mismatch = ok & (df["correct"].astype(object) != expected)
-    if mismatch.any():
-        raise ValueError(
-            f"correct disagrees with answer == answer_gt in {int(mismatch.sum())} of {int(ok.sum())} ok rows"
-        )
-    df["correct"] = np.where(ok, expected, False)
-    return df.reset_index(drop=True)
+def _few_clusters(name: str, table: pd.DataFrame) -> str | None:
+    """One warning for the table's rows with fewer than st.MIN_CLUSTERS clusters, or None."""
+    few = table["few_clusters"].to_numpy(dtype=bool)
+    if not few.any():
+        return None
+    counts = table.loc[few, "n_clusters"]
+    span = f"{counts.min()}" if counts.min() == counts.max() else f"{counts.min()}-{counts.max()}"
+    text = (
+        f"{name}: {int(few.sum())} of {len(table)} rows rest on fewer than {st.MIN_CLUSTERS} clusters "
+        f"(n_clusters {span}; column few_clusters): their intervals are unreliable"
+    )
+    n_none = int((counts < st.MIN_CLUSTERS_FOR_CI).sum())
+    if n_none:
+        text += f"; {n_none} of them have fewer than {st.MIN_CLUSTERS_FOR_CI} and no interval (ci_method none)"
+    return text
 
 
 # --------------------------------------------------------------------------------------
@@ -390,12 +356,13 @@ def _between_rows(
 
 @dataclass(frozen=True, eq=False)
 class _Groups:
-    """The (study, finding) groups of one model's ok rows.
+    """The (study, finding) groups of one model's ok rows (validated, with judgement).
 
     keys      DataFrame [n_groups] with study_id, finding (sorted)
     group_id  int [n_rows]: group of each row
-    answers   float [n_groups, N_VARIANTS]: 1 yes, 0 no, nan missing/failed
-    truth     float [n_groups]: 1 if answer_gt == "yes"
+    answers   float [n_groups, N_VARIANTS]: judgements (answers in variant 0's terms), 1 yes,
+              0 no, nan missing/failed
+    truth     float [n_groups]: 1 if the group's reference_gt (variant 0's answer_gt) is "yes"
     """
 
     keys: pd.DataFrame
@@ -409,11 +376,11 @@ class _Groups:
         group_id = by.ngroup().to_numpy().astype(np.int64)
         n = int(group_id.max()) + 1 if len(rows) else 0
         answers = np.full((n, mt.N_VARIANTS), np.nan)
-        answers[group_id, rows["variant_id"].to_numpy()] = (rows["answer"] == "yes").to_numpy(
+        answers[group_id, rows["variant_id"].to_numpy()] = (rows["judgement"] == "yes").to_numpy(
             dtype=np.float64
         )
         truth = np.zeros(n)
-        truth[group_id] = (rows["answer_gt"] == "yes").to_numpy(dtype=np.float64)
+        truth[group_id] = (rows["reference_gt"] == "yes").to_numpy(dtype=np.float64)
         keys = by.size().reset_index()[["study_id", "finding"]]
         assert len(keys) == n
         return cls(keys, group_id, answers, truth)
@@ -502,7 +469,8 @@ def _record(
     note: str | None = None,
 ) -> dict:
     bca, pct = pair.bca, pair.percentile
-    warning = "; ".join(w for w in (bca.warning, note) if w) or None
+    warning = "; ".join(w for w in (*bca.notes, note) if w) or None  # the cluster count: few_clusters
+    bootstrap = pct.method == "percentile"
     return {
         "model": model,
         "finding": finding,
@@ -510,11 +478,12 @@ def _record(
         "estimate": bca.estimate,
         "ci_low": bca.ci_low,
         "ci_high": bca.ci_high,
-        "ci_method": "bca",
-        "ci_low_percentile": pct.ci_low,
-        "ci_high_percentile": pct.ci_high,
+        "ci_method": bca.method,
+        "ci_low_percentile": pct.ci_low if bootstrap else np.nan,
+        "ci_high_percentile": pct.ci_high if bootstrap else np.nan,
         "level": bca.level,
         "n_clusters": bca.n_clusters,
+        "few_clusters": bca.few_clusters,
         "n_rows": n_rows,
         "n_units": n_units,
         "n_failed": n_failed,
@@ -535,7 +504,8 @@ class _DrawCache:
         self._draws: dict[int, st.BootstrapDraws] = {}
 
     def bootstrap(self, specs: dict[str, st.Spec], g: int, level: float) -> dict[str, st.IntervalPair]:
-        if g == 0:
+        proportions = [m for m in PROPORTION_METRICS if m in specs]
+        if g < st.MIN_CLUSTERS_FOR_CI:
             return st.bootstrap_many(specs, n_boot=self.n_boot, seed=self.seed, level=level)
         if g not in self._draws:
             if len(self._draws) >= self.keep:
@@ -543,7 +513,9 @@ class _DrawCache:
             self._draws[g] = st.BootstrapDraws.make(
                 g, n_boot=self.n_boot, seed=self.seed, max_entries=5_000_000
             )
-        return st.bootstrap_many(specs, n_boot=self.n_boot, seed=self.seed, level=level, draws=self._draws[g])
+        return st.bootstrap_many(
+            specs, n_boot=self.n_boot, seed=self.seed, level=level, draws=self._draws[g], proportions=proportions
+        )
 
 
 def _slice_rows(
@@ -629,12 +601,18 @@ def _slice_rows(
 
 def _per_study(df: pd.DataFrame, ok_rows: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """One row per (model, study, finding) of all records, PER_STUDY_COLUMNS; groups whose
-    variants all failed have n_variants_ok == 0 and nan rates."""
+    variants all failed have n_variants_ok == 0 and nan rates. answer_gt is variant 0's
+    (reference_gt); n_negated counts the group's negated records."""
     keys = ["model", "study_id", "finding"]
     base = (
-        df.assign(failed=(df["status"] == "failed").astype(int))
+        df.assign(failed=(df["status"] == "failed").astype(int), negated=(df["polarity"] == "negated").astype(int))
         .groupby(keys, sort=True)
-        .agg(cluster_id=("cluster_id", "first"), answer_gt=("answer_gt", "first"), n_failed=("failed", "sum"))
+        .agg(
+            cluster_id=("cluster_id", "first"),
+            answer_gt=("reference_gt", "first"),
+            n_negated=("negated", "sum"),
+            n_failed=("failed", "sum"),
+        )
         .reset_index()
     )
     parts = []
@@ -671,7 +649,7 @@ def _per_study(df: pd.DataFrame, ok_rows: dict[str, pd.DataFrame]) -> pd.DataFra
             count = np.bincount(grp.group_id[ok], minlength=n)
             part[metric] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
         parts.append(part)
-    ok_columns = [c for c in PER_STUDY_COLUMNS if c not in ("cluster_id", "answer_gt", "n_failed")]
+    ok_columns = [c for c in PER_STUDY_COLUMNS if c not in ("cluster_id", "answer_gt", "n_negated", "n_failed")]
     ok_table = pd.concat(parts, ignore_index=True)[ok_columns] if parts else pd.DataFrame(columns=ok_columns)
     out = base.merge(ok_table, on=keys, how="left")
     for c in ("n_variants_ok", "n_correct", "flips", "comparisons", "n_maps"):

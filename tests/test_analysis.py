@@ -98,7 +98,9 @@ def test_schema_and_shapes(hand_tables):
     assert set(t.summary["model"]) == {A, B, f"{A} - {B}", f"{A} vs {B}"}
     assert len(t.per_study) == 8
     assert (t.summary["n_boot"] == 200).all() and (t.summary["seed"] == 3).all()
-    assert (t.summary["ci_method"] == "bca").all()
+    # two clusters: no interval at all (fewer than 5), flagged few_clusters
+    assert (t.summary["ci_method"] == "none").all() and t.summary["few_clusters"].all()
+    assert t.n_negated == {A: 0, B: 0} and (t.per_study["n_negated"] == 0).all()
 
 
 def test_hand_checked_estimates(hand_tables):
@@ -135,11 +137,19 @@ def test_hand_checked_estimates(hand_tables):
     assert _row(f, A, "flip_rate", "edema")["estimate"] == pytest.approx(4 / 9)
 
 
-def test_intervals_contain_estimates_and_few_clusters_warn(hand_tables):
+def test_few_clusters_give_no_interval_and_one_warning_per_table(hand_tables):
     s = hand_tables.summary
     acc = _row(s, A, "accuracy")
-    assert acc["ci_low_percentile"] <= acc["estimate"] <= acc["ci_high_percentile"]
-    assert "only 2 clusters (< 25)" in acc["warning"]
+    assert acc["ci_method"] == "none" and acc["few_clusters"] and acc["n_clusters"] == 2
+    for col in ("ci_low", "ci_high", "ci_low_percentile", "ci_high_percentile"):
+        assert np.isnan(acc[col])
+    # the cluster count is stated once per table, never in the rows' warnings
+    assert not s["warning"].fillna("").str.contains("clusters").any()
+    assert not hand_tables.per_finding["warning"].fillna("").str.contains("clusters").any()
+    few = [w for w in hand_tables.warnings if "fewer than 25 clusters" in w]
+    assert len(few) == 2 and few[0].startswith(f"summary: {len(s)} of {len(s)} rows")
+    assert few[1].startswith("per_finding: ") and f"{len(s)} of them have fewer than 5" in few[0]
+    assert not any("only 2 clusters" in w for w in hand_tables.warnings)
     assert any("llava_rad: 1 of 24 records failed" in w for w in hand_tables.warnings)
     assert any("llava_rad: 1 of 23 ok records have no attention map" in w for w in hand_tables.warnings)
 
@@ -156,16 +166,18 @@ def test_per_study_rows(hand_tables):
 
 
 def test_paired_difference_of_a_model_with_its_copy_is_zero_width():
-    recs, maps, _ = _records_and_maps()
-    copy = recs[recs["model"] == A].assign(model="copy")
+    recs, maps = _random_records(n_clusters=8)
+    recs = recs[recs["model"] == A]
+    copy = recs.assign(model="copy")
     maps.update({("copy", *k[1:]): v for k, v in maps.items() if k[0] == A})
     t = an.summarize(pd.concat([recs, copy]), _getter(maps), n_boot=100, seed=0, pairs=[(A, "copy")])
     diff = t.summary[t.summary["model"] == f"{A} - copy"]
     assert len(diff) == len(an.METRICS)
     defined = diff[diff["estimate"].notna()]
-    assert len(defined) == len(an.METRICS)
+    assert len(defined) == len(an.METRICS) and (defined["ci_method"] == "bca").all()
     for col in ("estimate", "ci_low", "ci_high", "ci_low_percentile", "ci_high_percentile"):
         np.testing.assert_array_equal(defined[col].to_numpy(dtype=float), 0.0)
+    assert defined["warning"].str.contains("zero-width interval, not a confidence statement").all()
 
 
 def _random_records(n_clusters=30, seed=0):
@@ -266,3 +278,113 @@ def test_map_length_mismatch_names_the_question():
     maps[(A, "s2", "effusion", 4)] = np.ones(9)
     with pytest.raises(ValueError, match="llava_rad / s2 / effusion / variant 4 vs variant 0: .*9 vs 4"):
         an.summarize(recs, _getter(maps), n_boot=10, seed=0)
+
+
+# ----------------------------------------------------------------------------- negated paraphrases
+
+
+_FLIP = {"yes": "no", "no": "yes"}
+
+
+def _negated_records(n_studies=6, negated_variant=3):
+    """One finding asked six ways; variant `negated_variant` is worded the other way round, so
+    its answer_gt is the opposite of variant 0's. llava_rad answers every row correctly (the
+    same judgement throughout); medgemma answers variant 0's word to all six (a literal word
+    that stays the same while its judgement flips on the negated variant)."""
+    recs = []
+    for c in range(n_studies):
+        gt0 = "yes" if c % 2 == 0 else "no"
+        for v in range(6):
+            gt = _FLIP[gt0] if v == negated_variant else gt0
+            for model, answer in ((A, gt), (B, gt0)):
+                recs.append(
+                    {
+                        "model": model,
+                        "study_id": f"s{c}",
+                        "cluster_id": f"s{c}",
+                        "finding": "effusion",
+                        "variant_id": v,
+                        "answer_gt": gt,
+                        "p_yes": 0.9 if answer == "yes" else 0.1,
+                        "answer": answer,
+                        "correct": answer == gt,
+                        "status": "ok",
+                    }
+                )
+    return pd.DataFrame(recs)
+
+
+@pytest.mark.parametrize("polarity", ["inferred", "given", "given_in_some_rows"])
+def test_negated_paraphrase_counts_judgements_not_words(polarity):
+    recs = _negated_records()
+    if polarity != "inferred":
+        recs["polarity"] = np.where(recs["variant_id"] == 3, "Negated", "direct")
+    if polarity == "given_in_some_rows":  # e.g. rows from before the column existed: inferred
+        recs.loc[recs["study_id"].isin(["s0", "s1"]), "polarity"] = None
+    t = an.summarize(recs, lambda *k: None, n_boot=200, seed=0)
+    s = t.summary
+    g = 6
+    # llava_rad: same judgement on all six wordings -> no flip, all agree, all correct
+    assert _row(s, A, "accuracy")["estimate"] == 1.0
+    assert _row(s, A, "flip_rate")["estimate"] == 0.0
+    assert _row(s, A, "all_agree")["estimate"] == 1.0
+    assert _row(s, A, "consistent_correct")["estimate"] == 1.0
+    assert _row(s, A, "auroc")["estimate"] == 1.0
+    # medgemma: the same word everywhere is a changed judgement on the negated variant
+    assert _row(s, B, "accuracy")["estimate"] == pytest.approx(5 / 6)
+    assert _row(s, B, "flip_rate")["estimate"] == pytest.approx(1 / 5)
+    assert _row(s, B, "all_agree")["estimate"] == 0.0
+    assert t.n_negated == {A: g, B: g}
+    ps = t.per_study.set_index(["model", "study_id", "finding"])
+    assert ps.loc[(A, "s1", "effusion"), "answer_gt"] == "no" and ps.loc[(A, "s1", "effusion"), "n_negated"] == 1
+    assert ps.loc[(B, "s0", "effusion"), "flips"] == 1 and ps.loc[(A, "s0", "effusion"), "flips"] == 0
+    # at a boundary the interval is the exact one-sided bound over the 6 clusters, not [0, 0]
+    flip = _row(s, A, "flip_rate")
+    assert flip["ci_method"] == "exact_one_sided_clusters" and flip["few_clusters"]
+    assert (flip["ci_low"], flip["ci_high"]) == pytest.approx((0.0, 1 - 0.05 ** (1 / g)))
+    assert np.isnan(flip["ci_low_percentile"]) and "exact one-sided" in flip["warning"]
+    agree = _row(s, A, "all_agree")
+    assert (agree["ci_low"], agree["ci_high"]) == pytest.approx((0.05 ** (1 / g), 1.0))
+    diff = _row(s, f"{A} - {B}", "all_agree")  # 1 - 0, both at a boundary: Bonferroni of the two
+    u = 1 - 0.025 ** (1 / g)
+    assert diff["ci_method"] == "exact_one_sided_clusters"
+    assert (diff["ci_low"], diff["ci_high"]) == pytest.approx((1 - 2 * u, 1.0))
+    kappa = _row(s, A, "fleiss_kappa")  # judgements agree within groups, differ between them
+    assert kappa["estimate"] == 1.0 and kappa["ci_method"] == "bca"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        # variant 4 marked negated although its answer_gt equals variant 0's
+        (lambda r: r.assign(polarity=np.where(r["variant_id"] == 4, "negated", None)),
+         r"polarity contradicts answer_gt in 12 of 12 \(model, study, finding\) groups"),
+        # variant 3 marked direct although its answer_gt differs from variant 0's
+        (lambda r: r.assign(polarity=np.where(r["variant_id"] == 3, "direct", None)),
+         r"polarity contradicts answer_gt in 12 of 12"),
+        (lambda r: r.assign(polarity=np.where(r["variant_id"] == 0, "negated", None)),
+         r"variant 0 is the original wording and cannot be negated: 12 of 12"),
+        (lambda r: r.assign(polarity="reversed"), r"polarity must be 'direct', 'negated' or empty, found 72 of 72"),
+        (lambda r: r[~((r["study_id"] == "s2") & (r["variant_id"] == 0))],
+         r"2 of 12 \(model, study, finding\) groups lack variant 0 and their answer_gt differs"),
+        # llava_rad's variant 2 has the opposite answer_gt of medgemma's variant 2
+        (lambda r: r.assign(
+            answer_gt=np.where((r["model"] == A) & (r["variant_id"] == 2), r["answer_gt"].map(_FLIP), r["answer_gt"]),
+            answer=lambda d: np.where(d["model"] == A, d["answer_gt"], d["answer"]),
+            correct=lambda d: d["answer"] == d["answer_gt"]),
+         r"must be the same for every model of a \(study, finding, variant\), found 6 of 36"),
+    ],
+)
+def test_polarity_that_cannot_hold_is_refused(mutate, message):
+    with pytest.raises(ValueError, match=message):
+        an.summarize(mutate(_negated_records()), lambda *k: None, n_boot=10, seed=0)
+
+
+def test_group_without_variant_0_takes_its_reference_from_the_given_polarity():
+    recs = _negated_records()
+    recs = recs[~((recs["study_id"] == "s2") & (recs["variant_id"] == 0))].copy()
+    recs["polarity"] = np.where(recs["variant_id"] == 3, "negated", "direct")
+    t = an.summarize(recs, lambda *k: None, n_boot=10, seed=0)
+    ps = t.per_study.set_index(["model", "study_id", "finding"])
+    assert ps.loc[(A, "s2", "effusion"), "answer_gt"] == "yes" and not ps.loc[(A, "s2", "effusion"), "has_v0"]
+    assert t.n_negated == {A: 6, B: 6}
