@@ -18,15 +18,11 @@ heatmaps, tables and a report.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
-import torch
-
-from medvlm.config import MedicalAttentionConfig
-from medvlm.pipeline import MODEL_NAMES, RunConfig, dist_env
-from medvlm.runner import run
+from medvlm.config import HEAD_MODES, LAYER_SPECS, MODEL_NAMES, QUERY_MODES, MedicalAttentionConfig, RunConfig, dist_env
+from medvlm.preflight import TOOL_DIRS, TOOL_FILES
 
 
 def _load_llava_rad(cfg: RunConfig):
@@ -50,6 +46,8 @@ def _load_medgemma(cfg: RunConfig):
     from medgemma_enhanced import MedGemmaMedical
 
     if cfg.random_models is not None:
+        import torch
+
         from medvlm.tiny_medgemma import MEDGEMMA_4B_SHAPES, TINY_SHAPES, tiny_medgemma
 
         full = cfg.random_models == "full"
@@ -82,58 +80,165 @@ def get_backend_loader(name: str):
     return load_and_compile
 
 
-def parse_args(argv=None) -> RunConfig:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
+OVERWRITE_HELP = (
+    "before scoring, remove what this tool wrote into --output_dir and nothing else: "
+    + ", ".join(f for f in TOOL_FILES if not f.endswith(".tmp"))
+    + " and the folders "
+    + ", ".join(f"{d}/" for d in TOOL_DIRS)
+    + "; a folder that holds the input CSV or its images is refused"
+)
+HEAD_HELP = ("how the heads of a layer are combined: mean (average), max (elementwise maximum), entropy (focused heads "
+             "weigh more: weight 1 - H/log n), none (keep every head; larger files)")
+LAYERS_HELP = ("decoder layers whose maps are stored: all, last_quarter, last_half, or comma-separated indices "
+               "(0-based; negative counts from the end), e.g. 0,15,-1; LLaVA-Rad has 32 layers, MedGemma 34")
+QUERY_HELP = ("whose attention is read: answer (the last prompt token, whose next-token logits give the answer), "
+              "question (mean over the question's tokens), finding (mean over the tokens of the finding phrase in the "
+              "question; rows whose question lacks it fail)")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line and exit code 2 (argparse's default prints the whole usage first)."""
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _count_or_all(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer (0 = all), got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (all) or a positive integer, got {n}")
+    return n
+
+
+def _layers(text: str) -> str | tuple[int, ...]:
+    if text in LAYER_SPECS:
+        return text
+    try:
+        layers = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {', '.join(LAYER_SPECS)} or comma-separated layer indices such as 0,15,-1, got {text!r}"
+        ) from None
+    return layers
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        description=__doc__.split("\n\n")[0], formatter_class=_Formatter, epilog=__doc__.split("\n\n", 1)[1]
     )
-    p.add_argument("--csv", type=Path, help="CSV: study_id, image_path, finding, variant_id, question, answer_gt")
-    p.add_argument("--image_root", type=Path, help="folder image paths are relative to (default: the CSV's folder)")
-    p.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
-    p.add_argument("--n_studies", type=int, help="the first N studies in file order")
-    p.add_argument("--sample", type=int, help="a random sample of N studies (with --seed)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --sample")
-    p.add_argument("--cluster_by", default="study_id", choices=("study_id", "subject_id"))
-    p.add_argument("--output_dir", type=Path, default=Path("results"))
-    p.add_argument("--llava_rad_model", default="microsoft/llava-rad", help="hub id or local folder")
-    p.add_argument("--llava_rad_base", default="lmsys/vicuna-7b-v1.5", help="Vicuna base: hub id or local folder")
-    p.add_argument("--medgemma_model", default="google/medgemma-4b-it", help="hub id or local folder")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default: per model")
-    p.add_argument("--load_in_8bit", action="store_true")
-    p.add_argument("--load_in_4bit", action="store_true")
-    p.add_argument("--batch_size", type=int,
-                   help="questions per forward pass, whole studies packed (default per model; halved on OOM)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile norms, MLPs and vision layers: 10-20%% faster once compiled, "
-                        "after 10-20 s of compiling on an H200 (long runs on a GPU)")
-    p.add_argument("--generate", action="store_true", help="also generate free text beside the logit answer")
-    p.add_argument("--max_new_tokens", type=int, default=24)
-    p.add_argument("--strict", action="store_true", help="refuse the CSV if any row is bad")
-    p.add_argument("--overwrite", action="store_true", help="delete the output folder's results first")
-    p.add_argument("--analyze_only", action="store_true", help="statistics and figures from stored results")
-    p.add_argument("--demo", action="store_true", help="tiny random models on real DICOMs from pydicom-data")
-    p.add_argument("--tiny_random_models", action="store_true", help="tiny random-weight models on any CSV")
-    p.add_argument("--random_full_size_models", action="store_true",
+    g = p.add_argument_group("data")
+    g.add_argument("--csv", type=Path, help="question CSV: study_id, image_path, finding, variant_id, question, "
+                                            "answer_gt [, subject_id, polarity] (README: Data format)")  # fmt: skip
+    g.add_argument("--image_root", type=Path, help="folder relative image paths start from (default: the CSV's)")
+    g.add_argument("--n_studies", type=_count_or_all, help="the first N studies in file order (0 or unset: all)")
+    g.add_argument("--sample", type=_positive, help="a random sample of N studies (with --seed)")
+    g.add_argument("--seed", type=int, default=0, help="seed for --sample")
+    g.add_argument("--strict", action="store_true", help="refuse the CSV if any row is bad (else bad rows are "
+                                                         "skipped, listed and counted)")  # fmt: skip
+    g.add_argument("--demo", action="store_true",
+                   help="tiny random-weight models on real radiographs shipped with the packages (no GPU, no weights)")
+    m = p.add_argument_group("models")
+    m.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES, help="models to run")
+    m.add_argument("--llava_rad_model", default="microsoft/llava-rad", help="LLaVA-Rad: hub id or local folder")
+    m.add_argument("--llava_rad_base", default="lmsys/vicuna-7b-v1.5", help="its Vicuna base: hub id or local folder")
+    m.add_argument("--medgemma_model", default="google/medgemma-4b-it", help="MedGemma: hub id or local folder")
+    m.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                   help="weights' dtype (default: bfloat16 on a GPU, float32 on the CPU; MedGemma refuses float16)")
+    m.add_argument("--load_in_8bit", action="store_true", help="8-bit weights (bitsandbytes, CUDA)")
+    m.add_argument("--load_in_4bit", action="store_true", help="4-bit NF4 weights (bitsandbytes, CUDA)")
+    m.add_argument("--tiny_random_models", action="store_true", help="tiny random-weight models on any CSV (tests)")
+    m.add_argument("--random_full_size_models", action="store_true",
                    help="random weights in the real models' shapes (GPU timing; numbers mean nothing)")
-    p.add_argument("--colormap", default="hot")
-    p.add_argument("--attention_head_mode", default="mean", choices=("mean", "max", "entropy", "none"))
-    p.add_argument("--layers", default="all", help="all, last_quarter, last_half, or comma-separated indices")
-    p.add_argument("--query_mode", default="answer", choices=("answer", "question", "finding"))
-    p.add_argument("--answer_suffix", default="Answer yes or no.", help="appended to every question ('' for none)")
-    p.add_argument("--n_boot", type=int, default=10_000)
-    p.add_argument("--bootstrap_seed", type=int, default=0)
-    p.add_argument("--n_figure_studies", type=int, help="studies that get per-study figures (default 3; demo 1)")
-    p.add_argument("--figure_studies", nargs="+", help="study ids that get per-study figures (default: the first N)")
-    p.add_argument("--figure_findings", nargs="+", help="findings that get per-study figures (default: all)")
+    a = p.add_argument_group("attention and answers")
+    a.add_argument("--query_mode", default="answer", choices=QUERY_MODES, help=QUERY_HELP)
+    a.add_argument("--attention_head_mode", default="mean", choices=HEAD_MODES, help=HEAD_HELP)
+    a.add_argument("--layers", type=_layers, default="all", help=LAYERS_HELP)
+    a.add_argument("--answer_suffix", default="Answer yes or no.", help="appended to every question ('' for none)")
+    a.add_argument("--generate", action="store_true",
+                   help="also generate a free-text answer (KV cached) and report its agreement with the logit answer")
+    a.add_argument("--max_new_tokens", type=_positive, default=24,
+                   help="length of the free-text answer with --generate (tokens)")
+    s = p.add_argument_group("statistics")
+    s.add_argument("--cluster_by", default="study_id", choices=("study_id", "subject_id"),
+                   help="the bootstrap's resampling unit: the study, or the patient (needs subject_id)")
+    s.add_argument("--n_boot", type=_positive, default=10_000,
+                   help="bootstrap resamples per interval (10,000 gives stable 95%% ends; 1,000 for a quick look)")
+    s.add_argument("--bootstrap_seed", type=int, default=0, help="seed of the resampling (recorded)")
+    o = p.add_argument_group("output")
+    o.add_argument("--output_dir", type=Path, default=Path("results"), help="where results, tables and figures go")
+    o.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    o.add_argument("--analyze_only", action="store_true", help="tables, figures and report from stored results")
+    o.add_argument("--colormap", default="hot",
+                   help="matplotlib colormap of the heatmaps: hot, inferno, magma, viridis, jet, gray, ... (any name "
+                        "in matplotlib.colormaps)")  # fmt: skip
+    o.add_argument("--n_figure_studies", type=_count_or_all,
+                   help="the first N studies get per-study figures (default 3; demo 1)")
+    o.add_argument("--figure_studies", nargs="+", metavar="ID", help="these study ids get per-study figures")
+    o.add_argument("--figure_findings", nargs="+", metavar="FINDING", help="only these findings get figures")
+    o.add_argument("--debug", action="store_true", help="show tracebacks for user mistakes too")
+    f = p.add_argument_group("performance")
+    f.add_argument("--batch_size", type=_positive,
+                   help="questions per forward pass, whole studies packed (default per model; halved on CUDA OOM)")
+    f.add_argument("--compile", action="store_true",
+                   help="torch.compile norms, MLPs and vision layers: 10-20%% faster once compiled, after 10-20 s of "
+                        "compiling on an H200 (long runs on a GPU)")  # fmt: skip
+    return p
+
+
+def _conflicts(a) -> str | None:
+    """The first pair of flags that contradict each other, as an error message."""
+    defaults = {"llava_rad_model": "microsoft/llava-rad", "llava_rad_base": "lmsys/vicuna-7b-v1.5",
+                "medgemma_model": "google/medgemma-4b-it"}  # fmt: skip
+    if a.demo and a.csv:
+        return "--demo runs its own data: drop --csv (or drop --demo to run your CSV)"
+    if a.demo and a.random_full_size_models:
+        return "--demo uses tiny random models: drop --random_full_size_models"
+    if a.tiny_random_models and a.random_full_size_models:
+        return "choose one of --tiny_random_models and --random_full_size_models"
+    if a.analyze_only and (a.csv or a.demo):
+        return "--analyze_only reads the stored results of --output_dir: drop --csv / --demo"
+    if a.analyze_only and a.overwrite:
+        return "--analyze_only keeps the stored results: drop --overwrite"
+    if a.load_in_8bit and a.load_in_4bit:
+        return "choose one of --load_in_8bit and --load_in_4bit"
+    if a.n_studies and a.sample:
+        return "choose one of --n_studies and --sample"
+    if a.demo or a.tiny_random_models or a.random_full_size_models:
+        changed = [f"--{k}" for k, v in defaults.items() if getattr(a, k) != v]
+        if changed:
+            return f"{', '.join(changed)} name real weights, but random-weight models were asked for"
+        if a.load_in_8bit or a.load_in_4bit:
+            return "8-/4-bit loading applies to real weights, not to random-weight models"
+    if not (a.csv or a.demo or a.analyze_only):
+        return "give --csv (or --demo, or --analyze_only on an existing --output_dir)"
+    return None
+
+
+def parse_args(argv=None) -> RunConfig:
+    p = build_parser()
     a = p.parse_args(argv)
-    named = ("all", "last_quarter", "last_half")
-    layers = a.layers if a.layers in named else tuple(int(x) for x in a.layers.split(","))
-    attention = MedicalAttentionConfig(colormap=a.colormap, attention_head_mode=a.attention_head_mode, layers=layers,
+    conflict = _conflicts(a)
+    if conflict:
+        p.error(conflict)
+    attention = MedicalAttentionConfig(colormap=a.colormap, attention_head_mode=a.attention_head_mode, layers=a.layers,
                                        query_mode=a.query_mode, answer_suffix=a.answer_suffix, generate=a.generate,
                                        max_new_tokens=a.max_new_tokens)  # fmt: skip
-    if not (a.csv or a.demo or a.analyze_only):
-        p.error("give --csv (or --demo, or --analyze_only on an existing --output_dir)")
     rank, world, local_rank = dist_env()
     random_models = "tiny" if (a.tiny_random_models or a.demo) else "full" if a.random_full_size_models else None
     n_figures = a.n_figure_studies if a.n_figure_studies is not None else (1 if a.demo else 3)
@@ -145,20 +250,34 @@ def parse_args(argv=None) -> RunConfig:
         analyze_only=a.analyze_only, demo=a.demo, random_models=random_models,
         attention=attention, n_boot=a.n_boot, bootstrap_seed=a.bootstrap_seed, n_figure_studies=n_figures,
         figure_studies=tuple(a.figure_studies) if a.figure_studies else None,
-        figure_findings=tuple(a.figure_findings) if a.figure_findings else None,
+        figure_findings=tuple(a.figure_findings) if a.figure_findings else None, debug=a.debug,
         rank=rank, world_size=world, local_rank=local_rank,
     )  # fmt: skip
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
-    if cfg.world_size > 1 and torch.cuda.is_available():
-        torch.cuda.set_device(cfg.local_rank)
-    if cfg.overwrite and cfg.world_size > 1:
-        raise SystemExit("error: --overwrite under several processes would race; delete the folder first")
-    if cfg.overwrite and cfg.output_dir.exists() and not cfg.analyze_only:
-        shutil.rmtree(cfg.output_dir)
-    return run(cfg, {name: get_backend_loader(name) for name in cfg.models})
+    """The CLI. User mistakes end in one line on stderr and exit code 2 (a traceback only with
+    --debug); a failed analysis leaves the scored results and says how to rerun it."""
+    cfg = parse_args(argv)  # argparse prints its own one-line errors and exits 2
+    from medvlm.data import DatasetError
+    from medvlm.images import ImageLoadError
+    from medvlm.preflight import UsageError
+    from medvlm.runner import run
+
+    try:
+        if cfg.overwrite and cfg.world_size > 1:
+            raise UsageError("--overwrite under several processes would race; run it once on one process first")
+        if cfg.world_size > 1:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.set_device(cfg.local_rank)
+        return run(cfg, {name: get_backend_loader(name) for name in cfg.models})
+    except (UsageError, DatasetError, ImageLoadError) as e:
+        if cfg.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,40 +5,9 @@ Shapes follow the capture: rows are [batch, head, query, key] (fp32 softmax prob
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-LAYER_SPECS = ("all", "last_quarter", "last_half")
-HEAD_MODES = ("mean", "max", "entropy", "none")
-
-
-def resolve_layers(spec: str | Sequence[int], n_layers: int) -> tuple[int, ...]:
-    """Layer indices for a spec: "all", "last_quarter", "last_half", or explicit indices
-    (negative counts from the end). Returns sorted unique indices in [0, n_layers)."""
-    if isinstance(spec, str):
-        if spec == "all":
-            return tuple(range(n_layers))
-        if spec == "last_half":
-            return tuple(range(n_layers - max(1, n_layers // 2), n_layers))
-        if spec == "last_quarter":
-            return tuple(range(n_layers - max(1, n_layers // 4), n_layers))
-        raise ValueError(f"unknown layer spec {spec!r}; valid: {', '.join(LAYER_SPECS)} or a list of indices")
-    out = set()
-    for i in spec:
-        j = int(i)
-        if not -n_layers <= j < n_layers:
-            raise ValueError(f"layer index {j} out of range for a model with {n_layers} layers")
-        out.add(j % n_layers)
-    if not out:
-        raise ValueError("empty layer list")
-    return tuple(sorted(out))
-
-
-def check_head_mode(mode: str) -> str:
-    if mode not in HEAD_MODES:
-        raise ValueError(f"unknown attention_head_mode {mode!r}; valid: {', '.join(HEAD_MODES)}")
-    return mode
+from medvlm.config import HEAD_MODES, LAYER_SPECS, check_head_mode, resolve_layers  # noqa: E402,F401 - re-exported
 
 
 def aggregate_heads(rows: torch.Tensor, mode: str) -> torch.Tensor:

@@ -1,11 +1,57 @@
-"""Configuration shared by both backends (frozen, passed down explicitly)."""
+"""Configuration (frozen dataclasses passed down explicitly) and the names every stage shares.
+
+Imports nothing heavy (no torch, no pandas): the CLI builds its parser and answers --help
+from this module alone.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from medvlm.aggregate import LAYER_SPECS, check_head_mode
-from medvlm.queries import check_query_mode
+MODEL_NAMES = ("llava_rad", "medgemma")
+LAYER_SPECS = ("all", "last_quarter", "last_half")
+HEAD_MODES = ("mean", "max", "entropy", "none")
+QUERY_MODES = ("answer", "question", "finding")
+
+
+def check_head_mode(mode: str) -> str:
+    if mode not in HEAD_MODES:
+        raise ValueError(f"unknown attention_head_mode {mode!r}; valid: {', '.join(HEAD_MODES)}")
+    return mode
+
+
+def check_query_mode(mode: str) -> str:
+    if mode not in QUERY_MODES:
+        raise ValueError(f"unknown query mode {mode!r}; valid: {', '.join(QUERY_MODES)}")
+    return mode
+
+
+def resolve_layers(spec: str | Sequence[int], n_layers: int) -> tuple[int, ...]:
+    """Layer indices for a spec: "all", "last_quarter", "last_half", or explicit indices
+    (negative counts from the end). Returns sorted unique indices in [0, n_layers)."""
+    if isinstance(spec, str):
+        if spec == "all":
+            return tuple(range(n_layers))
+        if spec == "last_half":
+            return tuple(range(n_layers - max(1, n_layers // 2), n_layers))
+        if spec == "last_quarter":
+            return tuple(range(n_layers - max(1, n_layers // 4), n_layers))
+        raise ValueError(f"unknown layer spec {spec!r}; valid: {', '.join(LAYER_SPECS)} or a list of indices")
+    out = set()
+    for i in spec:
+        j = int(i)
+        if not -n_layers <= j < n_layers:
+            raise ValueError(
+                f"layer index {j} out of range for a model with {n_layers} layers (valid: 0..{n_layers - 1}, "
+                f"or -{n_layers}..-1 from the end)"
+            )
+        out.add(j % n_layers)
+    if not out:
+        raise ValueError("empty layer list")
+    return tuple(sorted(out))
 
 
 @dataclass(frozen=True)
@@ -41,3 +87,76 @@ class MedicalAttentionConfig:
     def full_question(self, question: str) -> str:
         q = question.strip()
         return f"{q} {self.answer_suffix}".strip() if self.answer_suffix else q
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run is made of; recorded in the manifest."""
+
+    output_dir: Path
+    csv: Path | None = None
+    image_root: Path | None = None
+    models: tuple[str, ...] = MODEL_NAMES
+    n_studies: int | None = None
+    sample: int | None = None
+    seed: int = 0
+    cluster_by: str = "study_id"
+    llava_rad_model: str = "microsoft/llava-rad"
+    llava_rad_base: str = "lmsys/vicuna-7b-v1.5"
+    medgemma_model: str = "google/medgemma-4b-it"
+    dtype: str | None = None
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    batch_size: int | None = None  # questions per forward; None: the backend's default
+    compile: bool = False  # torch.compile the backends' norms, MLPs and vision layers (long runs)
+    strict: bool = False
+    overwrite: bool = False
+    analyze_only: bool = False
+    demo: bool = False
+    random_models: str | None = None  # None (real weights), "tiny" or "full" (random, real shapes: timing)
+    attention: MedicalAttentionConfig = field(default_factory=MedicalAttentionConfig)
+    n_boot: int = 10_000
+    bootstrap_seed: int = 0
+    n_figure_studies: int = 3
+    figure_studies: tuple[str, ...] | None = None  # draw these studies (default: the first n_figure_studies)
+    figure_findings: tuple[str, ...] | None = None  # draw only these findings (default: all)
+    debug: bool = False  # tracebacks for user mistakes too
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    def __post_init__(self):
+        unknown = [m for m in self.models if m not in MODEL_NAMES]
+        if unknown or not self.models:
+            raise ValueError(f"unknown model(s) {unknown}; valid: {', '.join(MODEL_NAMES)}")
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ValueError("choose one of --load_in_8bit and --load_in_4bit")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.n_studies is not None and self.sample is not None:
+            raise ValueError("--n_studies and --sample are exclusive")
+        if self.random_models not in (None, "tiny", "full"):
+            raise ValueError(f"random_models must be None, 'tiny' or 'full', got {self.random_models!r}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+
+    @property
+    def device(self) -> str:
+        """This process's device: its own GPU under `accelerate launch`, else cuda or cpu."""
+        import torch
+
+        return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def quantization(self) -> str | None:
+        return "8bit" if self.load_in_8bit else "4bit" if self.load_in_4bit else None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the environment `accelerate launch` / torchrun set."""
+    env = os.environ
+    return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))

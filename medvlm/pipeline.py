@@ -9,89 +9,20 @@ error halves the batch and retries. Rerunning into the same folder skips finishe
 
 from __future__ import annotations
 
-import os
 import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from medvlm.backend import VLMBackend
-from medvlm.config import MedicalAttentionConfig
+from medvlm.config import MODEL_NAMES, RunConfig, dist_env  # noqa: F401 - re-exported
 from medvlm.data import ImageLoadError, load_image
 from medvlm.store import ResultsStore, map_key
-
-MODEL_NAMES = ("llava_rad", "medgemma")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything a run is made of; recorded in the manifest."""
-
-    output_dir: Path
-    csv: Path | None = None
-    image_root: Path | None = None
-    models: tuple[str, ...] = MODEL_NAMES
-    n_studies: int | None = None
-    sample: int | None = None
-    seed: int = 0
-    cluster_by: str = "study_id"
-    llava_rad_model: str = "microsoft/llava-rad"
-    llava_rad_base: str = "lmsys/vicuna-7b-v1.5"
-    medgemma_model: str = "google/medgemma-4b-it"
-    dtype: str | None = None
-    load_in_8bit: bool = False
-    load_in_4bit: bool = False
-    batch_size: int | None = None  # questions per forward; None: the backend's default
-    compile: bool = False  # torch.compile the backends' norms, MLPs and vision layers (long runs)
-    strict: bool = False
-    overwrite: bool = False
-    analyze_only: bool = False
-    demo: bool = False
-    random_models: str | None = None  # None (real weights), "tiny" or "full" (random, real shapes: timing)
-    attention: MedicalAttentionConfig = field(default_factory=MedicalAttentionConfig)
-    n_boot: int = 10_000
-    bootstrap_seed: int = 0
-    n_figure_studies: int = 3
-    figure_studies: tuple[str, ...] | None = None  # draw these studies (default: the first n_figure_studies)
-    figure_findings: tuple[str, ...] | None = None  # draw only these findings (default: all)
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    def __post_init__(self):
-        unknown = [m for m in self.models if m not in MODEL_NAMES]
-        if unknown or not self.models:
-            raise ValueError(f"unknown model(s) {unknown}; valid: {', '.join(MODEL_NAMES)}")
-        if self.load_in_8bit and self.load_in_4bit:
-            raise ValueError("choose one of --load_in_8bit and --load_in_4bit")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.n_studies is not None and self.sample is not None:
-            raise ValueError("--n_studies and --sample are exclusive")
-        if self.random_models not in (None, "tiny", "full"):
-            raise ValueError(f"random_models must be None, 'tiny' or 'full', got {self.random_models!r}")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
-
-    @property
-    def device(self) -> str:
-        """This process's device: its own GPU under `accelerate launch`, else cuda or cpu."""
-        return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
-
-    @property
-    def quantization(self) -> str | None:
-        return "8bit" if self.load_in_8bit else "4bit" if self.load_in_4bit else None
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
-
 
 BackendLoader = Callable[[RunConfig], VLMBackend]
 
@@ -116,6 +47,7 @@ def _base_record(model: str, row, random_weights: bool) -> dict:
         "subject_id": None if pd.isna(getattr(row, "subject_id", None)) else str(row.subject_id),
         "question": str(row.question),
         "answer_gt": str(row.answer_gt),
+        "polarity": getattr(row, "polarity", None),
         "line": int(row.line),
         "image_path": str(row.image_abspath),
         "random_weights": random_weights,
@@ -351,9 +283,3 @@ def shard_rows(rows: pd.DataFrame, rank: int, world_size: int) -> pd.DataFrame:
     studies = list(dict.fromkeys(rows["study_id"]))
     mine = set(studies[rank::world_size])
     return rows[rows["study_id"].isin(mine)]
-
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from the environment `accelerate launch` / torchrun set."""
-    env = os.environ
-    return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))

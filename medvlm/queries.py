@@ -8,13 +8,7 @@
 
 from __future__ import annotations
 
-QUERY_MODES = ("answer", "question", "finding")
-
-
-def check_query_mode(mode: str) -> str:
-    if mode not in QUERY_MODES:
-        raise ValueError(f"unknown query mode {mode!r}; valid: {', '.join(QUERY_MODES)}")
-    return mode
+from medvlm.config import QUERY_MODES, check_query_mode  # noqa: F401 - re-exported
 
 
 def char_span_tokens(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:

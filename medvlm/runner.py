@@ -5,17 +5,31 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from medvlm.data import DatasetError, load_dataset, select_studies
+from medvlm.figures import check_colormap
 from medvlm.pipeline import RunConfig, run_model, shard_rows
+from medvlm.preflight import (
+    SettingsFile,
+    UsageError,
+    check_layers,
+    check_output_dir,
+    check_overwrite_safe,
+    remove_tool_outputs,
+)
 from medvlm.reporting import RANDOM_NOTE, analyze
-from medvlm.store import ResultsStore
+from medvlm.store import RESULTS_GLOB, ResultsStore, read_results
 
 
 def _versions() -> dict:
@@ -60,18 +74,36 @@ class Manifest:
         tmp.replace(self.path)
 
 
+@dataclass
+class _Plan:
+    """What the checks before scoring produced (nothing is written until they all pass)."""
+
+    dataset: object = None
+    selection: object = None
+    settings: SettingsFile | None = None
+    created_dir: bool = False
+
+
 def run(cfg: RunConfig, loaders: dict[str, Callable]) -> int:
+    """The whole run: checks (nothing written on refusal), scoring, analysis. Returns the exit
+    code; raises UsageError / DatasetError for user mistakes (the CLI prints one line)."""
     out = cfg.output_dir
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out)
+    started = time.perf_counter()
+    if cfg.analyze_only:
+        if not any(out.glob(RESULTS_GLOB)):
+            raise UsageError(f"--analyze_only: no results*.jsonl in {out} (score first, or check --output_dir)")
+        plan = _Plan()
+    else:
+        plan = _preflight(cfg, loaders)
     # each process of a sharded run keeps its own manifest; rank 0's gathers the others'
     name = "manifest.json" if cfg.rank == 0 else f"manifest.shard-{cfg.rank}.json"
     manifest = Manifest(out / name)
-    started = time.perf_counter()
     if cfg.rank == 0 and cfg.world_size > 1:
         for stale in out.glob("done.shard-*"):
             stale.unlink()
     if not cfg.analyze_only:
-        code = _score(cfg, loaders, manifest)
+        code = _score(cfg, loaders, manifest, plan)
         if code:
             return code
     if cfg.rank != 0:
@@ -82,7 +114,16 @@ def run(cfg: RunConfig, loaders: dict[str, Callable]) -> int:
     shards = {p.name: json.loads(p.read_text()).get("counts") for p in sorted(out.glob("manifest.shard-*.json"))}
     if shards:
         manifest.update(shard_counts=shards)
-    code = analyze(cfg, manifest)
+    try:
+        code = analyze(cfg, manifest)
+    except Exception as e:  # noqa: BLE001 - the scored results stay; the user is told how to go on
+        if cfg.debug:
+            raise
+        log = out / "analysis_error.log"
+        log.write_text(traceback.format_exc())
+        print(f"error: the analysis failed ({type(e).__name__}: {e}); the scored results in {out} are intact "
+              f"(traceback in {log}). Once fixed, rerun with: --output_dir {out} --analyze_only", file=sys.stderr)
+        return 1
     manifest.update(total_seconds=time.perf_counter() - started)
     manifest.write()
     return code
@@ -96,42 +137,111 @@ def _wait_for_shards(out: Path, world: int, timeout_s: float = 24 * 3600) -> Non
         time.sleep(2)
 
 
-def _score(cfg: RunConfig, loaders, manifest: Manifest) -> int:
+def _validation_report(ds) -> list[str]:
+    lines = [f"{len(ds.bad_rows)} bad row(s) skipped (see manifest.json):"] if ds.bad_rows else []
+    lines += ["  " + b.format(ds.source) for b in ds.bad_rows[:20]]
+    if len(ds.bad_rows) > 20:
+        lines.append(f"  ... and {len(ds.bad_rows) - 20} more")
+    return lines
+
+
+def _preflight(cfg: RunConfig, loaders) -> _Plan:
+    """Every check that can run before a model loads; nothing is written unless all pass
+    (then --overwrite removes the tool's earlier outputs, and the folder is made)."""
     out = cfg.output_dir
-    csv = cfg.csv
+    check_layers(cfg)
+    try:
+        check_colormap(cfg.attention.colormap)
+    except ValueError as e:
+        raise UsageError(f"--colormap: {e}") from None
+    plan = _Plan(created_dir=not out.exists())
     if cfg.demo:
+        if cfg.overwrite:
+            remove_tool_outputs(out)
         from medvlm.demo_data import build_demo_dataset
 
         csv = build_demo_dataset(out / "demo_data")
-    try:
-        ds = load_dataset(csv, image_root=cfg.image_root, cluster_by=cfg.cluster_by, strict=cfg.strict)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        manifest.update(refused=str(e))
-        manifest.write()
-        return 2
+    else:
+        csv = cfg.csv
+    ds = load_dataset(csv, image_root=cfg.image_root, cluster_by=cfg.cluster_by, strict=cfg.strict)
+    if ds.rows.empty:
+        report = "\n".join(_validation_report(ds))
+        raise DatasetError(f"{report}\n{ds.source}: all {ds.n_rows_read} data row(s) are bad: nothing to score",
+                           ds.source, ds.bad_rows)  # fmt: skip
     for w in ds.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    if ds.bad_rows:
-        print(f"{len(ds.bad_rows)} bad row(s) skipped (see manifest.json):", file=sys.stderr)
-        for b in ds.bad_rows[:20]:
-            print("  " + b.format(ds.source), file=sys.stderr)
-    sel = select_studies(ds, n_studies=cfg.n_studies, sample=cfg.sample, seed=cfg.seed)
+    for line in _validation_report(ds):
+        print(line, file=sys.stderr)
+    sel = select_studies(ds, n_studies=cfg.n_studies or None, sample=cfg.sample, seed=cfg.seed)
     if sel.warning:
         print(f"warning: {sel.warning}", file=sys.stderr)
+    plan.dataset, plan.selection = ds, sel
+    if cfg.overwrite and not cfg.demo:
+        check_overwrite_safe(out, [ds.source, *map(Path, pd.unique(ds.rows["image_abspath"]))])
+        removed = remove_tool_outputs(out)
+        if removed:
+            print(f"--overwrite: removed {len(removed)} earlier output(s) of this tool from {out}", file=sys.stderr)
+    settings = SettingsFile(out)
+    if out.exists() and not cfg.overwrite:
+        with_rows = set(read_results(out)["model"].astype(str)) if any(out.glob(RESULTS_GLOB)) else set()
+        manifest_path = out / "manifest.json"
+        if with_rows and manifest_path.exists():
+            settings.adopt_manifest(json.loads(manifest_path.read_text()), with_rows)
+        settings.check_requested(loaders, cfg)
+    plan.settings = settings
+    out.mkdir(parents=True, exist_ok=True)
+    return plan
+
+
+def _load_backend(name: str, loader, cfg: RunConfig):
+    """The loaded backend; a download that cannot happen, a missing folder or a checkpoint that
+    fails its fact checks is a UsageError naming the model id and the way out."""
+    try:
+        return loader(cfg)
+    except (OSError, ValueError, ImportError) as e:
+        if cfg.debug:
+            raise
+        ids = ([cfg.llava_rad_model, cfg.llava_rad_base] if name == "llava_rad" else [cfg.medgemma_model])
+        remote = [i for i in ids if not Path(os.path.expanduser(i)).exists()]
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if cfg.random_models is None and remote:
+            flag = "--llava_rad_model / --llava_rad_base" if name == "llava_rad" else "--medgemma_model"
+            licence = (" MedGemma is gated: accept its licence (Health AI Developer Foundations terms) on its "
+                       "Hugging Face page and run `huggingface-cli login` first." if name == "medgemma" else "")
+            raise UsageError(
+                f"{name}: could not load {', '.join(remote)} ({type(e).__name__}: {first}). It is not a local "
+                f"folder, so its weights must be downloaded from the Hugging Face Hub: run where the Hub can be "
+                f"reached, or download it elsewhere (huggingface-cli download ID --local-dir DIR) and pass the "
+                f"folder with {flag}.{licence}"
+            ) from None
+        raise UsageError(f"{name}: could not load the model ({type(e).__name__}: {first})") from None
+
+
+def _score(cfg: RunConfig, loaders, manifest: Manifest, plan: _Plan) -> int:
+    out = cfg.output_dir
+    ds, sel, settings = plan.dataset, plan.selection, plan.settings
     rows = shard_rows(sel.rows, cfg.rank, cfg.world_size)
     store = ResultsStore(out, shard=None if cfg.world_size == 1 else cfg.rank)
     model_info, counts = dict(manifest.data.get("models", {})), dict(manifest.data.get("counts", {}))
+    timings = {"load": {}, "score": {}}
     for name, loader in loaders.items():
         t0 = time.perf_counter()
-        backend = loader(cfg)
-        load_s = time.perf_counter() - t0
-        info = backend.describe()
-        model_info[name] = {**info, "load_seconds": load_s}
         try:
+            backend = _load_backend(name, loader, cfg)
+        except UsageError:
+            if plan.created_dir and not any(out.iterdir()):
+                out.rmdir()  # a refused first run leaves no empty folder behind
+            raise
+        timings["load"][name] = time.perf_counter() - t0
+        info = backend.describe()
+        try:
+            settings.check_loaded(name, info)
+            store.record_fields = {"settings_hash": settings.record(name, cfg, info)}
+            model_info[name] = {**info, "load_seconds": timings["load"][name]}
             c = run_model(backend, rows, store, cfg, bool(info.get("random_weights")))
         finally:
             backend.unload()
+        timings["score"][name] = c["seconds"]
         counts[name] = c
         print(f"{name}: {c['ok']} ok, {c['failed']} failed, {c['skipped_done']} already done, "
               f"{c['seconds']:.1f} s", file=sys.stderr)  # fmt: skip
@@ -152,6 +262,8 @@ def _score(cfg: RunConfig, loaders, manifest: Manifest) -> int:
         data_warnings=list(ds.warnings),
         models=model_info,
         counts=counts,
+        timings_s={**manifest.data.get("timings_s", {}), **timings},
+        settings_file="settings.json",
         random_weights=random_weights,
         note=RANDOM_NOTE if random_weights else None,
     )

@@ -50,6 +50,7 @@ class ResultsStore:
         self.root.mkdir(parents=True, exist_ok=True)
         name = "results.jsonl" if shard is None else f"results.shard-{int(shard)}.jsonl"
         self.path = self.root / name
+        self.record_fields: dict = {}  # added to every record written (e.g. the settings' hash)
         self._repair_tail()
 
     # -- writing -----------------------------------------------------------------------
@@ -93,7 +94,8 @@ class ResultsStore:
         self.append(records)
 
     def append(self, records: Iterable[dict]) -> None:
-        lines = "".join(json.dumps(r, default=_json_default, allow_nan=True) + "\n" for r in records)
+        lines = "".join(json.dumps({**r, **self.record_fields}, default=_json_default, allow_nan=True) + "\n"
+                        for r in records)  # fmt: skip
         if not lines:
             return
         with open(self.path, "a", encoding="utf-8") as f:

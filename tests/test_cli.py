@@ -1,0 +1,274 @@
+"""The CLI in a new user's hands: no data loss, refusals that write nothing, settings that
+cannot drift, one-line errors with exit code 2, and a --help that needs no torch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import run_medical_vlm_analysis as cli
+from medvlm import runner
+from medvlm.preflight import TOOL_DIRS, TOOL_FILES, overwrite_targets
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_project(folder: Path, n_studies: int = 2, image_dir: str = "img") -> Path:
+    """A user's project folder: questions.csv, its images and an unrelated notes.txt."""
+    rng = np.random.default_rng(0)
+    (folder / image_dir).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for s in range(n_studies):
+        Image.fromarray((rng.random((40, 48)) * 255).astype("uint8")).save(folder / image_dir / f"s{s}.png")
+        for v in range(6):
+            rows.append({"study_id": f"s{s}", "image_path": f"{image_dir}/s{s}.png", "finding": "effusion",
+                         "variant_id": v, "question": f"Is there an effusion ({v})?", "answer_gt": "yes"})  # fmt: skip
+    pd.DataFrame(rows).to_csv(folder / "questions.csv", index=False)
+    (folder / "notes.txt").write_text("my notes\n")
+    return folder / "questions.csv"
+
+
+def tiny_args(csv: Path, out: Path, *extra: str) -> list[str]:
+    return ["--csv", str(csv), "--output_dir", str(out), "--models", "medgemma", "--tiny_random_models",
+            "--n_boot", "50", "--n_figure_studies", "0", *extra]  # fmt: skip
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Replace every backend loader by one that records the call and fails the test."""
+    calls = []
+
+    def refuse(cfg):
+        calls.append(cfg)
+        raise AssertionError("a model was loaded")
+
+    for name in cli.BACKENDS:
+        monkeypatch.setitem(cli.BACKENDS, name, refuse)
+    return calls
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "nothing on stderr"
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("error: "), err
+    return err[-1]
+
+
+# ------------------------------------------------------------------ data loss
+
+
+def test_overwrite_removes_only_what_the_tool_wrote(tmp_path):
+    csv = make_project(tmp_path / "proj")
+    out = tmp_path / "out"
+    (out / "figures").mkdir(parents=True)
+    (out / "figures" / "stale.png").write_bytes(b"old")
+    (out / "attention").mkdir()
+    (out / "results.jsonl").write_text("")
+    (out / "summary.csv").write_text("old\n")
+    (out / "notes.txt").write_text("keep me\n")
+    (out / "my_results_backup").mkdir()
+    (out / "my_results_backup" / "results.jsonl").write_text("keep me too\n")
+    assert cli.main(tiny_args(csv, out, "--overwrite")) == 0
+    assert (out / "notes.txt").read_text() == "keep me\n"
+    assert (out / "my_results_backup" / "results.jsonl").read_text() == "keep me too\n"
+    assert not (out / "figures" / "stale.png").exists()
+    assert len(pd.read_json(out / "results.jsonl", lines=True)) == 12
+
+
+def test_overwrite_refuses_a_folder_that_holds_the_csv(tmp_path, capsys, no_loading):
+    csv = make_project(tmp_path / "proj")
+    before = snapshot(tmp_path / "proj")
+    assert cli.main(tiny_args(csv, tmp_path / "proj", "--overwrite")) == 2
+    assert "holds your input file" in one_error_line(capsys)
+    assert snapshot(tmp_path / "proj") == before, "the user's files changed"
+    assert not no_loading
+
+
+def test_overwrite_refuses_a_folder_that_holds_the_images(tmp_path, capsys, no_loading):
+    csv = make_project(tmp_path / "proj", image_dir="out/images")
+    before = snapshot(tmp_path / "proj")
+    assert cli.main(tiny_args(csv, tmp_path / "proj" / "out", "--overwrite")) == 2
+    assert "s0.png" in one_error_line(capsys)
+    assert snapshot(tmp_path / "proj") == before
+
+
+def test_overwrite_targets_match_the_documented_list(tmp_path):
+    for name in ("results.jsonl", "results.shard-1.jsonl", "manifest.json", "report.md", "keep.txt", "q.csv"):
+        (tmp_path / name).write_text("x")
+    for d in (*TOOL_DIRS, "images"):
+        (tmp_path / d).mkdir()
+    names = {p.name for p in overwrite_targets(tmp_path)}
+    assert names == {"results.jsonl", "results.shard-1.jsonl", "manifest.json", "report.md", *TOOL_DIRS}
+    help_text = cli.build_parser().format_help().replace("\n", " ")
+    help_text = " ".join(help_text.split())
+    for pattern in (*TOOL_FILES, *TOOL_DIRS):
+        if not pattern.endswith(".tmp"):
+            assert pattern in help_text, f"--help does not say that --overwrite removes {pattern}"
+
+
+def test_a_refused_run_writes_nothing(tmp_path, capsys, no_loading):
+    csv = make_project(tmp_path / "proj")
+    with open(csv, "a") as f:
+        f.write("s9,img/missing.png,effusion,0,Is there?,yes\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"from": "an earlier run"}\n')
+    before = snapshot(out)
+    assert cli.main(tiny_args(csv, out, "--strict")) == 2
+    assert snapshot(out) == before, "a refused run changed the output folder"
+    fresh = tmp_path / "fresh"
+    assert cli.main(tiny_args(csv, fresh, "--strict")) == 2
+    assert not fresh.exists(), "a refused run made the output folder"
+    assert not no_loading
+
+
+def test_all_rows_bad_refuses_before_loading(tmp_path, capsys, no_loading):
+    csv = make_project(tmp_path / "proj")
+    for p in (tmp_path / "proj" / "img").iterdir():
+        p.unlink()
+    out = tmp_path / "out"
+    assert cli.main(tiny_args(csv, out)) == 2
+    err = capsys.readouterr().err
+    assert "questions.csv:2: image not found" in err and "all 12 data row(s) are bad" in err
+    assert "Traceback" not in err
+    assert not no_loading and not out.exists()
+
+
+def test_layers_out_of_range_refused_before_loading(tmp_path, capsys, no_loading):
+    csv = make_project(tmp_path / "proj")
+    assert cli.main(tiny_args(csv, tmp_path / "out", "--layers", "0,99")) == 2
+    line = one_error_line(capsys)
+    assert "99" in line and "0..5" in line, line
+    assert not no_loading
+
+
+def test_an_analysis_failure_keeps_the_results(tmp_path, capsys, monkeypatch):
+    csv = make_project(tmp_path / "proj", n_studies=1)
+    out = tmp_path / "out"
+
+    def broken(cfg, manifest):
+        raise RuntimeError("a bug in the analysis")
+
+    monkeypatch.setattr(runner, "analyze", broken)
+    assert cli.main(tiny_args(csv, out)) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--analyze_only" in line and "intact" in line
+    assert len(pd.read_json(out / "results.jsonl", lines=True)) == 6
+    assert "RuntimeError: a bug in the analysis" in (out / "analysis_error.log").read_text()
+
+
+# ------------------------------------------------------------------ drift
+
+
+def test_changed_settings_are_refused_and_harmless_ones_allowed(tmp_path, capsys):
+    csv = make_project(tmp_path / "proj")
+    out = tmp_path / "out"
+    assert cli.main(tiny_args(csv, out, "--n_studies", "0")) == 0  # 0 = all studies
+    records = pd.read_json(out / "results.jsonl", lines=True)
+    assert len(records) == 12 and records["settings_hash"].nunique() == 1
+    capsys.readouterr()
+    before = snapshot(out)
+    assert cli.main(tiny_args(csv, out, "--attention_head_mode", "max", "--layers", "last_half")) == 2
+    line = one_error_line(capsys)
+    assert "head_mode: stored 'mean', now 'max'" in line and "layers: stored 'all', now 'last_half'" in line
+    assert "--output_dir" in line and "--overwrite" in line
+    assert snapshot(out) == before, "a refused rerun changed the folder"
+    assert cli.main(tiny_args(csv, out, "--batch_size", "6")) == 0, "batch size does not change results"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["medgemma"]["skipped_done"] == 12
+    assert set(manifest["timings_s"]) >= {"load", "score"}
+
+
+def test_settings_of_a_folder_made_before_settings_json(tmp_path, capsys):
+    """A folder scored by an earlier version (no settings.json): its manifest's settings count."""
+    csv = make_project(tmp_path / "proj", n_studies=1)
+    out = tmp_path / "out"
+    assert cli.main(tiny_args(csv, out)) == 0
+    (out / "settings.json").unlink()
+    capsys.readouterr()
+    assert cli.main(tiny_args(csv, out, "--query_mode", "question")) == 2
+    assert "query_mode: stored 'answer', now 'question'" in one_error_line(capsys)
+
+
+# ------------------------------------------------------------------ messages
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--demo"], "--demo runs its own data"),
+        (["--n_studies", "-1"], "expected 0 (all) or a positive integer"),
+        (["--layers", "foo"], "comma-separated layer indices"),
+        (["--models", "llava"], "invalid choice: 'llava'"),
+        (["--analyze_only"], "--analyze_only reads the stored results"),
+        (["--load_in_8bit"], "random-weight models"),
+        (["--colormap", "hott"], "unknown colormap 'hott'"),
+    ],
+)
+def test_flag_mistakes_are_one_line_and_exit_2(tmp_path, capsys, no_loading, extra, expected):
+    csv = make_project(tmp_path / "proj", n_studies=1)
+    try:
+        code = cli.main(tiny_args(csv, tmp_path / "out", *extra))
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    line = one_error_line(capsys)
+    assert expected in line, line
+    assert not no_loading and not (tmp_path / "out").exists()
+
+
+def test_file_mistakes_are_one_line_and_exit_2(tmp_path, capsys, no_loading):
+    csv = make_project(tmp_path / "proj", n_studies=1)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (tiny_args(csv, afile), "is a file, not a folder"),
+        (tiny_args(tmp_path / "missing.csv", tmp_path / "o"), "CSV file not found"),
+        (tiny_args(csv, tmp_path / "o", "--image_root", str(tmp_path / "nope")), "is not a directory"),
+        (["--output_dir", str(tmp_path / "empty"), "--analyze_only"], "no results"),
+    ]
+    for argv, expected in cases:
+        assert cli.main(argv) == 2, argv
+        assert expected in one_error_line(capsys)
+    assert not no_loading
+
+
+def test_weights_that_need_a_download_say_so(tmp_path):
+    csv = make_project(tmp_path / "proj", n_studies=1)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run_medical_vlm_analysis.py"), "--csv", str(csv), "--output_dir",
+         str(tmp_path / "out"), "--models", "medgemma"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "google/medgemma-4b-it" in lines[0] and "--medgemma_model" in lines[0] and "licence" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_is_grouped_explained_and_needs_no_torch():
+    code = (
+        "import sys, run_medical_vlm_analysis as m; text = m.build_parser().format_help(); "
+        "assert 'torch' not in sys.modules, 'torch imported'; print(text)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    for group in ("data:", "models:", "attention and answers:", "statistics:", "output:", "performance:"):
+        assert group in text, f"no {group} group"
+    for choice in ("answer (the last prompt token", "entropy (focused heads", "last_quarter", "inferno",
+                   "1,000 for a quick look", "(default: 10000)", "--max_new_tokens"):  # fmt: skip
+        assert choice in text, f"--help does not explain {choice!r}"
