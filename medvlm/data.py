@@ -10,6 +10,7 @@ CSV schema (canonical, one row per question; header on line 1)::
     question     the question text as asked
     answer_gt    ground truth, yes/no (case-insensitive, surrounding blanks ignored)
     subject_id   optional: the patient; ``cluster_by="subject_id"`` resamples patients
+    polarity     optional: "direct" or "negated" (case-insensitive; empty = inferred)
 
 The common export scheme is accepted through :class:`ColumnMapping`::
 
@@ -38,6 +39,15 @@ yes/no; a missing or unreadable image; a repeated (study_id, finding, variant_id
 second and later occurrences, naming the line of the first); a study whose rows name
 different images (every row of that study: one image per study); and, with
 ``cluster_by="subject_id"``, an empty subject_id or a study that names several subjects.
+
+Negated paraphrases: a paraphrase may be worded the other way round ("Is the pleural space
+clear?" for "Is there a pleural effusion?"), so that its correct answer is the opposite of
+variant 0's: "negated" (the others "direct"; every good row gets a ``polarity``). Unstated,
+a row is negated iff its answer_gt differs from variant 0's; without variant 0, the stated
+polarities give variant 0's answer, else every answer_gt must be the same. Bad rows: a polarity
+other than direct/negated; variant 0 marked negated; negated with variant 0's answer_gt or
+direct with the other (naming variant 0's line); no variant 0 and answer_gt differing with
+no (or contradictory) polarities stated (every row of the group). ``notes`` counts negated rows.
 A file that cannot be read as CSV, has no data rows, or lacks required columns raises
 :class:`DatasetError` naming the file (and the missing columns).
 
@@ -66,7 +76,8 @@ from medvlm.images import ImageLoadError, LoadedImage, check_image, load_image  
 VARIANT_IDS = tuple(range(6))
 CLUSTER_CHOICES = ("study_id", "subject_id")
 REQUIRED_FIELDS = ("study_id", "image_path", "finding", "variant_id", "question", "answer_gt")
-OPTIONAL_FIELDS = ("subject_id", "baseline_question")
+OPTIONAL_FIELDS = ("subject_id", "baseline_question", "polarity")
+POLARITIES = ("direct", "negated")
 
 # Accepted CSV column names per canonical field, in order of preference (canonical first).
 COLUMN_ALIASES: Mapping[str, tuple[str, ...]] = MappingProxyType({
@@ -78,6 +89,7 @@ COLUMN_ALIASES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "answer_gt": ("answer_gt", "answer"),
     "subject_id": ("subject_id",),
     "baseline_question": ("baseline_question",),
+    "polarity": ("polarity",),
 })
 
 # Columns of ValidatedDataset.rows, in order (CSV columns outside the mapping follow them).
@@ -92,6 +104,7 @@ ROW_COLUMNS = (
     "variant_id",
     "question",
     "answer_gt",
+    "polarity",
     "baseline_question",
 )
 
@@ -127,8 +140,8 @@ class BadRow:
 class ColumnMapping:
     """Which CSV column feeds each canonical field.
 
-    Every field names a CSV column; ``subject_id`` and ``baseline_question`` may be None
-    (absent). ``scheme`` is a label recorded with results: "canonical", "export" or
+    Every field names a CSV column; ``subject_id``, ``baseline_question`` and ``polarity``
+    may be None (absent). ``scheme`` is a label recorded with results: "canonical", "export" or
     "custom". Build one with :meth:`canonical`, :meth:`export`, :meth:`from_columns`
     (detects the scheme from a header), or directly for any other naming.
     """
@@ -141,6 +154,7 @@ class ColumnMapping:
     answer_gt: str = "answer_gt"
     subject_id: str | None = None
     baseline_question: str | None = None
+    polarity: str | None = None
     scheme: str = "custom"
 
     @classmethod
@@ -219,16 +233,17 @@ class ValidatedDataset:
                 columns): line (int), study_id, subject_id (None when not mapped),
                 cluster_id (study_id or subject_id per ``cluster_by``), image_path (as
                 written), image_abspath (resolved, absolute), finding, variant_id (int 0-5),
-                question, answer_gt ("yes"/"no"), baseline_question (None when not mapped)
+                question, answer_gt ("yes"/"no"), polarity ("direct"/"negated", given or
+                inferred; see the module docstring), baseline_question (None when not mapped)
     bad_rows    every bad row (one entry per line, reasons joined by '; '), by line
     source      the CSV's absolute path
     mapping     the ColumnMapping used
     cluster_by  "study_id" or "subject_id"
     image_root  the folder relative image paths were resolved against
     n_rows_read data rows in the file (good + bad)
-    warnings    non-fatal observations (incomplete paraphrase sets, ground truth that
-                differs between paraphrases of one finding, baseline_question mismatches,
-                skipped blank lines)
+    warnings    non-fatal observations (incomplete paraphrase sets, baseline_question
+                mismatches, skipped blank lines)
+    notes       neutral facts for the log and manifest (how many rows are negated paraphrases)
     """
 
     rows: pd.DataFrame
@@ -239,10 +254,16 @@ class ValidatedDataset:
     image_root: Path
     n_rows_read: int
     warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
         return not self.bad_rows
+
+    @property
+    def n_negated(self) -> int:
+        """Good rows whose polarity is "negated"."""
+        return int((self.rows["polarity"] == "negated").sum()) if len(self.rows) else 0
 
     @property
     def study_ids(self) -> tuple[str, ...]:
@@ -433,6 +454,10 @@ def load_dataset(
                 flag(line, f"empty {cols[fld]}")
         row["subject_id"] = raw.get("subject_id")
         row["baseline_question"] = raw.get("baseline_question")
+        row["given_polarity"] = raw.get("polarity", "").lower() or None
+        if row["given_polarity"] not in (None, *POLARITIES):
+            flag(line, f"{cols['polarity']} {raw['polarity']!r} is not direct/negated (or empty)")
+            row["given_polarity"] = None
         if cluster_by == "subject_id" and not raw["subject_id"]:
             flag(line, f"empty {cols['subject_id']} (needed for cluster_by='subject_id')")
 
@@ -474,6 +499,8 @@ def load_dataset(
         else:
             first_seen[key] = line
 
+    _resolve_polarity(parsed, first_seen, flag)
+
     # One image (and, when clustering by patient, one subject) per study.
     by_study: dict[str, list[dict]] = {}
     for row in parsed.values():
@@ -514,6 +541,7 @@ def load_dataset(
 
     good = [row for line, row in parsed.items() if line not in problems]
     for row in good:
+        del row["given_polarity"]
         row["cluster_id"] = row["study_id"] if cluster_by == "study_id" else row["subject_id"]
         row["image_abspath"] = str(row["image_abspath"])
     frame = pd.DataFrame(good, columns=[*ROW_COLUMNS, *extra_cols])
@@ -525,6 +553,13 @@ def load_dataset(
     if blank:
         warnings.append(f"{path}: skipped {blank} blank line(s)")
     warnings.extend(_group_warnings(path, frame))
+    n_negated = int((frame["polarity"] == "negated").sum())
+    notes = (
+        (f"{path}: {n_negated} of {len(frame)} good rows are negated paraphrases (answer_gt opposite to "
+         f"variant 0's): each row's own answer_gt decides correctness; robustness compares answers in "
+         f"variant 0's terms",)
+        if n_negated else ()
+    )
     return ValidatedDataset(
         rows=frame.reset_index(drop=True),
         bad_rows=bad_rows,
@@ -534,7 +569,47 @@ def load_dataset(
         image_root=root,
         n_rows_read=n_rows,
         warnings=tuple(warnings),
+        notes=notes,
     )
+
+
+def _resolve_polarity(parsed: dict[int, dict], first_seen: dict[tuple[str, str, int], int], flag) -> None:
+    """Set row["polarity"] ("direct"/"negated", None where unknown) on every parsed row and flag
+    the rows whose polarity cannot hold (module docstring). first_seen: (study, finding,
+    variant) -> line of its first row; flag(line, reason) records a bad row."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in parsed.values():
+        if row:
+            row["polarity"] = None
+            if row["study_id"] and row["finding"] and row["variant_id"] is not None and row["answer_gt"] in _OPPOSITE:
+                groups.setdefault((row["study_id"], row["finding"]), []).append(row)
+    for (study, finding), rows in groups.items():
+        v0 = parsed.get(first_seen.get((study, finding, 0), -1))
+        if v0 is not None and v0["given_polarity"] == "negated":
+            flag(v0["line"], "variant 0 is the original wording and cannot have polarity negated")
+        if v0 is not None and v0["answer_gt"] in _OPPOSITE:
+            ref = v0["answer_gt"]
+        else:  # no usable variant 0: the stated polarities say what its answer is, else all direct
+            stated = {r["answer_gt"] if r["given_polarity"] == "direct" else _OPPOSITE[r["answer_gt"]]
+                      for r in rows if r["given_polarity"]}
+            answers = {r["answer_gt"] for r in rows}
+            if len(stated) > 1 or (not stated and len(answers) > 1):
+                why = ("the stated polarities imply both yes and no for it" if stated else
+                       "answer_gt differs between its paraphrases with no polarity to say which are negated")
+                for r in rows:
+                    flag(r["line"], f"study {study!r} finding {finding!r} has no variant 0 and {why}")
+                continue
+            ref = next(iter(stated or answers))
+        for r in rows:
+            r["polarity"] = "direct" if r["answer_gt"] == ref else "negated"
+            if r["given_polarity"] not in (None, r["polarity"]) and r is not v0:
+                assert v0 is not None, "stated polarities without variant 0 agree with ref by construction"
+                verb = "equals" if r["given_polarity"] == "negated" else "differs from"
+                flag(r["line"], f"polarity {r['given_polarity']} but answer_gt {r['answer_gt']!r} {verb} "
+                                f"variant 0's ({ref!r}, line {v0['line']})")
+
+
+_OPPOSITE = {"yes": "no", "no": "yes"}
 
 
 def _group_warnings(path: Path, frame: pd.DataFrame) -> list[str]:
@@ -548,9 +623,6 @@ def _group_warnings(path: Path, frame: pd.DataFrame) -> list[str]:
         missing = [v for v in VARIANT_IDS if v not in have]
         if missing:
             out.append(f"{where}: missing variant(s) {', '.join(map(str, missing))}")
-        answers = set(g["answer_gt"].tolist())
-        if len(answers) > 1:
-            out.append(f"{where}: answer_gt differs between paraphrases ({', '.join(sorted(answers))})")
         base = g["baseline_question"].dropna()
         base = base[base != ""]
         if len(base):

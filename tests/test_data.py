@@ -349,11 +349,63 @@ def test_cluster_by_subject_needs_the_column_and_values(tmp_path, images):
     assert ds_study.ok and any("2 different subjects" in w for w in ds_study.warnings)
 
 
-def test_paraphrase_answer_disagreement_warns(tmp_path, images):
-    rows = six("s1", "a.png")
-    rows[3][5] = "no"
+# --------------------------------------------------------------------------- negated paraphrases
+
+
+def test_negated_paraphrase_validates_and_gets_polarity(tmp_path, images):
+    rows = six("s1", "a.png") + six("s2", "b.png", answer="no")
+    rows[3][5] = "no"  # s1 variant 3, e.g. "Is the pleural space clear?"
+    rows[10][5] = "yes"  # s2 variant 4
     ds = load_dataset(write_csv(tmp_path / "q.csv", CANON, rows), strict=True)
-    assert any("answer_gt differs between paraphrases" in w for w in ds.warnings)
+    assert ds.rows["polarity"].tolist() == ["direct"] * 3 + ["negated"] + ["direct"] * 6 + ["negated", "direct"]
+    assert ds.n_negated == 2 and ds.warnings == ()
+    assert len(ds.notes) == 1 and "2 of 12 good rows are negated paraphrases" in ds.notes[0]
+    assert list(ds.rows.columns[: len(data.ROW_COLUMNS)]) == list(data.ROW_COLUMNS)
+    # the same stated in a polarity column (any case; empty = inferred)
+    stated = [[*r, {3: " Negated", 10: "NEGATED"}.get(i, "direct" if i % 2 else "")] for i, r in enumerate(rows)]
+    ds2 = load_dataset(write_csv(tmp_path / "p.csv", [*CANON, "polarity"], stated), strict=True)
+    assert ds2.mapping.polarity == "polarity" and ds2.mapping.scheme == "canonical"
+    assert ds2.rows["polarity"].tolist() == ds.rows["polarity"].tolist()
+    assert load_dataset(write_csv(tmp_path / "c.csv", CANON, six("s1", "a.png")), strict=True).notes == ()
+
+
+def test_stated_polarity_that_contradicts_answer_gt_is_a_bad_row(tmp_path, images):
+    rows = [[*r, ""] for r in six("s1", "a.png")]
+    rows[2][6] = "negated"  # line 4: answer yes, as variant 0's
+    rows[3][5], rows[3][6] = "no", "direct"  # line 5: answer no, unlike variant 0's
+    rows[4][6] = "backwards"  # line 6
+    ds = load_dataset(write_csv(tmp_path / "q.csv", [*CANON, "polarity"], rows))
+    got = {b.line: b.reason for b in ds.bad_rows}
+    assert got == {
+        4: "polarity negated but answer_gt 'yes' equals variant 0's ('yes', line 2)",
+        5: "polarity direct but answer_gt 'no' differs from variant 0's ('yes', line 2)",
+        6: "polarity 'backwards' is not direct/negated (or empty)",
+    }
+    assert ds.rows["line"].tolist() == [2, 3, 7]
+
+
+def test_variant_0_marked_negated_is_a_bad_row(tmp_path, images):
+    rows = [[*r, "negated" if r[3] == 0 else ""] for r in six("s1", "a.png")]
+    ds = load_dataset(write_csv(tmp_path / "q.csv", [*CANON, "polarity"], rows))
+    assert [(b.line, b.reason) for b in ds.bad_rows] == [
+        (2, "variant 0 is the original wording and cannot have polarity negated")
+    ]
+
+
+def test_group_without_variant_0_needs_polarity_when_answers_differ(tmp_path, images):
+    rows = six("s1", "a.png")[1:] + six("s2", "b.png")[1:]  # no variant 0
+    rows[2][5] = "no"  # s1 variant 3
+    ds = load_dataset(write_csv(tmp_path / "q.csv", CANON, rows))
+    assert [b.line for b in ds.bad_rows] == [2, 3, 4, 5, 6]  # all of s1 effusion
+    assert "study 's1' finding 'effusion' has no variant 0 and answer_gt differs" in ds.bad_rows[0].reason
+    assert ds.rows["polarity"].tolist() == ["direct"] * 5  # s2: all answers equal, all direct
+    stated = [[*r, "negated" if i == 2 else ""] for i, r in enumerate(rows)]
+    ds2 = load_dataset(write_csv(tmp_path / "p.csv", [*CANON, "polarity"], stated), strict=True)
+    assert ds2.rows["polarity"].tolist() == ["direct", "direct", "negated"] + ["direct"] * 7
+    both = [[*r, {2: "negated", 3: "negated"}.get(i, "")] for i, r in enumerate(rows)]  # imply yes and no
+    ds3 = load_dataset(write_csv(tmp_path / "b.csv", [*CANON, "polarity"], both))
+    assert [b.line for b in ds3.bad_rows] == [2, 3, 4, 5, 6]
+    assert "the stated polarities imply both yes and no" in ds3.bad_rows[0].reason
 
 
 # --------------------------------------------------------------------------- selection
