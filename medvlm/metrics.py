@@ -8,6 +8,8 @@ medvlm.stats can bootstrap them over clusters in one matrix product.
 Answers are coded 1.0 = "yes", 0.0 = "no", nan = variant missing or failed. A group is one
 (study, finding) question asked in N_VARIANTS paraphrases; its answers are a row of a
 float [n_groups, N_VARIANTS] matrix, column v = variant_id v (variant 0 is the original).
+For the robustness metrics medvlm.analysis passes judgements, the answers in variant 0's terms
+(a negated paraphrase's answer reversed; see medvlm.records), and variant 0's answer_gt as truth.
 
 Attention maps are 1-D non-negative arrays over the image tokens; each function normalises
 them to sum 1 itself and raises ValueError for negative, non-finite or all-zero maps.
