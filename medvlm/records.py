@@ -129,7 +129,7 @@ def _normalise(given: np.ndarray) -> np.ndarray:
     out = np.empty(given.shape[0], dtype=object)
     bad = []
     for i, v in enumerate(given):
-        if v is None or (isinstance(v, float) and np.isnan(v)):
+        if v is None or (not isinstance(v, str) and pd.isna(v)):  # None, nan, pd.NA
             out[i] = None
             continue
         text = str(v).strip().lower()

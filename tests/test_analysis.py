@@ -314,13 +314,15 @@ def _negated_records(n_studies=6, negated_variant=3):
     return pd.DataFrame(recs)
 
 
-@pytest.mark.parametrize("polarity", ["inferred", "given", "given_in_some_rows"])
+@pytest.mark.parametrize("polarity", ["inferred", "given", "given_in_some_rows", "nullable_strings"])
 def test_negated_paraphrase_counts_judgements_not_words(polarity):
     recs = _negated_records()
     if polarity != "inferred":
         recs["polarity"] = np.where(recs["variant_id"] == 3, "Negated", "direct")
-    if polarity == "given_in_some_rows":  # e.g. rows from before the column existed: inferred
+    if polarity in ("given_in_some_rows", "nullable_strings"):  # e.g. rows from before the column: inferred
         recs.loc[recs["study_id"].isin(["s0", "s1"]), "polarity"] = None
+    if polarity == "nullable_strings":
+        recs["polarity"] = recs["polarity"].astype("string")  # missing values are pd.NA
     t = an.summarize(recs, lambda *k: None, n_boot=200, seed=0)
     s = t.summary
     g = 6
