@@ -2,8 +2,15 @@
 
     output_dir/results.jsonl                 one record per (model, study_id, finding, variant_id)
     output_dir/results.shard-R.jsonl         the same, one file per process when sharded
-    output_dir/attention/<model>/<study>.npz float16 maps keyed "<finding>|<variant_id>",
-                                             with "<key>|layers" holding the layer indices
+    output_dir/attention/<model>/<study>-<hash>.npz  the study's maps keyed map_key(finding,
+                                             variant_id, kind), with "<key>|layers" holding the
+                                             layer indices (see map_path for the file name)
+
+Map kinds (MAP_KINDS): "attention" (the raw query-to-image rows; key "<finding>|<variant>", as
+before kinds existed), "generic" (the generic prompt's attention, once per study: finding
+GENERIC_FINDING, variant 0), "gradxinput", "relevancy". Float16 except FLOAT32_KINDS (the
+generic map is a denominator of relative attention; gradient maps are signed and small).
+Derived kinds (relative) are computed when read (medvlm.maps), never stored.
 
 Crash safety: a study's maps are written to a temporary file and renamed into place before
 its records are appended; records are flushed and fsynced as written. A process killed
@@ -35,8 +42,23 @@ def _safe_name(study_id: str) -> str:
     return f"{stem}-{digest}"
 
 
-def map_key(finding: str, variant_id: int) -> str:
-    return f"{finding}|{int(variant_id)}"
+MAP_KINDS = ("attention", "generic", "gradxinput", "relevancy")
+FLOAT32_KINDS = ("generic", "gradxinput", "relevancy")
+GENERIC_FINDING = "__generic__"
+
+
+def map_key(finding: str, variant_id: int, kind: str = "attention") -> str:
+    """The npz key of one map: "<finding>|<variant>" for raw attention, "<finding>|<variant>|<kind>"
+    for the other stored kinds."""
+    if kind not in MAP_KINDS:
+        raise ValueError(f"unknown map kind {kind!r}; stored kinds: {', '.join(MAP_KINDS)}")
+    base = f"{finding}|{int(variant_id)}"
+    return base if kind == "attention" else f"{base}|{kind}"
+
+
+def _key_kind(key: str) -> str:
+    parts = key.split("|")
+    return parts[2] if len(parts) == 3 and parts[2] in MAP_KINDS else "attention"
 
 
 class ResultsStore:
@@ -73,7 +95,7 @@ class ResultsStore:
         """Write one study's maps (atomically), then append its records.
 
         records  dicts with at least the KEY fields, status and error
-        maps     {map_key(finding, variant): (layers [L] int, attention [L, ...] float)}
+        maps     {map_key(finding, variant, kind): (layers [L] int, map [L, ...] float)}
         """
         for r in records:
             missing = [k for k in KEY if k not in r]
@@ -86,7 +108,8 @@ class ResultsStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             arrays = {}
             for key, (layers, att) in maps.items():
-                arrays[key] = np.asarray(att, dtype=np.float16)
+                dtype = np.float32 if _key_kind(key) in FLOAT32_KINDS else np.float16
+                arrays[key] = np.asarray(att, dtype=dtype)
                 arrays[f"{key}|layers"] = np.asarray(layers, dtype=np.int32)
             tmp = path.with_name(path.name + ".tmp.npz")
             np.savez(tmp, **arrays)
@@ -112,9 +135,9 @@ class ResultsStore:
         df = df[df["status"].isin(statuses)]
         return {(m, str(s), f, int(v)) for m, s, f, v in df[list(KEY)].itertuples(index=False)}
 
-    def load_map(self, model: str, study_id: str, finding: str, variant_id: int):
-        """(layers [L], attention [L, ...] float32) or None when absent."""
-        return load_map(self.root, model, study_id, finding, variant_id)
+    def load_map(self, model: str, study_id: str, finding: str, variant_id: int, kind: str = "attention"):
+        """(layers [L], map [L, ...] float32) or None when absent."""
+        return load_map(self.root, model, study_id, finding, variant_id, kind)
 
 
 def _json_default(o):
@@ -172,10 +195,10 @@ def load_study_maps(output_dir, model: str, study_id: str) -> dict[str, np.ndarr
         return {k: z[k] for k in z.files}
 
 
-def load_map(output_dir, model: str, study_id: str, finding: str, variant_id: int):
-    """(layers [L], attention [L, ...] float32) or None when absent."""
+def load_map(output_dir, model: str, study_id: str, finding: str, variant_id: int, kind: str = "attention"):
+    """(layers [L], map [L, ...] float32) or None when absent."""
     z = load_study_maps(output_dir, model, study_id)
-    key = map_key(finding, variant_id)
+    key = map_key(finding, variant_id, kind)
     if key not in z:
         return None
     return z[f"{key}|layers"].astype(int), z[key].astype(np.float32)
