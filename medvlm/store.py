@@ -92,7 +92,8 @@ class ResultsStore:
         return map_path(self.root, model, study_id)
 
     def write_study(self, model: str, study_id: str, records: list[dict], maps: dict[str, tuple]) -> None:
-        """Write one study's maps (atomically), then append its records.
+        """Write one study's maps (atomically, merged with any already stored for it), then
+        append its records.
 
         records  dicts with at least the KEY fields, status and error
         maps     {map_key(finding, variant, kind): (layers [L] int, map [L, ...] float)}
@@ -106,7 +107,9 @@ class ResultsStore:
         if maps:
             path = self.map_path(model, study_id)
             path.parent.mkdir(parents=True, exist_ok=True)
-            arrays = {}
+            # the study's maps already stored (rows scored in an earlier run) are kept: a
+            # retried or relabelled row must not drop its siblings' maps
+            arrays = load_study_maps(self.root, model, study_id)
             for key, (layers, att) in maps.items():
                 dtype = np.float32 if _key_kind(key) in FLOAT32_KINDS else np.float16
                 arrays[key] = np.asarray(att, dtype=dtype)

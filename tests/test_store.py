@@ -66,3 +66,14 @@ def test_shards_merge(tmp_path):
 def test_records_must_match_their_study(tmp_path):
     with pytest.raises(ValueError, match="written under"):
         ResultsStore(tmp_path).write_study("m", "other", [_rec("m", "s", "f", 0)], {})
+
+
+def test_rescoring_some_rows_keeps_the_other_maps_of_the_study(tmp_path):
+    """A failed row retried on resume is written alone: its siblings' maps must survive."""
+    store = ResultsStore(tmp_path)
+    a, b = np.full((1, 4), 0.25, np.float32), np.full((1, 4), 0.5, np.float32)
+    first = [_rec("m", "s", "f", 0), _rec("m", "s", "f", 1, "failed")]
+    store.write_study("m", "s", first, {map_key("f", 0): ((0,), a)})
+    store.write_study("m", "s", [_rec("m", "s", "f", 1)], {map_key("f", 1): ((0,), b)})
+    assert load_map(tmp_path, "m", "s", "f", 0) is not None, "variant 0's map was lost"
+    assert np.allclose(load_map(tmp_path, "m", "s", "f", 1)[1], b)
