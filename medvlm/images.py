@@ -1,5 +1,6 @@
 """Image loading: PNG, JPEG and DICOM (and anything Pillow reads) to 8-bit RGB, the one loader
-the CLI and both backends use.
+the CLI and both backends use: :func:`load_image` for a file, :func:`as_rgb8` for whatever a
+backend's score() is given (a path, a PIL image of any mode, a numpy array), by the same rules.
 
 Image readability (:func:`check_image`, run by the CSV validation once per path): DICOM is
 read in full with pydicom and its first frame decoded (catches truncated pixel data and
@@ -30,7 +31,7 @@ class ImageLoadError(ValueError):
 class LoadedImage:
     """An image ready for a model.
 
-    path           the file it came from
+    path           the file it came from (None for an in-memory image: see as_rgb8)
     image          PIL image, mode "RGB", 8 bits per channel
     original_size  (width, height) of the stored image (first frame for multi-frame)
     source_kind    "dicom", "png", "jpeg", or Pillow's format name in lower case
@@ -38,7 +39,7 @@ class LoadedImage:
                    "VOI LUT applied (window center 40, width 400)"
     """
 
-    path: Path
+    path: Path | None
     image: Image.Image
     original_size: tuple[int, int]
     source_kind: str
@@ -123,42 +124,108 @@ def _to_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.round(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _load_pil(p: Path, kind: str) -> LoadedImage:
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_EXIF_ORIENTATION = 0x0112
+
+
+def _gray_to_rgb8(arr: np.ndarray, what: str) -> tuple[Image.Image, list[str]]:
+    """2-D grayscale of more than 8 bits (any integer or float dtype) -> 8-bit RGB, scaled by
+    the min-max of its finite values (NaN -> the minimum; +-inf clipped). Returns (image, notes)."""
+    arr = arr.astype(np.float64)
+    finite = arr[np.isfinite(arr)]
+    lo = float(finite.min()) if finite.size else 0.0
+    hi = float(finite.max()) if finite.size else 0.0
+    u8 = _to_uint8(np.nan_to_num(arr, nan=lo), lo, hi)
+    notes = [f"{what} grayscale scaled to 8 bits by min-max of its range [{lo:g}, {hi:g}]"]
+    if hi <= lo:
+        notes.append("constant image")
+    return Image.fromarray(u8).convert("RGB"), notes
+
+
+def _pil_to_rgb8(im: Image.Image, owned: bool) -> tuple[Image.Image, tuple[int, int], list[str]]:
+    """A decoded PIL image of any mode -> (8-bit RGB image, (width, height), notes): EXIF
+    orientation applied; 16-/32-bit and float grayscale scaled by the min-max of its range;
+    RGB kept; other modes converted by Pillow (alpha dropped). owned: the caller may keep
+    `im` itself (else an RGB input is copied, as for a file about to be closed)."""
     notes: list[str] = []
+    if im.getexif().get(_EXIF_ORIENTATION, 1) in range(2, 9):
+        im = ImageOps.exif_transpose(im)
+        notes.append("EXIF orientation applied")
+        owned = True
+    mode = im.mode
+    if mode in _HIGH_BIT_MODES:
+        rgb, more = _gray_to_rgb8(np.asarray(im), mode)
+        notes += more
+    elif mode == "RGB":
+        rgb = im if owned else im.copy()
+    else:
+        if "A" in mode or "a" in mode or (mode == "P" and "transparency" in im.info):
+            notes.append("alpha channel dropped")
+        if mode not in ("L", "P", "1"):
+            notes.append(f"converted from {mode}")
+        rgb = im.convert("RGB")
+    return rgb, (int(im.size[0]), int(im.size[1])), notes
+
+
+def _load_pil(p: Path, kind: str) -> LoadedImage:
     try:
         with Image.open(p) as im:
             im.load()
             fmt = (im.format or kind).lower()
-            transposed = ImageOps.exif_transpose(im)
-            if transposed is not None and transposed is not im:
-                if transposed.size != im.size or im.getexif().get(0x0112, 1) != 1:
-                    notes.append("EXIF orientation applied")
-                im = transposed
-            size = im.size
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                arr = np.asarray(im).astype(np.float64)
-                finite = arr[np.isfinite(arr)]
-                lo = float(finite.min()) if finite.size else 0.0
-                hi = float(finite.max()) if finite.size else 0.0
-                u8 = _to_uint8(np.nan_to_num(arr, nan=lo), lo, hi)
-                notes.append(f"{mode} grayscale scaled to 8 bits by min-max of its range [{lo:g}, {hi:g}]")
-                if hi <= lo:
-                    notes.append("constant image")
-                rgb = Image.fromarray(u8).convert("RGB")
-            elif mode == "RGB":
-                rgb = im.copy()
-            else:
-                if "A" in mode or "a" in mode or (mode == "P" and "transparency" in im.info):
-                    notes.append("alpha channel dropped")
-                if mode not in ("L", "P", "1"):
-                    notes.append(f"converted from {mode}")
-                rgb = im.convert("RGB")
+            rgb, size, notes = _pil_to_rgb8(im, owned=False)
     except ImageLoadError:
         raise
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageLoadError(f"{p}: cannot decode as {kind} ({e})") from e
-    return LoadedImage(p, rgb, (int(size[0]), int(size[1])), fmt, tuple(notes))
+    return LoadedImage(p, rgb, size, fmt, tuple(notes))
+
+
+def as_rgb8(image: str | os.PathLike[str] | Image.Image | np.ndarray) -> LoadedImage:
+    """Any image a backend accepts -> LoadedImage (8-bit RGB), by the rules of load_image.
+
+    image  a path (str or PathLike): load_image(path) (PNG/JPEG/DICOM/any Pillow format);
+           a PIL image of any mode: as load_image treats a decoded file (EXIF orientation
+               applied; "I;16", "I", "F" and other >8-bit grayscale scaled to 8 bits by the
+               min-max of its range, never clipped; "L"/"P"/"RGBA"/... converted by Pillow);
+           a numpy array: 2-D [H, W] grayscale, uint8 kept as is, any other integer or float
+               dtype scaled by min-max like a 16-bit or float image; or [H, W, 3] uint8 RGB.
+    returns LoadedImage: .image mode "RGB" 8 bits (for an RGB PIL input without EXIF
+            rotation, the same object), .original_size (width, height), .source_kind ("pil",
+            "array", or the file's kind), .notes (what was done), .path (None in memory).
+    Raises ValueError (ImageLoadError for files) saying what to pass instead.
+    """
+    if isinstance(image, str | os.PathLike):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        try:
+            rgb, size, notes = _pil_to_rgb8(image, owned=True)
+        except (OSError, ValueError) as e:  # a mode Pillow cannot convert to RGB
+            raise ValueError(f"cannot convert a PIL image of mode {image.mode!r} to 8-bit RGB ({e}); "
+                             "pass an RGB, L or 16-bit/float grayscale image") from e
+        return LoadedImage(None, rgb, size, "pil", tuple(notes))
+    if isinstance(image, np.ndarray):
+        return LoadedImage(None, *_array_to_rgb8(image))
+    raise ValueError(f"expected an image path, a PIL image or a numpy array, got {type(image).__name__}"
+                     + (" (convert a tensor with .numpy())" if hasattr(image, "numpy") else ""))
+
+
+def _array_to_rgb8(arr: np.ndarray) -> tuple[Image.Image, tuple[int, int], str, tuple[str, ...]]:
+    """(image, (width, height), "array", notes) for as_rgb8's numpy input."""
+    shape, dtype = tuple(arr.shape), arr.dtype
+    if 0 in shape:
+        raise ValueError(f"image array of shape {shape} is empty")
+    if arr.ndim == 3 and shape[2] == 3 and dtype == np.uint8:
+        rgb, notes = Image.fromarray(np.ascontiguousarray(arr), "RGB"), []
+    elif arr.ndim == 2 and dtype == np.uint8:
+        rgb, notes = Image.fromarray(np.ascontiguousarray(arr)).convert("RGB"), []
+    elif arr.ndim == 2 and dtype.kind in "iuf":  # signed, unsigned integer or float (not bool, complex)
+        rgb, notes = _gray_to_rgb8(arr, f"{dtype} array")
+    else:
+        raise ValueError(
+            f"image array of shape {shape} and dtype {dtype} is not supported: pass a 2-D [H, W] grayscale array "
+            "(any integer or float dtype) or an [H, W, 3] uint8 RGB array"
+        )
+    return rgb, (int(shape[1]), int(shape[0])), "array", tuple(notes)
 
 
 def _read_dicom(p: Path):
