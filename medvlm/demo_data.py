@@ -21,6 +21,18 @@ findings were skipped and why, so a report can cite them.
 
 These are acquisition-metadata questions on a handful of mixed-modality images: they
 exercise the pipeline end to end, they say nothing about diagnostic ability.
+
+Two real chest radiographs follow them: NIH ChestX-ray14 images 00000001_000.png and
+00027426_000.png (``data/nih-cxr14/`` in the repository, 512 x 512 as torchxrayvision's test
+folder distributes them), asked about cardiomegaly and pleural effusion by the question builder
+(:func:`medvlm.questions.build_questions`) from their labels in Data_Entry_2017_v2020.csv:
+torchxrayvision's packaged copy when it is installed, else the two-row extract committed beside
+the images. Those labels were mined from radiology reports by NLP (Wang et al. 2017), not read
+from the images; ``demo_labels.json`` says so, names the label file it used, and credits the NIH
+Clinical Center. The CSV's ``label_source`` column names each row's source; ``subject_id`` is
+NIH's Patient ID, and for the DICOMs the PatientID tag (the study id where the tag is empty).
+
+    python -c "from medvlm.demo_data import build_demo_dataset as b; print(b('/tmp/demo_data'))"
 """
 
 from __future__ import annotations
@@ -34,6 +46,20 @@ from pathlib import Path
 
 DEMO_CSV_NAME = "demo_questions.csv"
 DEMO_LABELS_NAME = "demo_labels.json"
+REPO_DATA = Path(__file__).resolve().parents[1] / "data"
+NIH_DIR = REPO_DATA / "nih-cxr14"
+NIH_DEMO_IMAGES = ("00000001_000.png", "00027426_000.png")
+NIH_DEMO_FINDINGS = ("cardiomegaly", "pleural_effusion")
+NIH_LABELS_NAME = "Data_Entry_2017_v2020.csv.gz"
+NIH_EXTRACT = NIH_DIR / "Data_Entry_2017_v2020_extract.csv"
+NIH_CREDIT = (
+    "NIH ChestX-ray14 images and labels courtesy of the NIH Clinical Center "
+    "(https://nihcc.app.box.com/v/ChestXray-NIHCC); Wang X, Peng Y, Lu L, Lu Z, Bagheri M, Summers RM. "
+    "ChestX-ray8: Hospital-scale Chest X-ray Database and Benchmarks on Weakly-Supervised Classification "
+    "and Localization of Common Thorax Diseases. IEEE CVPR 2017, pp. 3462-3471."
+)
+CSV_COLUMNS = ("study_id", "image_path", "finding", "variant_id", "question", "answer_gt", "subject_id", "label_source")
+DICOM_SOURCE = "DICOM header tag (pydicom-data)"
 
 
 @dataclass(frozen=True)
@@ -203,6 +229,7 @@ def demo_labels(
             "file": study.filename,
             "image_path": str(path),
             "sop_instance_uid": _tag_value(ds, "SOPInstanceUID"),
+            "patient_id": _tag_value(ds, "PatientID"),
             "tags": tags,
             "labels": labels,
             "skipped": skipped,
@@ -210,17 +237,67 @@ def demo_labels(
     return out
 
 
+def nih_label_file() -> tuple[Path, str]:
+    """(label file, where it came from): torchxrayvision's packaged Data_Entry_2017_v2020 when
+    installed, else the two-row extract committed beside the demo images."""
+    from medvlm.findings import torchxrayvision_data_file
+
+    packaged = torchxrayvision_data_file(NIH_LABELS_NAME)
+    if packaged is not None:
+        return packaged, "torchxrayvision's packaged copy of NIH Data_Entry_2017_v2020.csv"
+    if not NIH_EXTRACT.is_file():
+        raise ValueError(f"{NIH_EXTRACT}: missing, and torchxrayvision is not installed: no NIH labels for the demo")
+    return NIH_EXTRACT, "two-row extract of NIH Data_Entry_2017_v2020.csv (data/nih-cxr14/SOURCE.md)"
+
+
+def nih_demo_questions(labels: str | os.PathLike[str] | None = None, image_dir: str | os.PathLike[str] = NIH_DIR):
+    """The question builder's result for the NIH demo images (every labelled study, no sampling)
+    and a description of where the labels came from."""
+    from medvlm.questions import LABEL_SOURCES, build_questions, read_label_file
+
+    if labels is None:
+        label_path, origin = nih_label_file()
+    else:
+        label_path, origin = Path(labels), "given label file"
+    missing = [n for n in NIH_DEMO_IMAGES if not (Path(image_dir) / n).is_file()]
+    if missing:
+        raise ValueError(f"{image_dir}: demo image(s) {', '.join(missing)} not found")
+    table = read_label_file("nih", label_path)
+    result = build_questions("nih", table, NIH_DEMO_FINDINGS, images=image_dir, negatives_per_positive=None,
+                             absolute_paths=True)
+    raw = dict(zip(table.images["study_id"], table.images["raw_labels"], strict=True))
+    info = {
+        "label_file": str(label_path),
+        "label_file_origin": origin,
+        "label_source": LABEL_SOURCES["nih"],
+        "credit": NIH_CREDIT,
+        "images": str(image_dir),
+        "findings": list(NIH_DEMO_FINDINGS),
+        "counts": result.counts,
+        "builder_notes": [n for n in result.notes if "not under" not in n],
+        "studies": [
+            {"study_id": sid, "image_path": g["image_path"].iloc[0], "subject_id": g["subject_id"].iloc[0],
+             "finding_labels": raw[sid],
+             "labels": dict(g[g["variant_id"] == 0][["finding", "answer_gt"]].itertuples(index=False))}
+            for sid, g in result.rows.groupby("study_id", sort=False)
+        ],
+    }
+    return result, info
+
+
 def build_demo_dataset(
     out_dir: str | os.PathLike[str],
     studies: Sequence[DemoStudy] = DEMO_STUDIES,
     findings: Sequence[DemoFinding] = DEMO_FINDINGS,
+    nih: bool = True,
 ) -> Path:
     """Write ``demo_questions.csv`` and ``demo_labels.json`` into ``out_dir``; return the CSV path.
 
-    CSV columns: study_id, image_path (absolute), finding, variant_id, question, answer_gt.
-    Rows are in study order, then finding, then variant 0..5.
+    CSV columns: study_id, image_path (absolute), finding, variant_id, question, answer_gt,
+    subject_id, label_source. Rows: the DICOM studies in order, then finding, then variant
+    0..5; then (``nih``) the two NIH radiographs as the question builder writes them.
     """
-    if not studies:
+    if not studies and not nih:
         raise ValueError("build_demo_dataset needs at least one study")
     ids = [s.study_id for s in studies]
     if len(set(ids)) != len(ids):
@@ -228,21 +305,28 @@ def build_demo_dataset(
     for f in findings:
         if len(f.questions) != 6:
             raise ValueError(f"finding {f.name!r} has {len(f.questions)} paraphrases, need 6")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     labels = demo_labels(studies, findings)
     by_name = {f.name: f for f in findings}
+    nih_result, nih_info = nih_demo_questions() if nih else (None, None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
 
     csv_path = out / DEMO_CSV_NAME
     with open(csv_path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["study_id", "image_path", "finding", "variant_id", "question", "answer_gt"])
+        writer.writerow(CSV_COLUMNS)
         for study in labels:
+            subject = study["patient_id"] or study["study_id"]
             for label in study["labels"]:
                 finding = by_name[label["finding"]]
                 for variant, question in enumerate(finding.questions):
                     writer.writerow([study["study_id"], study["image_path"], finding.name, variant,
-                                     question, label["answer_gt"]])
+                                     question, label["answer_gt"], subject, DICOM_SOURCE])
+        if nih_result is not None:
+            source = "NIH Data_Entry_2017_v2020 Finding Labels (NLP-mined from reports)"
+            for rec in nih_result.rows.itertuples(index=False):
+                writer.writerow([rec.study_id, rec.image_path, rec.finding, rec.variant_id, rec.question,
+                                 rec.answer_gt, rec.subject_id, source])
 
     from importlib.metadata import PackageNotFoundError, version
 
@@ -250,6 +334,11 @@ def build_demo_dataset(
         source_version = version("pydicom-data")
     except PackageNotFoundError:
         source_version = None
+    notes = [
+        "DICOM studies: acquisition-metadata questions whose answers are DICOM header tags; they test the "
+        "pipeline, not diagnostic ability.",
+        "The demo's models have RANDOM WEIGHTS: no output of the demo says anything about a model.",
+    ]
     doc = {
         "description": (
             "Ground truth for the demo questions, read only from DICOM header tags of files in "
@@ -265,5 +354,11 @@ def build_demo_dataset(
         ],
         "studies": labels,
     }
+    if nih_result is not None:
+        notes.insert(1, "NIH ChestX-ray14 studies: labels mined from radiology reports by NLP (Wang et al. 2017), "
+                        "not read from the images. " + NIH_CREDIT)
+        doc["nih"] = nih_info
+    doc["notes"] = notes
     (out / DEMO_LABELS_NAME).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     return csv_path
+

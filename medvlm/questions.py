@@ -69,6 +69,7 @@ VINDR_RULES = ("majority", "any", "all")
 NIH_IMAGE_SIZE = 1024  # NIH distributes its PNGs at 1024 x 1024; BBox_List_2017 is in those pixels
 REGION_COLUMNS = ("study_id", "image_path", "finding", "x", "y", "w", "h", "image_width", "image_height", "source")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+FRAME_NAME = "<DataFrame>"
 
 CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
                    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
@@ -177,7 +178,10 @@ def _check_header(path: Path, header: Sequence[str], kind: str) -> None:
     raise ValueError(f"{path}: not a {kind} label file (missing column(s) {', '.join(missing)}){hint}")
 
 
-def _read(path: Path, kind: str, usecols: Sequence[str] | None = None) -> pd.DataFrame:
+def _read(path: Path | pd.DataFrame, kind: str, usecols: Sequence[str] | None = None) -> pd.DataFrame:
+    if isinstance(path, pd.DataFrame):  # a label file already read (tests read CheXpert's 223k rows once)
+        _check_header(Path(FRAME_NAME), [str(c).strip() for c in path.columns], kind)
+        return path.astype(str).replace("nan", "").rename(columns=lambda c: str(c).strip())
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"{path}: label file not found")
@@ -221,10 +225,11 @@ def _label_columns(fmap: FindingMap, dataset: str, header: Sequence[str]) -> dic
     return out
 
 
-def read_label_file(dataset: str, labels: str | os.PathLike[str], *, metadata=None, boxes=None,
+def read_label_file(dataset: str, labels: str | os.PathLike[str] | pd.DataFrame, *, metadata=None, boxes=None,
                     uncertain: str = "ignore", blank: str = "negative", vindr_rule: str = "majority",
                     finding_map: FindingMap | None = None) -> LabelTable:
-    """Read a data set's label file as distributed into a :class:`LabelTable`."""
+    """Read a data set's label file as distributed (or that file already read into a DataFrame
+    of strings, blanks as "") into a :class:`LabelTable`."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if uncertain not in UNCERTAIN:
@@ -234,12 +239,14 @@ def read_label_file(dataset: str, labels: str | os.PathLike[str], *, metadata=No
     if vindr_rule not in VINDR_RULES:
         raise ValueError(f"--vindr_rule must be one of {', '.join(VINDR_RULES)}, got {vindr_rule!r}")
     fmap = finding_map or load_finding_map()
-    path = Path(labels).expanduser()
+    src = labels if isinstance(labels, pd.DataFrame) else Path(labels).expanduser()
+    path = Path(FRAME_NAME) if isinstance(labels, pd.DataFrame) else src
+    beside = (lambda names: None) if isinstance(labels, pd.DataFrame) else (lambda names: _beside(path, names))
     notes: list[str] = []
     box_frame = None
     options: dict = {}
     if dataset in ("nih", "nih-google2019"):
-        d = _read(path, dataset)
+        d = _read(src, dataset)
         index = d["Image Index"].str.strip()
         images = pd.DataFrame({
             "study_id": index.str.rsplit(".", n=1).str[0], "subject_id": d["Patient ID"].str.strip(),
@@ -258,7 +265,7 @@ def read_label_file(dataset: str, labels: str | os.PathLike[str], *, metadata=No
             for f, names in _label_columns(fmap, dataset, list(d.columns)).items():
                 v = d[names[0]].str.strip().str.upper()
                 cols[f] = v.map({"YES": "pos", "NO": "neg"}).fillna("label not YES/NO")
-        box_path = Path(boxes).expanduser() if boxes else _beside(path, ["BBox_List_2017.csv"])
+        box_path = Path(boxes).expanduser() if boxes else beside(["BBox_List_2017.csv"])
         if box_path is not None:
             b = _read(box_path, "NIH BBox_List_2017")
             vals = b.iloc[:, 2:6].apply(pd.to_numeric, errors="coerce")
@@ -274,7 +281,7 @@ def read_label_file(dataset: str, labels: str | os.PathLike[str], *, metadata=No
         else:
             notes.append("no BBox_List_2017.csv beside the labels and no --boxes: no regions file")
     elif dataset == "chexpert":
-        d = _read(path, "chexpert")
+        d = _read(src, "chexpert")
         parts = d["Path"].str.strip().str.split("/")
         images = pd.DataFrame({
             "study_id": parts.str[-3] + "_" + parts.str[-2], "subject_id": parts.str[-3],
@@ -285,8 +292,8 @@ def read_label_file(dataset: str, labels: str | os.PathLike[str], *, metadata=No
         cols = {f: _chexpert_code(d[names[0]], uncertain, blank)
                 for f, names in _label_columns(fmap, dataset, list(d.columns)).items()}
     elif dataset == "mimic-cxr":
-        d = _read(path, "mimic-cxr")
-        meta_path = Path(metadata).expanduser() if metadata else _beside(path, ["mimic-cxr-2.0.0-metadata.csv"])
+        d = _read(src, "mimic-cxr")
+        meta_path = Path(metadata).expanduser() if metadata else beside(["mimic-cxr-2.0.0-metadata.csv"])
         if meta_path is None:
             raise ValueError(f"{path}: MIMIC-CXR needs its metadata file (mimic-cxr-2.0.0-metadata.csv) for "
                              "ViewPosition: pass --metadata")
@@ -307,7 +314,7 @@ def read_label_file(dataset: str, labels: str | os.PathLike[str], *, metadata=No
         cols = {f: _chexpert_code(j[names[0]], uncertain, blank)
                 for f, names in _label_columns(fmap, dataset, list(d.columns)).items()}
     else:  # vindr
-        d = _read(path, "vindr")
+        d = _read(src, "vindr")
         d["image_id"] = d["image_id"].str.strip()
         if "rad_id" not in d.columns:
             d["rad_id"] = "consensus"
@@ -537,9 +544,10 @@ def build_questions(
     rows = pd.DataFrame(records, columns=columns + (["polarity"] if include_negations else []))
     regions = _regions(table, chosen, imgs, path_of, skipped)
     provenance = {
-        "dataset": dataset, "labels": _written_path(table.path, "", csv_dir, absolute_paths),
-        "label_source": LABEL_SOURCES[dataset],
-        "labels_sha256": _sha256(table.path), "findings": wanted, "n_studies": n_studies,
+        "dataset": dataset, "label_source": LABEL_SOURCES[dataset],
+        "labels": _written_path(table.path, "", csv_dir, absolute_paths) if table.path.is_file() else str(table.path),
+        "labels_sha256": _sha256(table.path) if table.path.is_file() else None,
+        "findings": wanted, "n_studies": n_studies,
         "negatives_per_positive": "all" if ratio is None else ratio, "seed": int(seed),
         "views": None if dataset == "vindr" else view_order,
         "images": None if images is None else _written_path(images, "", csv_dir, absolute_paths),

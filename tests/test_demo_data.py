@@ -1,22 +1,33 @@
-"""Tests for medvlm.demo_data: a demo CSV from pydicom-data whose labels come from DICOM headers."""
+"""Tests for medvlm.demo_data: a demo CSV from pydicom-data whose labels come from DICOM headers,
+plus two real NIH ChestX-ray14 radiographs whose labels the question builder reads from NIH's
+Data_Entry_2017_v2020 (torchxrayvision's copy, or the extract committed beside the images)."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pandas as pd
 import pydicom
 import pytest
 
+import medvlm.findings
 from medvlm.data import load_dataset, load_image
 from medvlm.demo_data import (
     DEMO_FINDINGS,
     DEMO_LABELS_NAME,
     DEMO_STUDIES,
+    NIH_DEMO_FINDINGS,
+    NIH_DEMO_IMAGES,
+    NIH_DIR,
+    NIH_EXTRACT,
     DemoStudy,
     build_demo_dataset,
     pydicom_data_file,
 )
+from medvlm.questions import wordings
+
+NIH_IDS = {name[:-4] for name in NIH_DEMO_IMAGES}
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +41,24 @@ def demo(tmp_path_factory):
 def test_demo_validates_clean(demo):
     csv_path, _, ds = demo
     assert ds.ok and ds.warnings == ()
-    assert 5 <= ds.n_studies <= 8
+    assert ds.n_studies == len(DEMO_STUDIES) + len(NIH_DEMO_IMAGES)
     assert ds.mapping.scheme == "canonical"
     assert {"RG1_UNCI", "RG3_UNCI"} <= set(ds.study_ids)
-    assert all(p.startswith("/") and p.endswith(".dcm") for p in ds.rows["image_abspath"])
+    assert ds.study_ids[:2] == ("RG1_UNCI", "RG3_UNCI")  # DICOM cases first: --n_studies 2 stays on them
+    dicom = ds.rows[~ds.rows["study_id"].isin(NIH_IDS)]
+    assert all(p.startswith("/") and p.endswith(".dcm") for p in dicom["image_abspath"])
+    # every study has a subject (PatientID, or the study id where the tag is empty): cluster_by works
+    assert load_dataset(csv_path, strict=True, cluster_by="subject_id").ok
 
 
 def test_six_variants_per_finding_with_one_answer(demo):
     _, _, ds = demo
-    by_name = {f.name: f for f in DEMO_FINDINGS}
+    by_name = {f.name: list(f.questions) for f in DEMO_FINDINGS}
+    by_name |= {f: [q for q, _ in wordings(f)] for f in NIH_DEMO_FINDINGS}
     for (_, finding), g in ds.rows.groupby(["study_id", "finding"]):
         assert sorted(g["variant_id"]) == list(range(6))
         assert g["answer_gt"].nunique() == 1
-        assert g.sort_values("variant_id")["question"].tolist() == list(by_name[finding].questions)
+        assert g.sort_values("variant_id")["question"].tolist() == by_name[finding]
     for f in DEMO_FINDINGS:
         assert len(set(f.questions)) == 6
 
@@ -51,7 +67,7 @@ def test_labels_match_the_dicom_headers(demo):
     _, labels, ds = demo
     by_name = {f.name: f for f in DEMO_FINDINGS}
     csv_answers = ds.rows.groupby(["study_id", "finding"])["answer_gt"].first().to_dict()
-    assert len(labels["studies"]) == ds.n_studies
+    assert len(labels["studies"]) == ds.n_studies - len(NIH_DEMO_IMAGES)
     for study in labels["studies"]:
         header = pydicom.dcmread(study["image_path"], stop_before_pixels=True)
         asked = set()
@@ -67,6 +83,48 @@ def test_labels_match_the_dicom_headers(demo):
             assert value is None or not str(value).strip() or by_name[skip["finding"]].answer(str(value)) is None
         assert asked | {s["finding"] for s in study["skipped"]} == set(by_name)
         assert {f for (s, f) in csv_answers if s == study["study_id"]} == asked
+
+
+def _nih_truth(label_file) -> dict[tuple[str, str], str]:
+    """The two images' answers, read straight from the label file's Finding Labels."""
+    d = pd.read_csv(label_file)
+    d = d[d["Image Index"].isin(NIH_DEMO_IMAGES)]
+    assert len(d) == 2
+    name = {"cardiomegaly": "Cardiomegaly", "pleural_effusion": "Effusion"}
+    return {(i[:-4], f): "yes" if name[f] in labels.split("|") else "no"
+            for i, labels in zip(d["Image Index"], d["Finding Labels"], strict=True) for f in NIH_DEMO_FINDINGS}
+
+
+def test_nih_radiographs_with_their_real_labels(demo):
+    csv_path, labels, ds = demo
+    nih = ds.rows[ds.rows["study_id"].isin(NIH_IDS)]
+    assert len(nih) == len(NIH_DEMO_IMAGES) * len(NIH_DEMO_FINDINGS) * 6
+    answers = nih.groupby(["study_id", "finding"])["answer_gt"].first().to_dict()
+    assert answers == _nih_truth(labels["nih"]["label_file"])
+    assert answers[("00000001_000", "cardiomegaly")] == "yes"  # Data_Entry: "Cardiomegaly"
+    assert set(nih["subject_id"]) == {"1", "27426"}
+    assert set(nih["image_abspath"]) == {str(NIH_DIR / n) for n in NIH_DEMO_IMAGES}
+    assert nih["label_source"].str.contains("NLP-mined").all()
+    assert (ds.rows.loc[~ds.rows["study_id"].isin(NIH_IDS), "label_source"].str.contains("DICOM")).all()
+    info = labels["nih"]
+    assert "NLP" in info["label_source"] and "NIH Clinical Center" in info["credit"] and "Wang X" in info["credit"]
+    assert {s["study_id"]: s["finding_labels"] for s in info["studies"]} == {
+        "00000001_000": "Cardiomegaly", "00027426_000": "No Finding"}
+    notes = " ".join(labels["notes"])
+    assert "RANDOM WEIGHTS" in notes and "NLP" in notes
+    for path in set(nih["image_abspath"]):
+        li = load_image(path)
+        assert li.image.size == (512, 512) and np.asarray(li.image).std() > 10
+
+
+def test_nih_labels_fall_back_to_the_committed_extract(tmp_path, monkeypatch):
+    monkeypatch.setattr(medvlm.findings, "torchxrayvision_data_file", lambda name: None)
+    csv_path = build_demo_dataset(tmp_path, studies=[DemoStudy("CHEST", "RG1_UNCI.dcm")])
+    labels = json.loads((tmp_path / DEMO_LABELS_NAME).read_text())
+    assert labels["nih"]["label_file"] == str(NIH_EXTRACT) and "extract" in labels["nih"]["label_file_origin"]
+    ds = load_dataset(csv_path, strict=True)
+    nih = ds.rows[ds.rows["study_id"].isin(NIH_IDS)]
+    assert nih.groupby(["study_id", "finding"])["answer_gt"].first().to_dict() == _nih_truth(NIH_EXTRACT)
 
 
 def test_known_answers(demo):
@@ -91,14 +149,14 @@ def test_known_answers(demo):
 
 def test_demo_images_load_through_data(demo):
     _, _, ds = demo
-    for path in ds.rows.drop_duplicates("study_id")["image_abspath"]:
+    for path in ds.rows[~ds.rows["study_id"].isin(NIH_IDS)].drop_duplicates("study_id")["image_abspath"]:
         li = load_image(path)
         g = np.asarray(li.image)
         assert li.image.mode == "RGB" and li.source_kind == "dicom" and g.std() > 5
 
 
 def test_build_options_and_errors(tmp_path):
-    one = build_demo_dataset(tmp_path / "one", studies=[DemoStudy("CHEST", "RG1_UNCI.dcm")])
+    one = build_demo_dataset(tmp_path / "one", studies=[DemoStudy("CHEST", "RG1_UNCI.dcm")], nih=False)
     ds = load_dataset(one, strict=True)
     assert ds.study_ids == ("CHEST",) and len(ds.rows) == 5 * 6
     with pytest.raises(ValueError, match="no file named"):
