@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from medvlm.backend import VLMBackend
 from medvlm.config import MODEL_NAMES, RunConfig, dist_env  # noqa: F401 - re-exported
 from medvlm.data import ImageLoadError, load_image
-from medvlm.store import ResultsStore, map_key
+from medvlm.store import ResultsStore, map_key, read_results
 
 BackendLoader = Callable[[RunConfig], VLMBackend]
 
@@ -229,6 +229,41 @@ def _write_results(store: ResultsStore, model: str, results) -> None:
         store.write_study(model, str(study), records, maps)
 
 
+# what a stored record must still agree on with the CSV's row to count as done
+_ROW_FIELDS = {"question": "question", "answer_gt": "answer_gt", "polarity": "polarity", "image_path": "image_abspath"}
+
+
+def pending_rows(store: ResultsStore, model: str, rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """(rows still to score, how many of them were done but changed in the CSV since).
+
+    A row is done when the store's latest record for its key is ok and still has the CSV's
+    question, image, answer_gt and polarity; a row whose CSV line changed (a fixed label, a
+    reworded question) is scored again, and its new record supersedes the old one."""
+    df = read_results(store.root)
+    if df.empty:
+        return rows, 0
+    ok = df[(df["model"] == model) & (df["status"] == "ok")]
+    stored = {(str(r["study_id"]), str(r["finding"]), int(r["variant_id"])): r for r in ok.to_dict("records")}
+    keep, changed = [], 0
+    for row in rows.itertuples(index=False):
+        rec = stored.get((str(row.study_id), str(row.finding), int(row.variant_id)))
+        if rec is None:
+            keep.append(True)
+            continue
+        same = all(_same(rec.get(k), getattr(row, col, None)) for k, col in _ROW_FIELDS.items())
+        keep.append(not same)
+        changed += not same
+    return rows[keep], changed
+
+
+def _same(stored, current) -> bool:
+    """Stored and CSV values agree (a field the record or the CSV does not have counts as equal)."""
+    missing = (lambda v: v is None or (isinstance(v, float) and v != v))  # noqa: E731
+    if missing(stored) or missing(current):
+        return True
+    return str(stored) == str(current)
+
+
 def run_model(
     backend: VLMBackend,
     rows: pd.DataFrame,
@@ -241,12 +276,11 @@ def run_model(
     thread prepares the next pass's images and prompts (not while generating text, which
     shares the tokenizer) and another writes the previous pass's results, in order; a failed
     write stops the run at the next pass. Returns counts and timing."""
-    done = store.done_keys()
     model = backend.name
-    pending = rows[[(model, str(s), f, int(v)) not in done
-                    for s, f, v in rows[["study_id", "finding", "variant_id"]].itertuples(index=False)]]  # fmt: skip
+    pending, changed = pending_rows(store, model, rows)
     groups = [g for _, g in pending.groupby("study_id", sort=False)]
-    counts = {"skipped_done": int(len(rows) - len(pending)), "ok": 0, "failed": 0, "studies": len(groups)}
+    counts = {"skipped_done": int(len(rows) - len(pending)), "ok": 0, "failed": 0, "studies": len(groups),
+              "rescored_changed": changed}  # fmt: skip
     t0 = time.perf_counter()
     batch_size = cfg.batch_size or backend.default_batch_size
     prefetch = not cfg.attention.generate

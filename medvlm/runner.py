@@ -170,6 +170,8 @@ def _preflight(cfg: RunConfig, loaders) -> _Plan:
                            ds.source, ds.bad_rows)  # fmt: skip
     for w in ds.warnings:
         print(f"warning: {w}", file=sys.stderr)
+    for n in getattr(ds, "notes", ()):
+        print(f"note: {n}", file=sys.stderr)
     for line in _validation_report(ds):
         print(line, file=sys.stderr)
     sel = select_studies(ds, n_studies=cfg.n_studies or None, sample=cfg.sample, seed=cfg.seed)
@@ -243,7 +245,8 @@ def _score(cfg: RunConfig, loaders, manifest: Manifest, plan: _Plan) -> int:
             backend.unload()
         timings["score"][name] = c["seconds"]
         counts[name] = c
-        print(f"{name}: {c['ok']} ok, {c['failed']} failed, {c['skipped_done']} already done, "
+        again = f", {c['rescored_changed']} scored again (their CSV row changed)" if c.get("rescored_changed") else ""
+        print(f"{name}: {c['ok']} ok, {c['failed']} failed, {c['skipped_done']} already done{again}, "
               f"{c['seconds']:.1f} s", file=sys.stderr)  # fmt: skip
     random_weights = any(m.get("random_weights") for m in model_info.values())
     manifest.update(
@@ -260,6 +263,8 @@ def _score(cfg: RunConfig, loaders, manifest: Manifest, plan: _Plan) -> int:
         bad_rows={"count": len(ds.bad_rows), "rows": [{"line": b.line, "reason": b.reason, "study_id": b.study_id}
                                                       for b in ds.bad_rows]},  # fmt: skip
         data_warnings=list(ds.warnings),
+        data_notes=list(getattr(ds, "notes", ())),
+        n_negated_rows=int(getattr(ds, "n_negated", 0)),
         models=model_info,
         counts=counts,
         timings_s={**manifest.data.get("timings_s", {}), **timings},

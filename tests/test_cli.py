@@ -272,3 +272,22 @@ def test_help_is_grouped_explained_and_needs_no_torch():
     for choice in ("answer (the last prompt token", "entropy (focused heads", "last_quarter", "inferno",
                    "1,000 for a quick look", "(default: 10000)", "--max_new_tokens"):  # fmt: skip
         assert choice in text, f"--help does not explain {choice!r}"
+
+
+def test_a_fixed_label_is_taken_on_resume(tmp_path, capsys):
+    """A label fixed in the CSV after scoring (here: variant 3 is a negated wording whose answer
+    is 'no') is not hidden by resume: that row is scored again and the analysis uses it."""
+    csv = make_project(tmp_path / "proj", n_studies=1)
+    out = tmp_path / "out"
+    assert cli.main(tiny_args(csv, out)) == 0
+    df = pd.read_csv(csv)
+    df.loc[df.variant_id == 3, ["question", "answer_gt"]] = ["Is the pleural space clear (3)?", "no"]
+    df.to_csv(csv, index=False)
+    assert cli.main(tiny_args(csv, out)) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["medgemma"]["rescored_changed"] == 1
+    assert manifest["counts"]["medgemma"]["skipped_done"] == 5
+    res = pd.read_json(out / "results.jsonl", lines=True).drop_duplicates(
+        ["study_id", "finding", "variant_id"], keep="last")
+    row = res[res.variant_id == 3].iloc[0]
+    assert row.answer_gt == "no" and row.polarity == "negated" and row.correct == (row.answer == "no")
