@@ -195,7 +195,7 @@ def score_packed(
     query_positions: Sequence[Sequence[int]],
     prefix_rows: Sequence[int],
     pad_id: int,
-    image_span: tuple[int, int],
+    image_span: tuple[int, int] | None,
     layers: tuple[int, ...],
     head_mode: str,
     answer_tokens: AnswerTokens,
@@ -212,7 +212,8 @@ def score_packed(
     query_positions  Q lists of positions within each suffix whose attention rows are kept
                      (the answering token is len(suffix) - 1)
     prefix_rows      Q study indices in [0, K): which study each question belongs to
-    image_span       (start, end) absolute positions of the image tokens in the prefix
+    image_span       (start, end) absolute positions of the image tokens in the prefix; None
+                     with layers == () (a control pass: logits only, no attention captured)
     bidirectional_span  prefix positions that attend to each other both ways (Gemma3's image)
     """
     n = len(suffixes)
@@ -223,7 +224,7 @@ def score_packed(
             raise ValueError("every suffix needs at least one token")
         if max(q) >= len(s) or min(q) < 0:
             raise ValueError(f"query position {max(q)} outside a suffix of {len(s)} tokens")
-    if not 0 <= image_span[0] < image_span[1] <= prefix_len:
+    if layers and (image_span is None or not 0 <= image_span[0] < image_span[1] <= prefix_len):
         raise ValueError(f"image span {image_span} is not inside the {prefix_len}-token prefix")
     rows = [int(r) for r in prefix_rows]
     if len(rows) != n:
@@ -239,6 +240,16 @@ def score_packed(
     for r, (k, q) in enumerate(zip(rows, query_positions, strict=True)):
         per_study_q[k].extend(prefix_len + layout.start_of[r] + int(t) for t in q)
         q_owner[k].extend([r] * len(q))
+    # everything the reading-out needs is on the device before the forward is launched: the
+    # host never waits on the GPU until the caller reads the results (tests/test_gpu.py checks)
+    last_k = to_device(torch.tensor(rows), device)
+    last_t = to_device(torch.tensor([prefix_len + layout.start_of[r] + len(suffixes[r]) - 1 for r in range(n)]), device)
+    suffix_ids = to_device(layout.suffix_ids, device)
+    if not layers:  # a control pass: the answers' logits only
+        logits = head(forward(suffix_ids, position_ids, mask)[last_k, last_t]).float()
+        p_yes, coverage = yes_probability(logits, answer_tokens)
+        empty = torch.zeros((n, 0, 0), device=logits.device)
+        return PackedScores(logits, p_yes, coverage, empty, empty[:, :, 0], (), torch.zeros(n, dtype=torch.long))
     q_index, q_valid = query_tensors([q or [0] for q in per_study_q], device)
     q_valid &= to_device(torch.tensor([[bool(q)] for q in per_study_q]), device)
     spec = CaptureSpec(
@@ -250,10 +261,6 @@ def score_packed(
         head_mode=head_mode,
         causal_prefix=prefix_len if bidirectional_span is None and _window_covers(config, prefix_len) else 0,
     )
-    # everything the reading-out needs is on the device before the forward is launched: the
-    # host never waits on the GPU until the caller reads the results (tests/test_gpu.py checks)
-    last_k = to_device(torch.tensor(rows), device)
-    last_t = to_device(torch.tensor([prefix_len + layout.start_of[r] + len(suffixes[r]) - 1 for r in range(n)]), device)
     # average each question's query rows: a [Q, K * nq] averaging matrix
     nq = q_index.shape[1]
     avg = torch.zeros((n, n_studies * nq))  # built on the host: one copy, not a launch per entry
@@ -262,7 +269,6 @@ def score_packed(
             avg[r, k * nq + j] = 1.0
     n_query = to_device(avg.sum(1), device)
     avg = to_device(avg / avg.sum(1, keepdim=True), device)
-    suffix_ids = to_device(layout.suffix_ids, device)
     with capture_rows(attention_modules, spec) as cap:
         hidden = forward(suffix_ids, position_ids, mask)
     logits = head(hidden[last_k, last_t]).float()
