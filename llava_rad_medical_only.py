@@ -7,6 +7,8 @@ loaded natively on modern transformers, with exact question-to-image attention a
     scores = llava.score(image, ["Is there a pleural effusion?"])
     scores[0].p_yes, scores[0].attention.shape           # float, (32, 1369)
 
+    llava = LLaVARadMedical.tiny()                       # without weights: tiny random copy (tests, demo)
+
 The official llava package pins transformers 4.31 and cannot be imported beside a modern
 transformers, so this module rebuilds the model from the checkpoint's files, following the
 official code (llava/model/builder.py, llava_arch.py, open_clip_encoder, mm_utils.py,
@@ -187,8 +189,8 @@ def preprocess_image(image: Image.Image, size: int, mean, std) -> torch.Tensor:
     on the RGB image, written with PIL: [3, size, size] float32."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         raise ValueError(
-            f"image mode {image.mode!r} is not 8-bit: window it to 8 bits first (the data loader's "
-            "DICOM path applies VOI windowing); RGB conversion would clip it"
+            f"image mode {image.mode!r} is not 8-bit: make it 8-bit RGB first with medvlm.images.as_rgb8 "
+            "(what LLaVARadMedical.preprocess and score do); RGB conversion would clip it"
         )
     img = image.convert("RGB")  # model_mimic_cxr.py: Image.open(...).convert("RGB")
     w, h = img.size
@@ -402,6 +404,32 @@ class LLaVARadMedical(VLMBackend):
         self._cfg = cfg
         return self
 
+    @classmethod
+    def tiny(
+        cls, config: MedicalAttentionConfig | None = None, seed: int = 0, device=None, dtype=torch.float32
+    ) -> LLaVARadMedical:
+        """A loaded backend on a tiny random-weight LLaVA-Rad (the real architecture, geometry,
+        prompt and preprocessing; small sizes), as MedGemmaMedical.tiny(): for tests, the demo
+        and timing only; describe() says random_weights. The checkpoint is written in the
+        official layout (medvlm.tiny_llava_rad.write_tiny_llava_rad) to a temporary folder,
+        loaded through load_model, and the folder removed.
+
+        config  MedicalAttentionConfig (default: the defaults)
+        seed    the random weights' seed (the same seed, the same weights)
+        device  default "cpu"; dtype default float32
+        """
+        import tempfile
+
+        from medvlm.tiny_llava_rad import write_tiny_llava_rad
+
+        backend = cls(config=config or _DEFAULT_CONFIG)
+        with tempfile.TemporaryDirectory(prefix="tiny_llava_rad_") as folder:
+            paths = write_tiny_llava_rad(folder, seed=seed)
+            backend.load_model(*paths, device=device or "cpu", dtype=dtype)
+        backend.model_path, backend.model_base = "tiny-random-llava-rad", "tiny-random-vicuna"
+        backend.model_dir = backend.base_dir = None  # the folder is gone
+        return backend
+
     def _check_config_facts(self, cfg: dict, path: Path) -> None:
         def need(key: str, expected, default=None):
             found = cfg.get(key, default)
@@ -551,14 +579,15 @@ class LLaVARadMedical(VLMBackend):
 
     def describe(self) -> dict:
         loaded = self.model is not None
+        model_dir, base_dir = getattr(self, "model_dir", None), getattr(self, "base_dir", None)  # None: tiny()
         d = {
             "name": self.name,
             "model_id": getattr(self, "model_path", DEFAULT_MODEL_ID),
             "model_base": getattr(self, "model_base", DEFAULT_BASE),
-            "model_dir": str(self.model_dir) if loaded else None,
-            "base_dir": str(self.base_dir) if loaded else None,
-            "revision": _revision_of(self.model_dir) if loaded else None,
-            "base_revision": _revision_of(self.base_dir) if loaded else None,
+            "model_dir": str(model_dir) if loaded and model_dir else None,
+            "base_dir": str(base_dir) if loaded and base_dir else None,
+            "revision": _revision_of(model_dir) if loaded and model_dir else None,
+            "base_revision": _revision_of(base_dir) if loaded and base_dir else None,
             "dtype": str(self.dtype).replace("torch.", "") if loaded else None,
             "quantization": self.quantization,
             "device": str(self.device) if loaded else None,
@@ -610,8 +639,9 @@ class LLaVARadMedical(VLMBackend):
             raise RuntimeError("no model loaded: call load_model() first")
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """[3, 518, 518] float32, open_clip's eval transform."""
-        return preprocess_image(image, self.image_size, self.mean, self.std)
+        """[3, 518, 518] float32, open_clip's eval transform on the image made 8-bit RGB by
+        model_image (16-bit and float images scaled, never clipped)."""
+        return preprocess_image(self.model_image(image), self.image_size, self.mean, self.std)
 
     @torch.no_grad()
     def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -657,9 +687,7 @@ class LLaVARadMedical(VLMBackend):
         return hit
 
     @torch.no_grad()
-    def score(
-        self, image: Image.Image, questions: Sequence[str], findings: Sequence[str] | None = None
-    ) -> list[QuestionScore]:
+    def score(self, image, questions: Sequence[str] | str, findings: Sequence[str] | None = None):
         return self.score_many([(image, questions, findings)])[0]
 
     @torch.no_grad()
@@ -676,16 +704,9 @@ class LLaVARadMedical(VLMBackend):
         """The host-side half of score_many (prompts, pixel values): a runner can prepare
         the next pass in a thread while the GPU runs this one."""
         self._require_loaded()
-        if not items:
-            raise ValueError("no studies to score")
+        items = self.checked_items(items)  # images 8-bit RGB by the CLI loader's rules, questions a list
         toks, queries, rows, owners = [], [], [], []
         for k, (_, questions, findings) in enumerate(items):
-            if isinstance(questions, str):
-                raise TypeError("questions must be a sequence of strings, not one string")
-            if not questions:
-                raise ValueError("no questions to score")
-            if findings is not None and len(findings) != len(questions):
-                raise ValueError(f"expected {len(questions)} findings, found {len(findings)}")
             for i, q in enumerate(questions):
                 t = self._tokens(q)
                 if toks and t.prefix_ids != toks[0].prefix_ids:

@@ -460,16 +460,18 @@ class MedGemmaMedical(VLMBackend):
         entry["checked"] = True
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """[3, S, S]: the processor's own preprocessing of one RGB image: float32, or uint8
-        with its last step (rescale and normalise) left to the device half of the pass
+        """[3, S, S]: the processor's own preprocessing of one image (made 8-bit RGB first by
+        model_image: 16-bit and float images scaled, never clipped): float32, or uint8 with
+        its last step (rescale and normalise) left to the device half of the pass
         (normalizes_on_device)."""
+        image = self.model_image(image)
         if self._normalize_on_device:
             out = self.processor.image_processor(image, do_rescale=False, do_normalize=False, return_tensors="pt")
         else:
             out = self.processor.image_processor(image, return_tensors="pt")
         return out["pixel_values"][0]
 
-    def score(self, image: Image.Image, questions: Sequence[str], findings: Sequence[str] | None = None):
+    def score(self, image, questions: Sequence[str] | str, findings: Sequence[str] | None = None):
         return self.score_many([(image, questions, findings)])[0]
 
     @torch.no_grad()
@@ -485,15 +487,9 @@ class MedGemmaMedical(VLMBackend):
     def prepare(self, items: Sequence[tuple]) -> dict:
         """The host-side half of score_many (prompts, checks, pixel values): a runner can
         prepare the next pass in a thread while the GPU runs this one."""
-        if not items:
-            raise ValueError("no studies to score")
+        items = self.checked_items(items)  # images 8-bit RGB by the CLI loader's rules, questions a list
         images, suffixes, queries, rows, entries, owners = [], [], [], [], [], []
         for k, (image, questions, findings) in enumerate(items):
-            if isinstance(questions, str) or not questions:
-                raise ValueError("each study needs a non-empty list of questions")
-            if findings is not None and len(findings) != len(questions):
-                raise ValueError(f"expected {len(questions)} findings, found {len(findings)}")
-            image = image.convert("RGB")
             images.append(image)
             for i, q in enumerate(questions):
                 e = self._prompt(q)
@@ -595,13 +591,15 @@ class MedGemmaMedical(VLMBackend):
 
     @torch.no_grad()
     def generate(self, image: Image.Image, questions: Sequence[str]) -> list[str]:
-        """Greedy free-text answers, batched over the questions (left-padded, KV cached)."""
+        """Greedy free-text answers, batched over the questions (left-padded, KV cached); the
+        image and questions as score() takes them."""
+        ((image, questions, _),) = self.checked_items([(image, questions, None)])
         tok = self.processor.tokenizer
         old_side = tok.padding_side
         tok.padding_side = "left"
         try:
             batch = self.processor.apply_chat_template(
-                [self._messages(q, image.convert("RGB")) for q in questions], add_generation_prompt=True,
+                [self._messages(q, image) for q in questions], add_generation_prompt=True,
                 tokenize=True, return_dict=True, return_tensors="pt", padding=True,
             )  # fmt: skip
         finally:

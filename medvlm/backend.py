@@ -8,6 +8,15 @@ subclass :class:`VLMBackend`. The runner never knows which model it drives.
         (= backend.score_prepared(backend.prepare(items)): host work, then device work)
     backend.grid                               -> (rows, cols) of the image-token grid
     backend.geometry(width, height)            -> Geometry: where the grid sits on the image
+
+What score / score_many / prepare accept (both backends alike: prepare() first runs
+VLMBackend.checked_items, the one place these rules live):
+    image      a path (PNG/JPEG/DICOM, through medvlm.images.load_image, the CLI's loader),
+               a PIL image of any mode or a numpy array ([H, W] grayscale of any integer or
+               float dtype, [H, W, 3] uint8); all made 8-bit RGB by medvlm.images.as_rgb8, so
+               16-bit and float images are scaled by the min-max of their range, never clipped
+    questions  a list of strings, or one string (= a list of that one question)
+    findings   None, or one finding per question (one string for one question)
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import torch
 from PIL import Image
 
 from medvlm.geometry import Geometry
+from medvlm.images import as_rgb8
 from medvlm.scoring import answer_from_p, parse_free_text
 
 
@@ -133,8 +143,9 @@ class VLMBackend(ABC):
     ) -> list[QuestionScore]:
         """Score questions about one image in one batched pass.
 
-        image      the original image (RGB or L), any size
-        questions  Q question strings
+        image      the original image, any size: a path, a PIL image of any mode or a numpy
+                   array (see the module docstring; made 8-bit RGB by medvlm.images.as_rgb8)
+        questions  Q question strings (one string: Q = 1)
         findings   Q finding phrases (used by query mode "finding"), or None
         returns    Q QuestionScore, in the order of `questions`
         """
@@ -147,8 +158,47 @@ class VLMBackend(ABC):
 
     def prepare(self, items: Sequence[tuple]):
         """The host-side work of score_many (prompts, pixel values), so a runner can do it in
-        a thread for the next pass while the device runs this one. Default: nothing to do."""
+        a thread for the next pass while the device runs this one. A backend's prepare() runs
+        checked_items(items) first. Default: nothing to do."""
         return items
+
+    @staticmethod
+    def model_image(image) -> Image.Image:
+        """Any accepted image (path, PIL image of any mode, numpy array) -> 8-bit RGB PIL image,
+        by the CLI loader's rules (medvlm.images.as_rgb8); an RGB PIL image comes back as is."""
+        return as_rgb8(image).image
+
+    @classmethod
+    def checked_items(cls, items: Sequence[tuple]) -> list[tuple[Image.Image, list[str], list | None]]:
+        """score_many's items, checked and made uniform (what each backend's prepare() runs first).
+
+        items    K tuples (image, questions, findings or None); see the module docstring
+        returns  K tuples (8-bit RGB PIL image, list of Q question strings, list of Q findings
+                 or None). ValueError, saying what to pass, for anything else.
+        """
+        if isinstance(items, tuple | str) or not isinstance(items, Sequence):
+            raise ValueError("score_many takes a list of (image, questions, findings) tuples, one per study")
+        if not items:
+            raise ValueError("no studies to score: pass at least one (image, questions, findings) tuple")
+        out = []
+        for k, item in enumerate(items):
+            if not isinstance(item, tuple | list) or len(item) != 3:
+                what = type(item).__name__ + (f" of length {len(item)}" if isinstance(item, tuple | list) else "")
+                raise ValueError(f"study {k}: expected a tuple (image, questions, findings or None), got {what}")
+            image, questions, findings = item
+            questions = [questions] if isinstance(questions, str) else list(questions)
+            if not questions:
+                raise ValueError(f"study {k}: no questions: pass a non-empty list of question strings")
+            bad = [type(q).__name__ for q in questions if not isinstance(q, str)]
+            if bad:
+                raise ValueError(f"study {k}: questions must be strings, found {', '.join(sorted(set(bad)))}")
+            if findings is not None:
+                findings = [findings] if isinstance(findings, str) else list(findings)
+                if len(findings) != len(questions):
+                    raise ValueError(f"study {k}: {len(questions)} questions but {len(findings)} findings: "
+                                     "pass one finding per question, or None")
+            out.append((cls.model_image(image), questions, findings))
+        return out
 
     def score_prepared(self, prepared) -> list[list[QuestionScore]]:
         """The device-side work of score_many, on what prepare() returned."""

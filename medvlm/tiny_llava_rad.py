@@ -2,6 +2,7 @@
 
     model_path, model_base = write_tiny_llava_rad(folder, seed=0)
     LLaVARadMedical().load_model(model_path, model_base, device="cpu")
+    LLaVARadMedical.tiny()            # the same, loaded from a temporary folder that is then removed
 
 What it writes (the names and key layouts of microsoft/llava-rad on lmsys/vicuna-7b-v1.5):
 
@@ -298,11 +299,10 @@ def full_size_llava_rad(attention=None, device="cuda", dtype="bfloat16", full_si
     518 px, mlp2x_gelu 768 -> 4096), built in place on `device` (timing only).
 
     The tokenizer, prompt, preprocessing and every check come from loading the tiny checkpoint
-    through the real loader; its modules are then replaced by full-size random ones. With
-    full_size=False it is the tiny model (a CPU smoke test of the same path).
+    through the real loader (LLaVARadMedical.tiny, or written to `folder` when given and kept
+    there); its modules are then replaced by full-size random ones. With full_size=False it is
+    the tiny model (a CPU smoke test of the same path).
     """
-    import tempfile
-
     import timm
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -312,11 +312,12 @@ def full_size_llava_rad(attention=None, device="cuda", dtype="bfloat16", full_si
     from medvlm.config import MedicalAttentionConfig
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    folder = Path(folder or tempfile.mkdtemp(prefix="llava_rad_random_"))
-    model_path, model_base = write_tiny_llava_rad(folder)
-    backend = LLaVARadMedical(config=attention or MedicalAttentionConfig()).load_model(
-        model_path, model_base, device=device, dtype=dtype
-    )
+    config = attention or MedicalAttentionConfig()
+    if folder is None:
+        backend = LLaVARadMedical.tiny(config, device=device, dtype=dtype)
+    else:
+        model_path, model_base = write_tiny_llava_rad(Path(folder))
+        backend = LLaVARadMedical(config=config).load_model(model_path, model_base, device=device, dtype=dtype)
     if not full_size:
         return backend
     backend.model = backend.vision = backend.projector = None

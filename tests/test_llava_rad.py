@@ -378,9 +378,11 @@ def test_geometry_maps_cells_to_what_the_model_saw(backend):
     assert max_diff(x, backend.preprocess(Image.fromarray(np.zeros_like(arr)))) == 0.0
 
 
-def test_sixteen_bit_image_is_refused(backend):
-    with pytest.raises(ValueError, match="8-bit"):
-        backend.preprocess(Image.fromarray(np.zeros((20, 30), dtype=np.uint16)))
+def test_sixteen_bit_image_is_refused_by_the_bare_transform(backend):
+    """preprocess_image (open_clip's transform) would clip a 16-bit image: it refuses, naming the
+    converter; the backend's preprocess converts first (tests/test_backend_inputs.py)."""
+    with pytest.raises(ValueError, match="not 8-bit: make it 8-bit RGB first with medvlm.images.as_rgb8"):
+        lr.preprocess_image(Image.fromarray(np.zeros((20, 30), dtype=np.uint16)), 518, lr.CLIP_MEAN, lr.CLIP_STD)
 
 
 # -- scores --------------------------------------------------------------------------------------
@@ -450,6 +452,32 @@ def test_describe_and_unload(tiny, rgb_image):
     assert b.model is None
     with pytest.raises(RuntimeError, match="load_model"):
         b.score(rgb_image, QUESTIONS)
+
+
+def test_tiny_is_the_tiny_checkpoint_loaded_and_its_folder_removed(tiny, backend, rgb_image, monkeypatch):
+    """LLaVARadMedical.tiny(), as MedGemmaMedical.tiny(): the checkpoint write_tiny_llava_rad
+    writes, loaded by load_model from a temporary folder that is gone afterwards; the manifest
+    says random weights and names no folder."""
+    import medvlm.tiny_llava_rad as tiny_module
+
+    folders, write = [], tiny_module.write_tiny_llava_rad
+
+    def recording_write(folder, seed):
+        folders.append(folder)
+        return write(folder, seed)
+
+    monkeypatch.setattr(tiny_module, "write_tiny_llava_rad", recording_write)
+    small = LLaVARadMedical.tiny(MedicalAttentionConfig(colormap="hot", attention_head_mode="mean"))
+    assert len(folders) == 1 and not Path(folders[0]).exists()
+    d = small.describe()
+    assert d["random_weights"] is True and d["model_id"] == "tiny-random-llava-rad"
+    assert d["model_dir"] is None and d["base_dir"] is None and d["revision"] is None
+    assert d["device"] == "cpu" and d["dtype"] == "float32" and small.grid == (37, 37)
+    got, want = small.score(rgb_image, QUESTIONS), backend.score(rgb_image, QUESTIONS)  # the tiny fixture, seed 0
+    assert [s.p_yes for s in got] == [s.p_yes for s in want]
+    assert all(np.array_equal(a.attention, b.attention) for a, b in zip(got, want, strict=True))
+    other = LLaVARadMedical.tiny(seed=1).score(rgb_image, QUESTIONS[:1])[0]
+    assert other.p_yes != want[0].p_yes
 
 
 def test_tiny_checkpoint_is_deterministic(tmp_path, tiny):
