@@ -457,7 +457,7 @@ def _between_specs(rows: pd.DataFrame, clusters: list[str]) -> _SliceSpecs:
     return _SliceSpecs(specs, n_units, len(rows))
 
 
-def _record(
+def summary_record(
     model: str,
     finding: str,
     metric: str,
@@ -550,7 +550,7 @@ def _slice_rows(
         res = draws.bootstrap(sp.specs, len(clusters_m[m]), level)
         for metric in METRICS:
             out.append(
-                _record(
+                summary_record(
                     m,
                     finding,
                     metric,
@@ -567,7 +567,7 @@ def _slice_rows(
         res = draws.bootstrap(diff, len(shared), level)
         for metric in METRICS:
             out.append(
-                _record(
+                summary_record(
                     f"{a} - {b}",
                     finding,
                     metric,
@@ -582,7 +582,7 @@ def _slice_rows(
             res = draws.bootstrap(sp.specs, len(shared), level)
             for metric in BETWEEN_METRICS:
                 out.append(
-                    _record(
+                    summary_record(
                         f"{a} vs {b}",
                         finding,
                         metric,

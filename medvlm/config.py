@@ -15,6 +15,9 @@ MODEL_NAMES = ("llava_rad", "medgemma")
 LAYER_SPECS = ("all", "last_quarter", "last_half")
 HEAD_MODES = ("mean", "max", "entropy", "none")
 QUERY_MODES = ("answer", "question", "finding")
+CONTROLS = ("text_only", "blank")  # medvlm.controls: the same question without the image / on a grey image
+GENERIC_PROMPT = "Write a general description of the image."  # Zhang et al. 2025's generic instruction
+BLANK_GRAY = 128  # the blank control's uniform image value
 
 
 def check_head_mode(mode: str) -> str:
@@ -66,6 +69,11 @@ class MedicalAttentionConfig:
     answer_suffix        text appended after the question ("" for none); recorded in outputs
     generate             also generate a free-text answer (batched, KV cached)
     max_new_tokens       generation length
+    controls             CONTROLS to answer each question under too (P(yes) only): "text_only"
+                         (no image), "blank" (a uniform grey image); one shared prefix per pass
+    generic_prompt       None, or the instruction whose attention is the denominator of relative
+                         attention (GENERIC_PROMPT): asked once per study in the same template,
+                         packed with the study's questions, no answer suffix
     """
 
     colormap: str = "hot"
@@ -75,8 +83,15 @@ class MedicalAttentionConfig:
     answer_suffix: str = "Answer yes or no."
     generate: bool = False
     max_new_tokens: int = 24
+    controls: tuple[str, ...] = ()
+    generic_prompt: str | None = None
 
     def __post_init__(self):
+        unknown = [c for c in self.controls if c not in CONTROLS]
+        if unknown:
+            raise ValueError(f"unknown control(s) {unknown}; valid: {', '.join(CONTROLS)}")
+        if self.generic_prompt is not None and not self.generic_prompt.strip():
+            raise ValueError("generic_prompt must be None or a non-empty instruction")
         check_head_mode(self.attention_head_mode)
         check_query_mode(self.query_mode)
         if isinstance(self.layers, str) and self.layers not in LAYER_SPECS:
