@@ -173,6 +173,19 @@ def test_nih_regions_match_bbox_list(nih):
     assert set(zip(reg["study_id"], reg["finding"], strict=True)) <= sampled
 
 
+def test_regions_only_for_positive_studies(tmp_path):
+    """A box on a study labelled negative (here a made-up one) is counted and left out."""
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
+                     "00000001_000.png,Cardiomegaly,10,20,30,40\n00027426_000.png,Cardiomegaly,1,2,3,4\n")
+    r = build_questions("nih", EXTRACT, ["cardiomegaly"], negatives_per_positive=None, boxes=boxes,
+                        out=tmp_path / "q.csv")
+    reg = pd.read_csv(tmp_path / "q_regions.csv", dtype={"study_id": str})
+    assert reg[["study_id", "x", "y", "w", "h", "image_width"]].values.tolist() == [["00000001_000", 10, 20, 30, 40,
+                                                                                    1024]]
+    assert r.skipped == {"box on a study sampled as negative for its finding (not written)": 1}
+
+
 def test_google2019_expert_labels():
     path = _xrv("google2019_nih-chest-xray-labels.csv.gz")
     raw = pd.read_csv(path)
