@@ -129,6 +129,9 @@ def test_siim_convention_by_hand():
     # 3 rows x 4 columns, "1 2 3 1": run of 2 from flat 1, then skip 3 -> run of 1 from flat 6; flat = x * 3 + y
     starts, lengths = rg.siim_runs("1 2 3 1", width=4, height=3)
     assert starts.tolist() == [1, 6] and lengths.tolist() == [2, 1]
+    region = rg.Region("k", rg.KEY_STEM, "pneumothorax", "Pneumothorax", "siim", ("x:2",),
+                       runs=(starts, lengths), image_size=(4, 3))
+    np.testing.assert_array_equal(region.mask(), [[0, 0, 1, 0], [1, 0, 0, 0], [1, 0, 0, 0]])  # [y, x]
     with pytest.raises(ValueError, match="past the 4 x 3"):
         rg.siim_runs("10 5", width=4, height=3)
     with pytest.raises(ValueError, match="pairs"):
