@@ -115,6 +115,10 @@ def pointing_hit(saliency: np.ndarray, mask: np.ndarray, ties: str = "first") ->
     random tie-breaking; the same value when the maximum is unique).
     """
     s, m = _check_pair(saliency, mask)
+    return _pointing(s, m, ties)
+
+
+def _pointing(s: np.ndarray, m: np.ndarray, ties: str) -> float:
     if not m.any():
         return math.nan
     if ties == "first":
@@ -134,12 +138,15 @@ def energy_in_mask(saliency: np.ndarray, mask: np.ndarray) -> float:
     s, m = _check_pair(saliency, mask)
     if np.any(s < 0):
         raise ValueError(f"saliency has {int(np.sum(s < 0))} negative values; its mass is undefined")
-    total = s.sum()
-    if total <= 0:
+    if s.sum() <= 0:
         raise ValueError("saliency is all zero; it has no mass to place")
+    return _energy(s, m)
+
+
+def _energy(s: np.ndarray, m: np.ndarray) -> float:
     if not m.any():
         return math.nan
-    return float(s[m].sum() / total)
+    return float(s[m].sum() / s.sum())
 
 
 def cnr(saliency: np.ndarray, mask: np.ndarray) -> float:
@@ -150,6 +157,10 @@ def cnr(saliency: np.ndarray, mask: np.ndarray) -> float:
     are each constant but differ.
     """
     s, m = _check_pair(saliency, mask)
+    return _cnr(s, m)
+
+
+def _cnr(s: np.ndarray, m: np.ndarray) -> float:
     inside, outside = s[m], s[~m]
     if inside.size == 0 or outside.size == 0:
         return math.nan
@@ -214,7 +225,12 @@ def otsu_segmentation(saliency: np.ndarray) -> np.ndarray | None:
         return None
     q = np.uint8(255 * ((s - lo) / (hi - lo)))  # truncation, as np.uint8 on their float map
     fg = q > otsu_threshold(q)
-    filled = ndimage.binary_fill_holes(fg)  # default structure: 4-connected background
+    # fill holes: background components (4-connected) that do not touch the border; the same as
+    # ndimage.binary_fill_holes, several times faster on a radiograph-sized map
+    background, _ = ndimage.label(~fg)
+    outer = np.zeros(int(background.max()) + 1, dtype=bool)
+    outer[np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])] = True
+    filled = fg | ~outer[background]
     labels, n = ndimage.label(filled, structure=np.ones((3, 3), dtype=bool))
     if n:
         sizes = np.bincount(labels.reshape(-1), minlength=n + 1)
@@ -229,6 +245,10 @@ def otsu_iou(saliency: np.ndarray, mask: np.ndarray) -> float:
     or the map is constant (CheXlocalize's ``calculate_iou`` with ``true_pos_only=True``).
     """
     s, m = _check_pair(saliency, mask)
+    return _otsu_iou(s, m)
+
+
+def _otsu_iou(s: np.ndarray, m: np.ndarray) -> float:
     if not m.any():
         return math.nan
     seg = otsu_segmentation(s)
@@ -380,13 +400,14 @@ def _scaled(geometry: Geometry, mask: np.ndarray, max_side: int | None) -> tuple
 
 def _metrics(sal: np.ndarray, m: np.ndarray, area: float, ties: str) -> dict[str, float]:
     # a signed map (e.g. gradient x input) has no mass: energy is undefined there, the rest is not
-    energy = energy_in_mask(sal, m) if sal.min() >= 0 and sal.max() > 0 else math.nan
+    # (sal is the finite map this module computed, m its boolean region: no checks again)
+    energy = _energy(sal, m) if sal.min() >= 0 and sal.max() > 0 else math.nan
     return {
-        "pointing_hit": pointing_hit(sal, m, ties=ties),
+        "pointing_hit": _pointing(sal, m, ties),
         "energy": energy,
         "energy_lift": energy / area if area > 0 else math.nan,
-        "otsu_iou": otsu_iou(sal, m),
-        "cnr": cnr(sal, m),
+        "otsu_iou": _otsu_iou(sal, m),
+        "cnr": _cnr(sal, m),
     }
 
 
