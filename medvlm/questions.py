@@ -178,7 +178,7 @@ def _check_header(path: Path, header: Sequence[str], kind: str) -> None:
     raise ValueError(f"{path}: not a {kind} label file (missing column(s) {', '.join(missing)}){hint}")
 
 
-def _read(path: Path | pd.DataFrame, kind: str, usecols: Sequence[str] | None = None) -> pd.DataFrame:
+def _read(path: Path | pd.DataFrame, kind: str, usecols=None) -> pd.DataFrame:
     if isinstance(path, pd.DataFrame):  # a label file already read (tests read CheXpert's 223k rows once)
         _check_header(Path(FRAME_NAME), [str(c).strip() for c in path.columns], kind)
         return path.astype(str).replace("nan", "").rename(columns=lambda c: str(c).strip())
@@ -246,7 +246,8 @@ def read_label_file(dataset: str, labels: str | os.PathLike[str] | pd.DataFrame,
     box_frame = None
     options: dict = {}
     if dataset in ("nih", "nih-google2019"):
-        d = _read(src, dataset)
+        used = {"Image Index", "Finding Labels", "Patient ID", "View Position", *GOOGLE_LABELS}
+        d = _read(src, dataset, usecols=lambda c: c.strip() in used)
         index = d["Image Index"].str.strip()
         images = pd.DataFrame({
             "study_id": index.str.rsplit(".", n=1).str[0], "subject_id": d["Patient ID"].str.strip(),
