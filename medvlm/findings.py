@@ -189,13 +189,22 @@ class FindingMap:
     def synonyms(self, finding: str) -> list[str]:
         return list(self.info(finding).synonyms)
 
+    def phrases(self, finding: str) -> tuple[str, ...]:
+        """The finding's term and synonyms; for a finding outside the map (a custom CSV's own,
+        e.g. ``modality_cr``), its name with underscores as spaces. Never raises."""
+        known = self.canonical_finding(finding) if str(finding).strip() else None
+        if known is not None:
+            return self.info(known).phrases
+        return (str(finding).replace("_", " ").strip(),)
+
     def find_phrase(self, question: str, finding: str) -> tuple[int, int] | None:
-        """Character span of the finding's term or a synonym in ``question`` (case-insensitive;
-        the longest phrase that occurs, earliest on ties), or None. What ``--query_mode
-        finding`` needs to locate lay wordings such as "fluid around the lung"."""
+        """Character span of the finding's term or a synonym in ``question`` (case-insensitive,
+        whole words; the longest phrase that occurs, earliest on ties), or None. What ``--query_mode
+        finding`` needs to locate lay wordings such as "fluid around the lung"; a finding outside
+        the map is looked for by its own name (see :meth:`phrases`)."""
         text = question.lower()
         best: tuple[int, int] | None = None
-        phrases = sorted(self.info(finding).phrases, key=len, reverse=True)
+        phrases = sorted((p for p in self.phrases(finding) if p), key=len, reverse=True)
         for phrase in phrases:
             at = _find_word(text, phrase.lower())
             if at >= 0 and (best is None or len(phrase) > best[1] - best[0] or
@@ -321,6 +330,10 @@ def synonyms(finding: str) -> list[str]:
 
 def find_phrase(question: str, finding: str) -> tuple[int, int] | None:
     return _packaged().find_phrase(question, finding)
+
+
+def finding_phrases(finding: str) -> tuple[str, ...]:
+    return _packaged().phrases(finding)
 
 
 def torchxrayvision_data_file(name: str) -> Path | None:

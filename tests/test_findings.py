@@ -15,6 +15,7 @@ from medvlm.findings import (
     canonical_finding,
     dataset_labels,
     find_phrase,
+    finding_phrases,
     finding_term,
     load_finding_map,
     normalize,
@@ -130,6 +131,11 @@ def test_find_phrase_prefers_the_longest_whole_word_match():
     assert q[a:b] == "pleural effusion"
     assert find_phrase("Is the heart normal?", "pleural_effusion") is None
     assert find_phrase("Is there a massive effusion?", "mass") is None  # whole words only
+    # a finding outside the map (the DICOM demo's): its own name, underscores as spaces
+    q = "Is this a CR (computed radiography) image?"
+    assert find_phrase("Is the modality cr here?", "modality_cr") == (7, 18)
+    assert find_phrase(q, "modality_cr") is None and finding_phrases("modality_cr") == ("modality cr",)
+    assert finding_phrases("Effusion") == finding_phrases("pleural_effusion")
 
 
 def test_overrides_dict_csv_json(tmp_path):
