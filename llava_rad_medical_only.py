@@ -51,7 +51,7 @@ import torch
 from PIL import Image
 
 from medvlm.aggregate import resolve_layers
-from medvlm.backend import QuestionScore, VLMBackend, question_scores
+from medvlm.backend import GENERIC, QuestionScore, VLMBackend, blank_image, common_prefix_len, question_scores
 from medvlm.capture import attention_modules_of
 from medvlm.config import MedicalAttentionConfig
 from medvlm.engine import cache_kwargs, new_cache, score_packed, select_cache, to_device
@@ -124,11 +124,13 @@ _LLAVA_ONLY_KEYS = {
 _DEFAULT_CONFIG = MedicalAttentionConfig()  # frozen: safe to share as the default
 
 
-def build_prompt(question_text: str) -> str:
+def build_prompt(question_text: str, with_image: bool = True) -> str:
     """conv_vicuna_v1 with one user turn and an open assistant turn, as model_mimic_cxr.py
-    builds it: "<system> USER: <image>\\n<question> ASSISTANT:" (image placeholder symbolic)."""
+    builds it: "<system> USER: <image>\\n<question> ASSISTANT:" (image placeholder symbolic);
+    with_image False: the same turn without "<image>\\n" (the text-only control)."""
     q = question_text.replace(IMAGE_PLACEHOLDER, "").strip()
-    return f"{SYSTEM_PROMPT}{SEP}{ROLES[0]}: {IMAGE_PLACEHOLDER}\n{q}{SEP}{ROLES[1]}:"
+    image = f"{IMAGE_PLACEHOLDER}\n" if with_image else ""
+    return f"{SYSTEM_PROMPT}{SEP}{ROLES[0]}: {image}{q}{SEP}{ROLES[1]}:"
 
 
 # -- the pieces -----------------------------------------------------------------------------
@@ -263,7 +265,7 @@ class LLaVARadMedical(VLMBackend):
             raise TypeError(f"config must be a MedicalAttentionConfig, got {type(config).__name__}")
         self.config = config
         self.keep_logits = False  # True: QuestionScore.extra["logits"] holds the next-token logits
-        self._token_cache: dict[str, PromptTokens] = {}
+        self._token_cache: dict[tuple, PromptTokens | list[int]] = {}
         self.model = None
         self.tokenizer = None
         self.vision: LLaVARadVisionTower | None = None
@@ -606,6 +608,9 @@ class LLaVARadMedical(VLMBackend):
             "vision_select_layer": VISION_SELECT_LAYER,
             "projector": PROJECTOR,
             "random_weights": self.random_weights,
+            "controls": list(self.config.controls),
+            "text_only_template": build_prompt("{question}", with_image=False) if self.config.controls else None,
+            "generic_prompt": self.config.generic_prompt,
             "compiled": self.compiled,
             "fused_rms_norms": bool(self._norms) and not self.compiled,
         }
@@ -651,13 +656,24 @@ class LLaVARadMedical(VLMBackend):
         x = pixel_values.to(device=self.device, dtype=self.dtype, non_blocking=True)
         return self.projector(self.vision(x))
 
-    def tokenize(self, question: str) -> PromptTokens:
-        """The prompt for one question (answer suffix appended), split at the placeholder."""
+    def tokenize(self, question: str, raw: bool = False) -> PromptTokens:
+        """The prompt for one question (answer suffix appended; raw: as given, for the generic
+        prompt), split at the placeholder."""
         self._require_loaded()
         if IMAGE_PLACEHOLDER in question:
             raise ValueError(f"question contains the image placeholder {IMAGE_PLACEHOLDER!r}: {question!r}")
         want_offsets = self.config.query_mode != "answer"
-        return tokenize_prompt(self.tokenizer, build_prompt(self.config.full_question(question)), want_offsets)
+        text = question.strip() if raw else self.config.full_question(question)
+        return tokenize_prompt(self.tokenizer, build_prompt(text), want_offsets)
+
+    def text_only_ids(self, question: str) -> list[int]:
+        """The text-only control's full prompt ids (BOS included): the same turn without the image."""
+        hit = self._token_cache.get(("text_only", question))
+        if hit is None:
+            hit = self._token_cache[("text_only", question)] = list(
+                self.tokenizer(build_prompt(self.config.full_question(question), with_image=False)).input_ids
+            )
+        return hit
 
     @torch.no_grad()
     def prefix_cache(self, pixel_values: torch.Tensor, prefix_ids: Sequence[int]):
@@ -677,13 +693,13 @@ class LLaVARadMedical(VLMBackend):
         decoder(inputs_embeds=embeds, use_cache=True, **cache_kwargs(decoder, cache))
         return cache, embeds.shape[1]
 
-    def _tokens(self, question: str) -> PromptTokens:
+    def _tokens(self, question: str, raw: bool = False) -> PromptTokens:
         """tokenize(question), cached by question text (the same paraphrases recur across studies)."""
-        hit = self._token_cache.get(question)
+        hit = self._token_cache.get((raw, question))
         if hit is None:
             if len(self._token_cache) >= 4096:
                 self._token_cache.clear()
-            hit = self._token_cache[question] = self.tokenize(question)
+            hit = self._token_cache[(raw, question)] = self.tokenize(question, raw)
         return hit
 
     @torch.no_grad()
@@ -721,11 +737,27 @@ class LLaVARadMedical(VLMBackend):
                 toks.append(t)
                 rows.append(k)
                 owners.append((k, i))
+            generic = self.config.generic_prompt
+            if generic is not None:  # once per study, packed with its questions
+                t = self._tokens(generic, raw=True)
+                mode = "answer" if self.config.query_mode == "answer" else "question"
+                queries.append(suffix_query_positions(mode, list(t.suffix_offsets or []), t.suffix_text,
+                                                      generic.strip(), None, len(t.suffix_ids)))  # fmt: skip
+                toks.append(t)
+                rows.append(k)
+                owners.append((k, GENERIC))
         pixel_values = self.pixel_values([item[0] for item in items])
         if self.device.type == "cuda":
             pixel_values = pixel_values.pin_memory()
-        return {"items": items, "toks": toks, "queries": queries, "rows": rows, "owners": owners,
+        prep = {"items": items, "toks": toks, "queries": queries, "rows": rows, "owners": owners,
                 "pixel_values": pixel_values}  # fmt: skip
+        if "text_only" in self.config.controls:
+            ids = [self.text_only_ids(q) for _, questions, _ in items for q in questions]
+            c = common_prefix_len(ids)
+            prep["text_only"] = {"prefix": ids[0][:c], "suffixes": [x[c:] for x in ids]}
+        if "blank" in self.config.controls:
+            prep["blank_pixels"] = self.pixel_values([blank_image(items[0][0].size)])
+        return prep
 
     @torch.no_grad()
     def score_prepared(self, prep: dict) -> list[list[QuestionScore]]:
@@ -766,6 +798,7 @@ class LLaVARadMedical(VLMBackend):
             answer_tokens=self.answer_tokens,
             device=self.device,
         )
+        controls = self._controls(prep, text, prefix_len)
         generated = [(None, None)] * len(toks)
         if self.config.generate:
             cache, cached_len = self._cache_prefix(torch.cat([text, img], dim=1))  # the image embedded once
@@ -783,7 +816,48 @@ class LLaVARadMedical(VLMBackend):
             for r, t in enumerate(toks)
         ]
         return question_scores(out, items, owners, [t.prompt for t in toks], [g[0] for g in generated], extras,
-                               self.keep_logits)  # fmt: skip
+                               self.keep_logits, controls)  # fmt: skip
+
+    def _decode(self, embeds: torch.Tensor, mask, position_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder over input embeddings [K, T, d] under a packed pass's mask -> hidden [K, T, d]."""
+        with fused_rms_norms(() if self.compiled else self._norms):
+            return self.model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                                    use_cache=False).last_hidden_state  # fmt: skip
+
+    def _controls(self, prep: dict, text: torch.Tensor, prefix_len: int) -> dict:
+        """{control: P(yes) [n_questions]}: each control is one extra single-row pass holding a
+        shared prefix (the grey image's, or the template's text without the image) and every
+        question of the pass packed after it; logits only."""
+        decoder = self.model.model
+        questions = [r for r, (_, i) in enumerate(prep["owners"]) if i != GENERIC]
+        common = {"head": self.model.lm_head, "attention_modules": self._attention, "config": self.model.config,
+                  "n_studies": 1, "pad_id": self.pad_id, "image_span": None, "layers": (),
+                  "head_mode": self.config.attention_head_mode, "answer_tokens": self.answer_tokens,
+                  "device": self.device}  # fmt: skip
+        out = {}
+        if "blank_pixels" in prep:
+            grey = torch.cat([text[:1], self.image_embeddings(prep["blank_pixels"])], dim=1)
+            sfx = [prep["toks"][r].suffix_ids for r in questions]
+
+            def forward_blank(suffix_ids, position_ids, mask):
+                return self._decode(torch.cat([grey, decoder.embed_tokens(suffix_ids)], dim=1), mask, position_ids)
+
+            out["blank"] = score_packed(
+                forward=forward_blank, prefix_len=prefix_len, suffixes=sfx, query_positions=[[len(x) - 1] for x in sfx],
+                prefix_rows=[0] * len(sfx), **common,
+            ).p_yes  # fmt: skip
+        if "text_only" in prep:
+            t = prep["text_only"]
+            prefix = self._text_embeddings(t["prefix"], 1)
+
+            def forward_text(suffix_ids, position_ids, mask):
+                return self._decode(torch.cat([prefix, decoder.embed_tokens(suffix_ids)], dim=1), mask, position_ids)
+
+            out["text_only"] = score_packed(
+                forward=forward_text, prefix_len=len(t["prefix"]), suffixes=t["suffixes"],
+                query_positions=[[len(x) - 1] for x in t["suffixes"]], prefix_rows=[0] * len(t["suffixes"]), **common,
+            ).p_yes  # fmt: skip
+        return out
 
     @torch.no_grad()
     def _generate(

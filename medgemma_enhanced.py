@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from medvlm.aggregate import resolve_layers
-from medvlm.backend import QuestionScore, VLMBackend, question_scores
+from medvlm.backend import GENERIC, QuestionScore, VLMBackend, blank_image, common_prefix_len, question_scores
 from medvlm.capture import attention_modules_of
 from medvlm.config import MedicalAttentionConfig
 from medvlm.engine import score_packed, to_device
@@ -360,6 +360,9 @@ class MedGemmaMedical(VLMBackend):
             "sliding_window": getattr(text, "sliding_window", None),
             "answer_token_ids": {"yes": list(self.answer_tokens.yes_ids), "no": list(self.answer_tokens.no_ids)},
             "random_weights": self.random_weights,
+            "controls": list(self.config.controls),
+            "text_only_template": self.prompt_text("{question}", with_image=False) if self.config.controls else None,
+            "generic_prompt": self.config.generic_prompt,
             "compiled": self.compiled,
             "fused_rms_norms": bool(self._norms) and not self.compiled,
             "pixel_normalization": "device" if self._normalize_on_device else "host",
@@ -386,18 +389,35 @@ class MedGemmaMedical(VLMBackend):
             torch.cuda.empty_cache()
 
     # -- prompts -------------------------------------------------------------------------
-    def _messages(self, question: str, image=None) -> list[dict]:
-        img = {"type": "image", "image": image} if image is not None else {"type": "image"}
-        return [{"role": "user", "content": [img, {"type": "text", "text": self.config.full_question(question)}]}]
+    def _messages(self, question: str, image=None, raw: bool = False, with_image: bool = True) -> list[dict]:
+        """The chat: the image (unless with_image is False: the text-only control), then the
+        question with the answer suffix (raw: as given, for the generic prompt)."""
+        text = question.strip() if raw else self.config.full_question(question)
+        img = [{"type": "image", "image": image} if image is not None else {"type": "image"}] if with_image else []
+        return [{"role": "user", "content": [*img, {"type": "text", "text": text}]}]
 
-    def prompt_text(self, question: str) -> str:
+    def prompt_text(self, question: str, raw: bool = False, with_image: bool = True) -> str:
         """The chat prompt with the image left as <start_of_image> (for records)."""
-        return self.processor.apply_chat_template(self._messages(question), add_generation_prompt=True, tokenize=False)
+        return self.processor.apply_chat_template(self._messages(question, raw=raw, with_image=with_image),
+                                                  add_generation_prompt=True, tokenize=False)  # fmt: skip
 
-    def _tokenize(self, question: str) -> tuple[list[int], list[tuple[int, int]], str]:
+    def text_only_ids(self, question: str) -> list[int]:
+        """The text-only control's full prompt ids: the same chat without the image."""
+        hit = self._prompt_cache.get(("text_only", question))
+        if hit is None:
+            enc = self.processor.apply_chat_template(self._messages(question, with_image=False),
+                                                     add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                     return_tensors="pt")  # fmt: skip
+            hit = enc["input_ids"][0].tolist()
+            if self.facts.image_token_id in hit or self.facts.boi_token_id in hit:
+                raise FactError("the text-only prompt holds an image token")
+            self._prompt_cache[("text_only", question)] = hit
+        return hit
+
+    def _tokenize(self, question: str, raw: bool = False) -> tuple[list[int], list[tuple[int, int]], str]:
         """Full prompt ids with the image sequence expanded, their char offsets, and the text."""
         tok = self.processor.tokenizer
-        text = self.prompt_text(question)
+        text = self.prompt_text(question, raw)
         if text.count(tok.boi_token) != 1:
             raise FactError(f"expected one {tok.boi_token} in the prompt, found {text.count(tok.boi_token)}")
         text = text.replace(tok.boi_token, self.processor.full_image_sequence)
@@ -414,14 +434,15 @@ class MedGemmaMedical(VLMBackend):
         return pos[0], pos[0] + n
 
     # -- scoring -------------------------------------------------------------------------
-    def _prompt(self, question: str) -> dict:
+    def _prompt(self, question: str, raw: bool = False) -> dict:
         """Everything about one question's prompt that does not depend on the image, cached
         by question text: ids (image sequence expanded), offsets, text, image span, prefix
-        length and the question's suffix with its query positions (by finding)."""
-        hit = self._prompt_cache.get(question)
+        length and the question's suffix with its query positions (by finding). raw: the
+        question without the answer suffix (the generic prompt)."""
+        hit = self._prompt_cache.get((raw, question))
         if hit is not None:
             return hit
-        ids, offsets, text = self._tokenize(question)
+        ids, offsets, text = self._tokenize(question, raw)
         start, end = self._image_span(ids)
         if ids[end] != self.facts.eoi_token_id:
             raise FactError(f"expected <end_of_image> right after the image tokens, found id {ids[end]}")
@@ -435,12 +456,13 @@ class MedGemmaMedical(VLMBackend):
             "suffix_text": text[base:],
             "span": (start, end),
             "prefix_len": prefix_len,
-            "prompt": self.prompt_text(question),
+            "prompt": self.prompt_text(question, raw),
+            "raw": raw,
             "checked": False,
         }
         if len(self._prompt_cache) >= 4096:
             self._prompt_cache.clear()
-        self._prompt_cache[question] = entry
+        self._prompt_cache[(raw, question)] = entry
         return entry
 
     def _check_against_processor(self, entry: dict, question: str, image: Image.Image) -> None:
@@ -449,7 +471,7 @@ class MedGemmaMedical(VLMBackend):
         if entry["checked"]:
             return
         ref = self.processor.apply_chat_template(
-            self._messages(question, image), add_generation_prompt=True, tokenize=True,
+            self._messages(question, image, raw=entry["raw"]), add_generation_prompt=True, tokenize=True,
             return_dict=True, return_tensors="pt",
         )  # fmt: skip
         if ref["input_ids"][0].tolist() != entry["ids"]:
@@ -504,11 +526,30 @@ class MedGemmaMedical(VLMBackend):
                 rows.append(k)
                 entries.append(e)
                 owners.append((k, i))
+            generic = self.config.generic_prompt
+            if generic is not None:  # once per study, packed with its questions
+                e = self._prompt(generic, raw=True)
+                self._check_against_processor(e, generic, image)
+                mode = "answer" if self.config.query_mode == "answer" else "question"
+                queries.append(suffix_query_positions(mode, e["suffix_offsets"], e["suffix_text"], generic.strip(),
+                                                      None, len(e["suffix"])))  # fmt: skip
+                suffixes.append(e["suffix"])
+                rows.append(k)
+                entries.append(e)
+                owners.append((k, GENERIC))
         pixel_values = self.pixel_values(images)
-        if next(self.model.parameters()).device.type == "cuda":  # as LLaVA-Rad: pinned only for a GPU model
+        cuda = next(self.model.parameters()).device.type == "cuda"
+        if cuda:  # as LLaVA-Rad: pinned only for a GPU model
             pixel_values = pixel_values.pin_memory()
-        return {"items": items, "entries": entries, "suffixes": suffixes, "queries": queries, "rows": rows,
+        prep = {"items": items, "entries": entries, "suffixes": suffixes, "queries": queries, "rows": rows,
                 "owners": owners, "pixel_values": pixel_values}  # fmt: skip
+        if "text_only" in self.config.controls:
+            ids = [self.text_only_ids(q) for _, questions, _ in items for q in questions]
+            c = common_prefix_len(ids)
+            prep["text_only"] = {"prefix": ids[0][:c], "suffixes": [x[c:] for x in ids]}
+        if "blank" in self.config.controls:
+            prep["blank_pixels"] = self.pixel_values([blank_image(images[0].size)])
+        return prep
 
     @torch.no_grad()
     def score_prepared(self, prep: dict) -> list[list[QuestionScore]]:
@@ -527,25 +568,23 @@ class MedGemmaMedical(VLMBackend):
         pixels = pixels.to(dtype)
         embed = self.model.model.get_input_embeddings()  # Gemma3's scaled embedding
 
-        def forward(suffix_ids, position_ids, mask):
-            # The image features go into their span directly: the model's own merge (given
-            # input_ids and pixel_values) formats a device tensor into its check message,
-            # a host sync that would hold the decoder's launches until the tower finished.
-            with siglip_fast_path(self._vision_model), fused_rms_norms(() if self.compiled else self._norms):
-                image = self.image_features(pixels)
-                if image.shape[1] != end - start:
-                    raise FactError(f"expected {end - start} image embeddings per image, found {image.shape[1]}")
-                parts = [embed(prefix[:, :start]), image.to(dtype), embed(prefix[:, end:]), embed(suffix_ids)]
-                embeds = torch.cat([p.expand(n_img, -1, -1) for p in parts], dim=1)
-                return self.model.model(
-                    inputs_embeds=embeds,
-                    attention_mask=mask,  # {layer type: mask}: the image block's two-way attention included
-                    position_ids=position_ids,
-                    use_cache=False,
-                ).last_hidden_state
+        def forward_with(pixels, n_img):
+            def forward(suffix_ids, position_ids, mask):
+                # The image features go into their span directly: the model's own merge (given
+                # input_ids and pixel_values) formats a device tensor into its check message,
+                # a host sync that would hold the decoder's launches until the tower finished.
+                with siglip_fast_path(self._vision_model), fused_rms_norms(() if self.compiled else self._norms):
+                    image = self.image_features(pixels)
+                    if image.shape[1] != end - start:
+                        raise FactError(f"expected {end - start} image embeddings per image, found {image.shape[1]}")
+                    parts = [embed(prefix[:, :start]), image.to(dtype), embed(prefix[:, end:]), embed(suffix_ids)]
+                    embeds = torch.cat([p.expand(n_img, -1, -1) for p in parts], dim=1)
+                    return self._language(embeds, mask, position_ids)
+
+            return forward
 
         out = score_packed(
-            forward=forward,
+            forward=forward_with(pixels, n_img),
             head=self._head,
             attention_modules=self._attention,
             config=self.model.config.get_text_config(),
@@ -562,6 +601,7 @@ class MedGemmaMedical(VLMBackend):
             bidirectional_span=(start, end),
             device=device,
         )
+        controls = self._controls(prep, forward_with, device, dtype, (start, end), prefix_len)
         generated = {}
         if self.config.generate:
             for k, (image, questions, _) in enumerate(items):
@@ -573,7 +613,54 @@ class MedGemmaMedical(VLMBackend):
             for r in range(len(owners))
         ]  # fmt: skip
         return question_scores(out, items, owners, [e["prompt"] for e in entries],
-                               [generated.get(o) for o in owners], extras, self.keep_logits)  # fmt: skip
+                               [generated.get(o) for o in owners], extras, self.keep_logits, controls)  # fmt: skip
+
+    def _language(self, embeds: torch.Tensor, mask, position_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder over input embeddings [K, T, d] under a packed pass's masks -> hidden [K, T, d]."""
+        return self.model.model(
+            inputs_embeds=embeds,
+            attention_mask=mask,  # {layer type: mask}: the image block's two-way attention included
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state
+
+    def _controls(self, prep: dict, forward_with, device, dtype, span, prefix_len) -> dict:
+        """{control: P(yes) [n_questions]}: each control is one extra single-row pass holding a
+        shared prefix (the grey image's, or the template's text without the image) and every
+        question of the pass packed after it; logits only."""
+        owners, suffixes = prep["owners"], prep["suffixes"]
+        questions = [r for r, (_, i) in enumerate(owners) if i != GENERIC]
+        common = {"head": self._head, "attention_modules": self._attention,
+                  "config": self.model.config.get_text_config(), "n_studies": 1,
+                  "pad_id": self.processor.tokenizer.pad_token_id, "image_span": None, "layers": (),
+                  "head_mode": self.config.attention_head_mode, "answer_tokens": self.answer_tokens,
+                  "device": device}  # fmt: skip
+        out = {}
+        if "blank_pixels" in prep:
+            pixels = prep["blank_pixels"].to(device=device, non_blocking=True)
+            if pixels.dtype == torch.uint8:
+                pixels = normalize_pixels(self.processor.image_processor, pixels)
+            sfx = [suffixes[r] for r in questions]
+            out["blank"] = score_packed(
+                forward=forward_with(pixels.to(dtype), 1), prefix_len=prefix_len, suffixes=sfx,
+                query_positions=[[len(x) - 1] for x in sfx], prefix_rows=[0] * len(sfx), bidirectional_span=span,
+                **common,
+            ).p_yes  # fmt: skip
+        if "text_only" in prep:
+            t = prep["text_only"]
+            embed = self.model.model.get_input_embeddings()
+            prefix = to_device(torch.tensor([t["prefix"]]), device)
+
+            def forward_text(suffix_ids, position_ids, mask):
+                with fused_rms_norms(() if self.compiled else self._norms):
+                    return self._language(torch.cat([embed(prefix), embed(suffix_ids)], dim=1), mask, position_ids)
+
+            out["text_only"] = score_packed(
+                forward=forward_text, prefix_len=len(t["prefix"]), suffixes=t["suffixes"],
+                query_positions=[[len(x) - 1] for x in t["suffixes"]], prefix_rows=[0] * len(t["suffixes"]),
+                **common,
+            ).p_yes  # fmt: skip
+        return out
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[K, 3, S, S] -> [K, 256, hidden]: the vision tower and the projector (the model's

@@ -87,3 +87,20 @@ def naive_study(backend, image, questions, gen_tokens: int = 50) -> list[dict]:
             ref = llava_rad_reference_score(backend, image, q, gen_tokens=gen_tokens)
         out.append(ref)
     return out
+
+
+@torch.no_grad()
+def medgemma_text_only_reference(backend, question: str) -> float:
+    """P(yes) of the text-only control: the processor's own chat without the image, one full
+    eager forward."""
+    from medvlm.scoring import yes_probability
+
+    model = backend.model
+    enc = backend.processor.apply_chat_template(
+        backend._messages(question, with_image=False), add_generation_prompt=True, tokenize=True,
+        return_dict=True, return_tensors="pt",
+    )  # fmt: skip
+    enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
+    with eager_text_attention(model):
+        out = model(**enc, use_cache=False)
+    return float(yes_probability(out.logits[:, -1].float(), backend.answer_tokens)[0][0])

@@ -147,3 +147,18 @@ def llava_rad_reference_score(
         "suffix_rows": {i: a[0][:, p + n :, :].float().cpu() for i, a in enumerate(out.attentions)},
         "n_tokens": t,
     }
+
+
+@torch.no_grad()
+def llava_rad_text_only_reference(backend, question: str) -> float:
+    """P(yes) of the text-only control: conv_vicuna_v1 without "<image>\\n", tokenised whole
+    (BOS first), one full eager forward."""
+    import llava_rad_medical_only as lr
+    from medvlm.scoring import yes_probability
+
+    full_q = backend.config.full_question(question)
+    prompt = lr.SYSTEM_PROMPT + " " + "USER" + ": " + full_q + " " + "ASSISTANT" + ":"
+    ids = torch.tensor([backend.tokenizer(prompt).input_ids], device=backend.device)
+    with eager_attention(backend.model):
+        out = backend.model(input_ids=ids, use_cache=False)
+    return float(yes_probability(out.logits[:, -1].float(), backend.answer_tokens)[0][0])

@@ -55,6 +55,10 @@ class QuestionScore:
     n_query_tokens  how many query tokens were averaged
     generated_text  free-text answer when generation was requested, else None
     generated_answer "yes" / "no" / None (unparseable or not requested)
+    controls     {control: P(yes)} under each of config.controls (medvlm.controls)
+    generic_attention  float32 [n_layers, n_image_tokens] (or with heads): the study's
+                 generic-prompt attention (config.generic_prompt), the same array for every
+                 question of the study; None when not asked
     """
 
     question: str
@@ -69,6 +73,32 @@ class QuestionScore:
     generated_text: str | None = None
     generated_answer: str | None = None
     extra: dict = field(default_factory=dict)
+    controls: dict = field(default_factory=dict)
+    generic_attention: np.ndarray | None = None
+
+
+#: the owner index (study k, GENERIC) of a study's generic prompt in a pass (config.generic_prompt)
+GENERIC = -1
+
+
+def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """The longest prefix all token sequences share, leaving each at least one token of its own
+    (a control pass's shared prefix: the packed forward of prefix + suffix_i equals the full
+    prompt i whatever the split)."""
+    if not seqs:
+        raise ValueError("no sequences")
+    limit = min(len(x) for x in seqs) - 1
+    n = 0
+    while n < limit and all(x[n] == seqs[0][n] for x in seqs):
+        n += 1
+    return n
+
+
+def blank_image(size: tuple[int, int]) -> Image.Image:
+    """The blank control's image: uniform mid-grey (config.BLANK_GRAY) RGB of the given size."""
+    from medvlm.config import BLANK_GRAY
+
+    return Image.new("RGB", tuple(int(v) for v in size), (BLANK_GRAY,) * 3)
 
 
 def question_scores(
@@ -79,20 +109,29 @@ def question_scores(
     texts: Sequence[str | None],
     extras: Sequence[dict],
     keep_logits: bool = False,
+    controls: dict | None = None,
 ) -> list[list[QuestionScore]]:
     """One list of QuestionScore per study from a pass's engine output.
 
-    out      medvlm.engine.PackedScores over the pass's Q questions
+    out      medvlm.engine.PackedScores over the pass's Q packed prompts
     items    the pass's (image, questions, findings) per study
-    owners   per question r: (study k, index i of the question within items[k])
-    prompts, texts, extras  per question: prompt text, generated text (or None), extra fields
+    owners   per packed prompt r: (study k, index i of the question within items[k]), or
+             (k, GENERIC) for study k's generic prompt (its map goes to generic_attention)
+    prompts, texts, extras  per packed prompt: prompt text, generated text (or None), extra fields
     keep_logits  also put the next-token logits [vocab] in extra["logits"]
+    controls {control: P(yes) [n_questions]} in the order of the non-generic owners
     """
     attention = out.attention.float().cpu().numpy()
     image_mass = out.image_mass.float().cpu().numpy()
     p_yes, coverage, n_query = out.p_yes.tolist(), out.coverage.tolist(), out.n_query.tolist()
+    generic = {k: attention[r] for r, (k, i) in enumerate(owners) if i == GENERIC}
+    control_p = {name: [float(x) for x in p.tolist()] for name, p in (controls or {}).items()}
     results: list[list[QuestionScore]] = [[] for _ in items]
+    j = -1  # index among the questions (generic prompts left out)
     for r, (k, i) in enumerate(owners):
+        if i == GENERIC:
+            continue
+        j += 1
         extra = dict(extras[r])
         if keep_logits:
             extra["logits"] = out.logits[r].float().cpu()
@@ -110,6 +149,8 @@ def question_scores(
                 generated_text=texts[r],
                 generated_answer=parse_free_text(texts[r]) if texts[r] is not None else None,
                 extra=extra,
+                controls={name: p[j] for name, p in control_p.items()},
+                generic_attention=generic.get(k),
             )
         )
     return results

@@ -248,8 +248,8 @@ def score_packed(
     if not layers:  # a control pass: the answers' logits only
         logits = head(forward(suffix_ids, position_ids, mask)[last_k, last_t]).float()
         p_yes, coverage = yes_probability(logits, answer_tokens)
-        empty = torch.zeros((n, 0, 0), device=logits.device)
-        return PackedScores(logits, p_yes, coverage, empty, empty[:, :, 0], (), torch.zeros(n, dtype=torch.long))
+        none = torch.zeros((n, 0), device=logits.device)
+        return PackedScores(logits, p_yes, coverage, none[:, :, None], none, (), torch.zeros(n, dtype=torch.long))
     q_index, q_valid = query_tensors([q or [0] for q in per_study_q], device)
     q_valid &= to_device(torch.tensor([[bool(q)] for q in per_study_q]), device)
     spec = CaptureSpec(
