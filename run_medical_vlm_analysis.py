@@ -21,7 +21,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from medvlm.config import HEAD_MODES, LAYER_SPECS, MODEL_NAMES, QUERY_MODES, MedicalAttentionConfig, RunConfig, dist_env
+from medvlm.config import (
+    CONTROLS,
+    GENERIC_PROMPT,
+    HEAD_MODES,
+    LAYER_SPECS,
+    MODEL_NAMES,
+    QUERY_MODES,
+    MedicalAttentionConfig,
+    RunConfig,
+    dist_env,
+)
 from medvlm.preflight import TOOL_DIRS, TOOL_FILES
 
 
@@ -126,6 +136,16 @@ def _count_or_all(text: str) -> int:
     return n
 
 
+def _controls(text: str) -> tuple[str, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    names = tuple(dict.fromkeys(x.strip() for x in text.split(",")))
+    bad = [x for x in names if x not in CONTROLS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown control(s) {', '.join(bad)}; valid: {', '.join(CONTROLS)} or none")
+    return names
+
+
 def _layers(text: str) -> str | tuple[int, ...]:
     if text in LAYER_SPECS:
         return text
@@ -174,6 +194,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also generate a free-text answer (KV cached) and report its agreement with the logit answer")
     a.add_argument("--max_new_tokens", type=_positive, default=24,
                    help="length of the free-text answer with --generate (tokens)")
+    v = p.add_argument_group("validity: image reliance, relative attention, grounding")
+    v.add_argument("--controls", type=_controls, default="text_only,blank",
+                   help="each question is also answered text_only (the same template without the image) and/or blank "
+                        "(a uniform grey image of the same size); comma-separated, or none. One shared prefix per "
+                        "pass each, so cheap; P(yes) under each lands beside P(yes) in results.jsonl and controls.csv")
+    v.add_argument("--map", choices=("raw", "relative", "both"), default="both",
+                   help="maps the figures and grounding use: raw attention, relative attention (Zhang et al. 2025: "
+                        "divided by the attention of the generic prompt 'Write a general description of the image.', "
+                        "asked once per study in the same pass), or both")
+    v.add_argument("--image_dependence_threshold", type=float, default=0.1,
+                   help="a (study, finding) is image-dependent when the mean over its paraphrases of |P(yes | image) - "
+                        "P(yes | text only)| reaches this")
+    v.add_argument("--regions", type=Path, action="append", default=[], metavar="FILE",
+                   help="expert regions for grounding (repeatable): NIH BBox_List_2017, VinDr-CXR, RSNA pneumonia, "
+                        "SIIM RLE, CheXlocalize JSON, or a plain CSV study_id,finding,x,y,w,h (README: Grounding)")
+    v.add_argument("--finding_map", type=Path,
+                   help="CSV label,finding[,dataset] or JSON overriding how dataset labels map to your findings")
+    v.add_argument("--exclude_sinks", action="store_true",
+                   help="figures and grounding renormalise maps without the detected attention-sink tokens")
     s = p.add_argument_group("statistics")
     s.add_argument("--cluster_by", default="study_id", choices=("study_id", "subject_id"),
                    help="the bootstrap's resampling unit: the study, or the patient (needs subject_id)")
@@ -225,6 +264,10 @@ def _conflicts(a) -> str | None:
             return f"{', '.join(changed)} name real weights, but random-weight models were asked for"
         if a.load_in_8bit or a.load_in_4bit:
             return "8-/4-bit loading applies to real weights, not to random-weight models"
+    if isinstance(a.controls, str):  # the default, not parsed by argparse
+        a.controls = _controls(a.controls)
+    if not 0.0 < a.image_dependence_threshold < 1.0:
+        return f"--image_dependence_threshold must be in (0, 1), got {a.image_dependence_threshold}"
     if not (a.csv or a.demo or a.analyze_only):
         return "give --csv (or --demo, or --analyze_only on an existing --output_dir)"
     return None
@@ -238,7 +281,9 @@ def parse_args(argv=None) -> RunConfig:
         p.error(conflict)
     attention = MedicalAttentionConfig(colormap=a.colormap, attention_head_mode=a.attention_head_mode, layers=a.layers,
                                        query_mode=a.query_mode, answer_suffix=a.answer_suffix, generate=a.generate,
-                                       max_new_tokens=a.max_new_tokens)  # fmt: skip
+                                       max_new_tokens=a.max_new_tokens, controls=a.controls,
+                                       generic_prompt=None if a.map == "raw" else GENERIC_PROMPT)  # fmt: skip
+    map_kinds = {"raw": ("attention",), "relative": ("relative",), "both": ("attention", "relative")}[a.map]
     rank, world, local_rank = dist_env()
     random_models = "tiny" if (a.tiny_random_models or a.demo) else "full" if a.random_full_size_models else None
     n_figures = a.n_figure_studies if a.n_figure_studies is not None else (1 if a.demo else 3)
@@ -251,6 +296,8 @@ def parse_args(argv=None) -> RunConfig:
         attention=attention, n_boot=a.n_boot, bootstrap_seed=a.bootstrap_seed, n_figure_studies=n_figures,
         figure_studies=tuple(a.figure_studies) if a.figure_studies else None,
         figure_findings=tuple(a.figure_findings) if a.figure_findings else None, debug=a.debug,
+        map_kinds=map_kinds, regions=tuple(a.regions), finding_map=a.finding_map,
+        image_dependence_threshold=a.image_dependence_threshold, exclude_sinks=a.exclude_sinks,
         rank=rank, world_size=world, local_rank=local_rank,
     )  # fmt: skip
 

@@ -135,6 +135,11 @@ class RunConfig:
     n_figure_studies: int = 3
     figure_studies: tuple[str, ...] | None = None  # draw these studies (default: the first n_figure_studies)
     figure_findings: tuple[str, ...] | None = None  # draw only these findings (default: all)
+    map_kinds: tuple[str, ...] = ("attention", "relative")  # maps the figures and grounding report
+    regions: tuple[Path, ...] = ()  # expert region files (medvlm.regions) for grounding
+    finding_map: Path | None = None  # overrides of the dataset label -> finding table (medvlm.findings)
+    image_dependence_threshold: float = 0.1  # medvlm.controls: mean |dP(yes)| that counts as image-dependent
+    exclude_sinks: bool = False  # renormalise maps without the detected attention-sink tokens
     debug: bool = False  # tracebacks for user mistakes too
     rank: int = 0
     world_size: int = 1

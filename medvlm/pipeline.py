@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from medvlm.backend import VLMBackend
 from medvlm.config import MODEL_NAMES, RunConfig, dist_env  # noqa: F401 - re-exported
 from medvlm.data import ImageLoadError, load_image
-from medvlm.store import ResultsStore, map_key, read_results
+from medvlm.store import GENERIC_FINDING, ResultsStore, map_key, read_results
 
 BackendLoader = Callable[[RunConfig], VLMBackend]
 
@@ -69,6 +69,7 @@ def _ok_record(model: str, row, s, geometry: dict, notes, seconds: float, random
         layers=list(s.layers),
         generated_text=s.generated_text,
         generated_answer=s.generated_answer,
+        **{f"p_yes_{c}": p for c, p in s.controls.items()},
         geometry=geometry,
         image_notes=list(notes),
         seconds=seconds,
@@ -94,6 +95,8 @@ def _ok_results(model: str, rows, scores, geometry: dict, notes, seconds: float,
     for row, s in zip(rows, scores, strict=True):
         records.append(_ok_record(model, row, s, geometry, notes, seconds, random_weights))
         maps[map_key(row.finding, row.variant_id)] = (s.layers, s.attention)
+        if s.generic_attention is not None:  # the study's generic-prompt map (relative attention), stored once
+            maps[map_key(GENERIC_FINDING, 0, "generic")] = (s.layers, s.generic_attention)
     return records, maps
 
 

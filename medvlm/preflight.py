@@ -193,6 +193,9 @@ LOADED_KEYS = (
     "n_image_tokens",
     "answer_token_ids",
     "random_weights",
+    "controls",
+    "text_only_template",
+    "generic_prompt",
 )
 
 
@@ -216,6 +219,8 @@ def requested_settings(model: str, cfg: RunConfig) -> dict:
         "answer_suffix": a.answer_suffix,
         "generate": a.generate,
         "max_new_tokens": a.max_new_tokens if a.generate else None,
+        "controls": list(a.controls),
+        "generic_prompt": a.generic_prompt,
     }
 
 
