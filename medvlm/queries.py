@@ -33,11 +33,12 @@ def query_char_span(mode: str, text: str, question_start: int, question: str, fi
         return question_start, question_start + len(question)
     if not finding:
         raise ValueError("query mode 'finding' needs the finding phrase")
-    phrase = finding.replace("_", " ").strip().lower()
-    at = question.lower().find(phrase)
-    if at < 0:
-        raise ValueError(f"finding {finding!r} does not occur in question {question!r}")
-    return question_start + at, question_start + at + len(phrase)
+    from medvlm.findings import find_phrase  # the term or a listed synonym, whole words
+
+    span = find_phrase(question, finding)
+    if span is None:
+        raise ValueError(f"finding {finding!r} (nor a synonym of it) does not occur in question {question!r}")
+    return question_start + span[0], question_start + span[1]
 
 
 def suffix_query_positions(

@@ -67,3 +67,15 @@ def test_query_positions():
     assert suffix_query_positions("answer", [], text, "", None, 12) == [11]
     with pytest.raises(ValueError, match="does not occur"):
         suffix_query_positions("finding", offsets, text, "Is there a pneumothorax?", "effusion", 4)
+
+
+def test_finding_mode_finds_a_lay_synonym():
+    """--query_mode finding reads the finding's term or a listed synonym (medvlm.findings), so a
+    lay paraphrase from the question bank still has its finding tokens."""
+    from medvlm.queries import query_char_span
+
+    q = "Is there fluid around the lung?"
+    start, end = query_char_span("finding", q, 0, q, "pleural_effusion")
+    assert q[start:end] == "fluid around the lung"
+    with pytest.raises(ValueError, match="nor a synonym"):
+        query_char_span("finding", "Is the heart enlarged?", 0, "Is the heart enlarged?", "pneumothorax")
