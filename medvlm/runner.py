@@ -80,6 +80,7 @@ class _Plan:
 
     dataset: object = None
     selection: object = None
+    data_notes: tuple[str, ...] = ()  # what the outputs must say about the data (the demo's label sources)
     settings: SettingsFile | None = None
     created_dir: bool = False
 
@@ -161,6 +162,8 @@ def _preflight(cfg: RunConfig, loaders) -> _Plan:
         from medvlm.demo_data import build_demo_dataset
 
         csv = build_demo_dataset(out / "demo_data")
+        labels = out / "demo_data" / "demo_labels.json"
+        plan.data_notes = tuple(json.loads(labels.read_text()).get("notes", ())) if labels.exists() else ()
     else:
         csv = cfg.csv
     ds = load_dataset(csv, image_root=cfg.image_root, cluster_by=cfg.cluster_by, strict=cfg.strict)
@@ -263,7 +266,7 @@ def _score(cfg: RunConfig, loaders, manifest: Manifest, plan: _Plan) -> int:
         bad_rows={"count": len(ds.bad_rows), "rows": [{"line": b.line, "reason": b.reason, "study_id": b.study_id}
                                                       for b in ds.bad_rows]},  # fmt: skip
         data_warnings=list(ds.warnings),
-        data_notes=list(getattr(ds, "notes", ())),
+        data_notes=[*plan.data_notes, *getattr(ds, "notes", ())],
         n_negated_rows=int(getattr(ds, "n_negated", 0)),
         models=model_info,
         counts=counts,
