@@ -1,8 +1,10 @@
 """Figures: attention overlays, the six-paraphrase grid, the two-model comparison, forest plots.
 
 Pure functions: they take data (images, per-token maps, geometries, tables) and return a
-matplotlib Figure; :func:`save` writes it as PNG. Figures are built on the Agg canvas
-directly (no pyplot state, no display needed), so they work headless and in notebooks.
+matplotlib Figure; :func:`save` writes it as a palette PNG. Figures are built on the Agg
+canvas directly (no pyplot state, no display needed), so they work headless and in notebooks.
+The grid and the side-by-side figure are laid out by hand (measured in points, no layout
+engine): they are drawn once, which is most of their cost.
 
 Honesty rules followed here:
 - A map is drawn only where the model saw the image: cells are painted back onto the original
@@ -10,8 +12,12 @@ Honesty rules followed here:
   model never saw (LLaVA-Rad's center crop drops the ends of a non-square image) stays unpainted
   and is shaded and labelled "not seen by model".
 - Maps are shown as each token's share of the attention paid to the image (normalised over the
-  image tokens); the colour bars say so.
+  image tokens), or relative to a uniform map where two grids share one scale; the colour bars
+  say which.
 - A missing or failed map is an empty panel that says why, never a made-up map.
+- Every figure says what it shows: study, finding, ground truth, each answer and whether it
+  was right, P(yes), and (given a provenance line) which layers, heads and query tokens the
+  map combines.
 - Figures from random-weight models carry a red "RANDOM WEIGHTS" banner.
 """
 
@@ -19,59 +25,73 @@ from __future__ import annotations
 
 import difflib
 import math
-import sys
 import textwrap
+import weakref
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import matplotlib
 import matplotlib.patheffects as path_effects
 import numpy as np
-import pandas as pd
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Colormap
+from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
-from matplotlib.font_manager import FontProperties
 from matplotlib.image import AxesImage
-from matplotlib.layout_engine import ConstrainedLayoutEngine, TightLayoutEngine
-from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
-from matplotlib.text import Text
-from matplotlib.textpath import TextToPath
-from matplotlib.transforms import blended_transform_factory
 from PIL import Image
 
+from medvlm.figure_canvas import (
+    BANNER_GID,
+    DEFAULT_DPI,
+    PNG_COLORS,
+    RANDOM_WEIGHTS_TEXT,
+    banner_height_pt,
+    new_figure,
+    random_weights_banner,
+    render_rgb,
+    save,
+)
+from medvlm.forest import ci_footnote, forest_plot
 from medvlm.geometry import Geometry
 
 __all__ = [
+    "BANNER_GID",
     "COLORBAR_LABEL",
+    "DEFAULT_DPI",
     "NOT_SEEN_LABEL",
+    "PNG_COLORS",
     "RANDOM_WEIGHTS_TEXT",
+    "RELATIVE_LABEL",
     "check_colormap",
+    "ci_footnote",
     "forest_plot",
     "image_shares",
     "new_figure",
     "overlay",
     "paraphrase_grid",
     "random_weights_banner",
+    "render_rgb",
     "save",
     "side_by_side",
 ]
 
 COLORBAR_LABEL = "share of image attention"
+RELATIVE_LABEL = "attention relative to uniform (1 = uniform)"
 NOT_SEEN_LABEL = "not seen by model"
-RANDOM_WEIGHTS_TEXT = "RANDOM WEIGHTS \u2014 illustrates the pipeline, not a model"
-BANNER_GID = "medvlm-random-weights-banner"
 UNSEEN_GID = "medvlm-not-seen"
-DEFAULT_DPI = 150
+SHARED_SCALE_TEXT = ("Colour: one scale shared by the panels: each token's attention relative to a uniform map "
+                     "(share x number of tokens; 1 = uniform), comparable between grids of different sizes.")
+SEPARATE_SCALE_TEXT = ("Colour: each panel has its own scale (share of the image attention per token); shares are "
+                       "not comparable between grids with different numbers of tokens.")
 
 _SUGGESTED_COLORMAPS = ("hot", "inferno", "magma", "viridis", "plasma", "jet", "turbo", "gray")
 _UNSEEN_FACE = (0.55, 0.55, 0.55, 0.6)
 _UNSEEN_HATCH = (1.0, 1.0, 1.0, 0.55)
 _MAX_DISPLAY_SIDE = 640  # images and painted maps are drawn at most this many pixels on the long side
+_MIN_DISPLAY_SIDE = 128
 _TITLE_SIZE = 8.5
+_FOOT_SIZE = 7.5
+_LINE = 1.25  # line height in font sizes
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -117,14 +137,6 @@ def image_shares(token_map: np.ndarray, geometry: Geometry) -> np.ndarray:
     return arr / total
 
 
-def new_figure(figsize: tuple[float, float], *, compress: bool = False) -> Figure:
-    """A Figure on the Agg canvas (no pyplot, no display) with constrained layout; use it to
-    place :func:`overlay` panels in your own figures. compress=True suits grids of images."""
-    fig = Figure(figsize=figsize, layout=ConstrainedLayoutEngine(compress=compress))
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _check_image(image: Image.Image, geometry: Geometry) -> None:
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}")
@@ -135,48 +147,70 @@ def _check_image(image: Image.Image, geometry: Geometry) -> None:
         )
 
 
-def _display_size(width: int, height: int) -> tuple[int, int]:
-    """Pixel size to draw an image of width x height at: itself, or at most _MAX_DISPLAY_SIDE
-    on the long side (a panel is a few hundred pixels wide; more only slows rendering)."""
+def _display_size(width: int, height: int, max_side: int = _MAX_DISPLAY_SIDE) -> tuple[int, int]:
+    """Pixel size to draw an image of width x height at: itself, or at most max_side on the
+    long side (a panel is a few hundred pixels wide; more only slows rendering)."""
     long_side = max(width, height)
-    if long_side <= _MAX_DISPLAY_SIDE:
+    if long_side <= max_side:
         return width, height
-    scale = _MAX_DISPLAY_SIDE / long_side
+    scale = max_side / long_side
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _draw_image(ax: Axes, image: Image.Image, extent: tuple[float, float, float, float]) -> None:
-    """The original image at its native aspect, in original pixel coordinates (the extent);
-    a very large image is drawn from a Lanczos-reduced copy."""
-    size = _display_size(*image.size)
+def _axes_max_side(ax: Axes, width: int, height: int) -> int:
+    """The long side, in pixels, an image of width x height takes on `ax` when the figure is
+    saved at DEFAULT_DPI (or the figure's own dpi, if higher), within
+    [_MIN_DISPLAY_SIDE, _MAX_DISPLAY_SIDE]: drawing more pixels than that only costs time."""
+    fig = ax.figure
+    pos = ax.get_position()
+    dpi = max(float(fig.dpi), float(DEFAULT_DPI))
+    w_px, h_px = pos.width * fig.get_figwidth() * dpi, pos.height * fig.get_figheight() * dpi
+    scale = min(w_px / width, h_px / height)
+    need = math.ceil(scale * max(width, height)) + 2
+    return int(min(_MAX_DISPLAY_SIDE, max(_MIN_DISPLAY_SIDE, need)))
+
+
+_DISPLAY_CACHE: list[tuple[weakref.ref, tuple, np.ndarray]] = []  # a few recent (image, size) -> RGB
+
+
+def _display_rgb(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """The image as drawn: float32 RGB [height, width, 3] in [0, 1] at `size` (Lanczos-reduced
+    when larger); greyscale through the grey scale (8-bit over 0..255, deeper images stretched
+    min..max). The last few are kept: a study's figures draw the same radiograph a dozen times."""
+    key = (size, image.mode)
+    for ref, k, value in _DISPLAY_CACHE:
+        if ref() is image and k == key:
+            return value
     mode = image.mode
     if mode in ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
         rgb = image.convert("RGB")
         if rgb.size != size:
             rgb = rgb.resize(size, Image.Resampling.LANCZOS)
-        ax.imshow(np.asarray(rgb), extent=extent, interpolation="antialiased")
-        return
-    if mode in ("1", "L", "LA"):
-        grey = image.convert("L")
-        vmin, vmax = 0.0, 255.0
-    else:  # I, I;16*, F: high bit depth greyscale, stretched min..max for display
-        grey = image.convert("F") if mode != "F" else image
-    if grey.size != size:
-        grey = grey.resize(size, Image.Resampling.LANCZOS)
-    arr = np.asarray(grey, dtype=np.float64)
-    if mode not in ("1", "L", "LA"):
-        finite = arr[np.isfinite(arr)]
-        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        if vmax <= vmin:
-            vmax = vmin + 1.0
-    ax.imshow(arr, extent=extent, cmap="gray", vmin=vmin, vmax=vmax, interpolation="antialiased")
+        value = np.asarray(rgb, dtype=np.float32) / 255.0
+    else:
+        grey = image.convert("L") if mode in ("1", "L", "LA") else (image.convert("F") if mode != "F" else image)
+        if grey.size != size:
+            grey = grey.resize(size, Image.Resampling.LANCZOS)
+        arr = np.asarray(grey, dtype=np.float64)
+        if mode in ("1", "L", "LA"):
+            vmin, vmax = 0.0, 255.0
+        else:  # I, I;16*, F: high bit depth greyscale, stretched min..max for display
+            finite = arr[np.isfinite(arr)]
+            vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+            if vmax <= vmin:
+                vmax = vmin + 1.0
+        grey01 = np.clip((np.nan_to_num(arr, nan=vmin) - vmin) / (vmax - vmin), 0.0, 1.0).astype(np.float32)
+        value = np.repeat(grey01[..., None], 3, axis=2)
+    _DISPLAY_CACHE.insert(0, (weakref.ref(image), key, value))
+    del _DISPLAY_CACHE[4:]
+    return value
 
 
-def _paint_geometry(geometry: Geometry) -> Geometry:
-    """The geometry to paint with: the same one, or for a very large image the same crop box
-    on a proportionally smaller pixel grid over the same extent (see _display_size)."""
+def _paint_geometry(geometry: Geometry, max_side: int = _MAX_DISPLAY_SIDE) -> Geometry:
+    """The geometry to paint with: the same one, or for a large image the same crop box on a
+    proportionally smaller pixel grid over the same extent (see _display_size)."""
     width, height = geometry.image_size
-    new_w, new_h = _display_size(width, height)
+    new_w, new_h = _display_size(width, height, max_side)
     if (new_w, new_h) == (width, height):
         return geometry
     sx, sy = new_w / width, new_h / height
@@ -248,6 +282,17 @@ def _fmt_p(p: float | None) -> str:
     return f"P(yes) = {p:.2f}"
 
 
+def _answer_line(answer: tuple[str, float] | None, ground_truth: str | None) -> str:
+    """"answer: no (wrong) · P(yes) = 0.24"; without a ground truth, no verdict."""
+    if answer is None:
+        return "answer: n/a"
+    ans, p_yes = answer
+    verdict = ""
+    if ground_truth is not None:
+        verdict = " (correct)" if str(ans) == str(ground_truth) else " (wrong)"
+    return f"answer: {ans}{verdict}  \u00b7  {_fmt_p(p_yes)}"
+
+
 def _panel_size(geometry: Geometry, max_w: float, max_h: float) -> tuple[float, float]:
     """Width and height (inches) of one image panel at the image's native aspect."""
     width, height = geometry.image_size
@@ -266,6 +311,57 @@ def _empty_panel(ax: Axes, geometry: Geometry, message: str) -> None:
     )
 
 
+def _wrap(text: str, fig_w_in: float, size: float) -> list[str]:
+    """`text` wrapped to the figure's width at font `size` (about 0.55 em per character)."""
+    width = max(20, int((fig_w_in * 72.0 - 16.0) / (0.55 * size)))
+    return [line for para in str(text).split("\n") for line in (textwrap.wrap(para, width) or [""])]
+
+
+class _Page:
+    """A figure laid out by hand, top to bottom, in inches: a heading band, rows of panels,
+    a footer. Positions are computed before anything is drawn, so the figure needs no layout
+    engine and is drawn once."""
+
+    def __init__(self, width: float, random_weights: bool):
+        self.width = width
+        self.top_pt = banner_height_pt(width) if random_weights else 4.0
+        self.blocks: list[tuple[str, float, object]] = []  # (kind, height in inches, payload)
+
+    def text_height(self, n_lines: int, size: float) -> float:
+        return n_lines * size * _LINE / 72.0
+
+    def figure(self, rows: list[dict], head: list[tuple[str, float, str]], foot: list[str]) -> tuple[Figure, list]:
+        """rows: {"height": panel height, "title_lines": n, "panels": [(x, width), ...]};
+        head: (text, size, weight) lines; foot: lines at _FOOT_SIZE. Returns the figure and
+        per row the list of panel axes."""
+        head_h = self.top_pt / 72.0 + sum(self.text_height(t.count("\n") + 1, s) for t, s, _ in head) + 0.06
+        title_h = [self.text_height(r["title_lines"], _TITLE_SIZE) + 6 / 72.0 for r in rows]
+        below = 14 / 72.0  # the "hatched: not seen by model" x label
+        foot_h = self.text_height(len(foot), _FOOT_SIZE) + 0.1 if foot else 0.05
+        height = head_h + sum(t + r["height"] + below for t, r in zip(title_h, rows, strict=True)) + foot_h
+        fig = new_figure((self.width, height), layout=False)
+        y = self.top_pt / 72.0
+        for i, (text, size, weight) in enumerate(head):  # the first is the suptitle, at a fixed place
+            kw = {"ha": "center", "va": "top", "fontsize": size, "fontweight": weight, "multialignment": "center"}
+            if i == 0:
+                fig.suptitle(text, y=1 - y / height, **kw)
+            else:
+                fig.text(0.5, 1 - y / height, text, **kw)
+            y += self.text_height(text.count("\n") + 1, size)
+        y = head_h
+        axes = []
+        for t, r in zip(title_h, rows, strict=True):
+            y += t
+            bottom = height - y - r["height"]
+            axes.append([fig.add_axes((x / self.width, bottom / height, w / self.width, r["height"] / height))
+                         for x, w in r["panels"]])  # fmt: skip
+            y += r["height"] + below
+        if foot:
+            fig.text(0.1 / self.width, 0.05 / height, "\n".join(foot), ha="left", va="bottom", fontsize=_FOOT_SIZE,
+                     color="0.2", linespacing=1.1)  # fmt: skip
+        return fig, axes
+
+
 # ----------------------------------------------------------------------------- overlay
 
 
@@ -282,32 +378,49 @@ def overlay(
     vmax: float | None = None,
     colorbar: bool = False,
     random_weights: bool = False,
+    relative: bool = False,
 ) -> AxesImage:
     """Draw `image` at its native aspect on `ax` (extent in original pixels) and paint
     `token_map` over it through `geometry` (nearest cell, NaN where the model never saw).
 
     The map is shown as each token's share of the image attention (sums to 1 over the image
-    tokens). vmin/vmax fix the colour scale (default 0 .. this map's maximum), so several
-    panels can share one. Regions outside geometry.crop_box are hatched grey and labelled
-    "not seen by model". Returns the map's AxesImage (for a colour bar).
+    tokens), or with relative=True as share x number of tokens (1 = a uniform map's value),
+    which is comparable between grids of different sizes. vmin/vmax fix the colour scale
+    (default 0 .. this map's maximum), so several panels can share one. Regions outside
+    geometry.crop_box are hatched grey and labelled "not seen by model". The map is blended
+    over the image and drawn with it as one image; returns the map's own AxesImage, hidden,
+    which carries its colour scale (for a colour bar).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     cmap = check_colormap(colormap).with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
     _check_image(image, geometry)
     shares = image_shares(token_map, geometry)
+    if relative:
+        shares = shares * geometry.n_tokens
     width, height = geometry.image_size
     extent = (0.0, float(width), float(height), 0.0)
-    _draw_image(ax, image, extent)
-    painted = _paint_geometry(geometry).to_image(shares)
+    max_side = _axes_max_side(ax, width, height)
+    size = _display_size(width, height, max_side)
+    base = _display_rgb(image, size)
+    painted = np.ma.masked_invalid(_paint_geometry(geometry, max_side).to_image(shares))
     lo = 0.0 if vmin is None else float(vmin)
     hi = float(shares.max()) if vmax is None else float(vmax)
     if hi <= lo:
         hi = lo + 1e-12
-    mappable = ax.imshow(
-        np.ma.masked_invalid(painted), extent=extent, cmap=cmap, alpha=alpha, vmin=lo, vmax=hi,
-        interpolation="nearest", zorder=2,
-    )
+    # the map blended over the image here ("over" compositing, as Agg would), drawn as one image;
+    # the map's own AxesImage is kept (hidden) for its colour scale and colour bars
+    rgba = cmap(Normalize(lo, hi)(painted)).astype(np.float32)
+    a = rgba[..., 3:] * np.float32(alpha)
+    blended = base * (1.0 - a) + rgba[..., :3] * a
+    # a reduced copy is smoothed on its way to the screen; an image drawn at its own size keeps
+    # its pixels and the map's cells sharp (matplotlib's "antialiased" would blur both)
+    smooth = size != (width, height)
+    ax.imshow((blended * 255.0 + 0.5).astype(np.uint8), extent=extent, zorder=1,
+              interpolation="antialiased" if smooth else "nearest")  # fmt: skip
+    mappable = ax.imshow(painted, extent=extent, cmap=cmap, alpha=alpha, vmin=lo, vmax=hi,
+                         interpolation="nearest", zorder=2)  # fmt: skip
+    mappable.set_visible(False)
     _shade_unseen(ax, geometry)
     _finish_image_axes(ax, geometry)
     if title:
@@ -315,7 +428,7 @@ def overlay(
     if colorbar:
         # an inset axes hugs the image's drawn height (the axes box is shrunk to its aspect)
         cax = ax.inset_axes((1.03, 0.0, 0.045, 1.0))
-        ax.figure.colorbar(_opaque(mappable), cax=cax, label=COLORBAR_LABEL)
+        ax.figure.colorbar(_opaque(mappable), cax=cax, label=RELATIVE_LABEL if relative else COLORBAR_LABEL)
     if random_weights:
         random_weights_banner(ax.figure)
     return mappable
@@ -324,16 +437,26 @@ def overlay(
 # ----------------------------------------------------------------------------- grids
 
 
-def _question_title(prefix: str, question: str | None, answer: tuple[str, float] | None) -> str:
+def _question_title(prefix: str, question: str | None, answer: tuple[str, float] | None,
+                    ground_truth: str | None = None, heading_truth: str | None = None) -> str:
     q = " ".join((question or "(question text missing)").split())
     q = textwrap.shorten(q, width=110, placeholder="\u2026")
     lines = textwrap.wrap(f"{prefix}: {q}", width=40)
-    if answer is not None:
-        ans, p_yes = answer
-        lines.append(f"answer: {ans}  \u00b7  {_fmt_p(p_yes)}")
-    else:
-        lines.append("answer: n/a")
+    lines.append(_answer_line(answer, ground_truth))
+    if ground_truth is not None and heading_truth is not None and ground_truth != heading_truth:
+        lines.append(f"(negated wording: its truth is {ground_truth})")
     return "\n".join(lines)
+
+
+def _heading_line(study_id: str | None, finding: str | None, ground_truth: str | None) -> str:
+    parts = []
+    if study_id is not None:
+        parts.append(f"study {study_id}")
+    if finding is not None:
+        parts.append(f"finding {finding}")
+    if ground_truth is not None:
+        parts.append(f"ground truth: {ground_truth}")
+    return "  \u00b7  ".join(parts)
 
 
 def paraphrase_grid(
@@ -350,12 +473,20 @@ def paraphrase_grid(
     variants: Sequence[int] = (0, 1, 2, 3, 4, 5),
     alpha: float = 0.5,
     random_weights: bool = False,
+    study_id: str | None = None,
+    ground_truth: str | None = None,
+    truths: Mapping[int, str] | None = None,
+    provenance: str | None = None,
 ) -> Figure:
     """The six paraphrases' overlays for one (model, image, finding), 2 x 3, one colour scale.
 
-    Each panel is titled with its (shortened, wrapped) question, the answer and P(yes).
-    A variant in `failures` is an empty panel reading "failed: <reason>"; a variant with no
-    map (absent or None) reads "missing". No map is ever made up for either.
+    Each panel is titled with its (shortened, wrapped) question, the answer (with "correct" /
+    "wrong" when a ground truth is given) and P(yes). The heading names the finding and model,
+    then the study and ground truth (variant 0's); `truths` gives a variant its own ground
+    truth where it differs (a negated wording), and its panel says so. `provenance` (which
+    layers, heads and query tokens the maps combine) is printed under the panels. A variant
+    in `failures` is an empty panel reading "failed: <reason>"; a variant with no map (absent
+    or None) reads "missing". No map is ever made up for either.
     """
     cmap = check_colormap(colormap)
     _check_image(image, geometry)
@@ -385,27 +516,40 @@ def paraphrase_grid(
     ncols = 3
     nrows = max(1, math.ceil(len(variants) / ncols))
     panel_w, panel_h = _panel_size(geometry, 3.4, 3.6)
-    fig = new_figure((ncols * panel_w + 1.3, nrows * (panel_h + 0.75) + 0.6), compress=True)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    mappable = None
-    for ax, k in zip(axes, variants, strict=False):
+    left, gap, cbar_gap, cbar_w, cbar_room = 0.12, 0.2, 0.2, 0.16, 1.05
+    width = left + ncols * panel_w + (ncols - 1) * gap + cbar_gap + cbar_w + cbar_room
+    titles = {}
+    for k in variants:
         label = f"v{k} (original)" if k == 0 else f"v{k}"
-        title = _question_title(label, questions.get(k), answers.get(k))
+        truth = (truths or {}).get(k, ground_truth)
+        titles[k] = _question_title(label, questions.get(k), answers.get(k), truth, ground_truth)
+    page = _Page(width, random_weights)
+    rows = []
+    for r in range(nrows):
+        ks = variants[r * ncols: (r + 1) * ncols]
+        rows.append({"height": panel_h, "title_lines": max(titles[k].count("\n") + 1 for k in ks),
+                     "panels": [(left + c * (panel_w + gap), panel_w) for c in range(len(ks))]})  # fmt: skip
+    head = [(f"{finding} \u2014 {model_name}", 12.0, "bold")]
+    sub = _heading_line(study_id, None, ground_truth)
+    if sub:
+        head.append((sub, 10.0, "normal"))
+    foot = _wrap(provenance, width, _FOOT_SIZE) if provenance else []
+    fig, row_axes = page.figure(rows, head, foot)
+    axes = [ax for r in row_axes for ax in r]
+    mappable = None
+    for ax, k in zip(axes, variants, strict=True):
         if k in shares:
-            mappable = overlay(
-                ax, image, shares[k], geometry, colormap=cmap, alpha=alpha, vmin=0.0, vmax=vmax,
-            )
+            mappable = overlay(ax, image, shares[k], geometry, colormap=cmap, alpha=alpha, vmin=0.0, vmax=vmax)
         else:
             _empty_panel(ax, geometry, problems[k])
-        ax.set_title(title, fontsize=_TITLE_SIZE, loc="left")
-    for ax in axes[len(variants):]:
-        ax.set_visible(False)
+        ax.set_title(titles[k], fontsize=_TITLE_SIZE, loc="left")
     if mappable is not None:
-        fig.colorbar(
-            _opaque(mappable), ax=list(axes[: len(variants)]), shrink=0.6, pad=0.02,
-            label=f"{COLORBAR_LABEL}\n(per token; image tokens sum to 1)",
-        )
-    fig.suptitle(f"{finding} \u2014 {model_name}", fontsize=12, fontweight="bold")
+        top = axes[0].get_position().y1
+        bottom = axes[-1].get_position().y0
+        span = top - bottom
+        x = (left + ncols * panel_w + (ncols - 1) * gap + cbar_gap) / width
+        cax = fig.add_axes((x, bottom + 0.2 * span, cbar_w / width, 0.6 * span))
+        fig.colorbar(_opaque(mappable), cax=cax, label=f"{COLORBAR_LABEL}\n(per token; image tokens sum to 1)")
     if random_weights:
         random_weights_banner(fig)
     return fig
@@ -422,11 +566,19 @@ def side_by_side(
     failures_by_model: Mapping[str, str] | None = None,
     alpha: float = 0.5,
     random_weights: bool = False,
+    shared_scale: bool = True,
+    study_id: str | None = None,
+    finding: str | None = None,
+    ground_truth: str | None = None,
+    provenance: str | Mapping[str, str] | None = None,
 ) -> Figure:
     """The models' overlays for the same image and question, side by side.
 
-    Each panel has its own colour bar: a token's share depends on how many tokens the grid
-    has (37 x 37 vs 16 x 16), so the scales are not comparable and are not shared.
+    shared_scale=True (the default): one colour bar for all panels, on each token's attention
+    relative to a uniform map (share x number of tokens), which is comparable between a
+    37 x 37 and a 16 x 16 grid. shared_scale=False: each panel its own colour bar of shares,
+    which are not comparable between grids. The figure states which it uses under the panels,
+    with `provenance` (one line, or one per model).
     """
     cmap = check_colormap(colormap)
     answers_by_model = dict(answers_by_model or {})
@@ -443,230 +595,62 @@ def side_by_side(
     for m in models:
         _check_image(image, geometries[m])
 
-    panel_w, panel_h = _panel_size(geometries[models[0]], 4.2, 4.6)
-    fig = new_figure((len(models) * (panel_w + 1.1), panel_h + 1.3), compress=True)
-    axes = fig.subplots(1, len(models), squeeze=False).ravel()
-    for ax, m in zip(axes, models, strict=True):
-        geo = geometries[m]
-        rows, cols = geo.grid
-        head = f"{m}  ({rows}\u00d7{cols} tokens)"
-        ans = answers_by_model.get(m)
-        sub = f"answer: {ans[0]}  \u00b7  {_fmt_p(ans[1])}" if ans is not None else "answer: n/a"
-        title = f"{head}\n{sub}"
+    values: dict[str, np.ndarray] = {}
+    problems: dict[str, str] = {}
+    for m in models:
         if m in failures_by_model:
-            _empty_panel(ax, geo, f"failed: {failures_by_model[m]}")
+            problems[m] = f"failed: {failures_by_model[m]}"
         elif maps_by_model.get(m) is None:
-            _empty_panel(ax, geo, "missing")
+            problems[m] = "missing"
         else:
             try:
-                overlay(ax, image, maps_by_model[m], geo, colormap=cmap, alpha=alpha, colorbar=True)
+                values[m] = image_shares(maps_by_model[m], geometries[m]) * geometries[m].n_tokens
             except ValueError as err:
-                _empty_panel(ax, geo, f"invalid map: {err}")
-        ax.set_title(title, fontsize=9)
-    q = textwrap.shorten(" ".join(question.split()), width=160, placeholder="\u2026")
-    fig.suptitle("\n".join(textwrap.wrap(q, 70)), fontsize=11)
-    if random_weights:
-        random_weights_banner(fig)
-    return fig
+                problems[m] = f"invalid map: {err}"
+    vmax = max((float(v.max()) for v in values.values()), default=1.0)
 
-
-# ----------------------------------------------------------------------------- forest plot
-
-
-def forest_plot(
-    table: pd.DataFrame,
-    *,
-    metric_col: str = "metric",
-    est: str = "estimate",
-    lo: str = "ci_low",
-    hi: str = "ci_high",
-    group_col: str | None = "model",
-    title: str | None = None,
-    ref_line: float | None = None,
-    xlabel: str | None = None,
-    annotate: bool = True,
-    random_weights: bool = False,
-) -> Figure:
-    """Horizontal forest plot: one row per `metric_col` value (metric or finding), one marker
-    per group (model) within the row, CI whiskers from `lo` to `hi`.
-
-    ref_line draws a vertical dashed reference line (e.g. 0 for paired differences).
-    A NaN estimate is written "n/a" in its row (no point); a finite estimate with a NaN
-    bound is drawn without a whisker and marked "no CI". With `annotate`, the numbers
-    "est [lo, hi]" are listed to the right of the axes.
-    """
-    if not isinstance(table, pd.DataFrame):
-        raise TypeError(f"table must be a pandas DataFrame, got {type(table).__name__}")
-    needed = [metric_col, est, lo, hi] + ([group_col] if group_col is not None else [])
-    absent = [c for c in needed if c not in table.columns]
-    if absent:
-        raise ValueError(f"table lacks columns {absent}; it has {list(table.columns)}")
-    if table.empty:
-        raise ValueError("table is empty")
-    df = table.copy()
-    for c in (est, lo, hi):
-        df[c] = pd.to_numeric(df[c], errors="raise").astype(float)
-    bad = df[(df[lo] > df[hi])]
-    if not bad.empty:
-        raise ValueError(f"{len(bad)} rows have {lo} > {hi}")
-    if group_col is None:
-        df["__group"] = ""
-        group_col = "__group"
-    dup = df.duplicated([metric_col, group_col])
-    if dup.any():
-        raise ValueError(f"{int(dup.sum())} duplicate ({metric_col}, {group_col}) rows")
-
-    metrics = list(dict.fromkeys(df[metric_col].tolist()))
-    groups = list(dict.fromkeys(df[group_col].tolist()))
-    n_groups = len(groups)
-    step = min(0.28, 0.75 / max(n_groups, 1))
-    colors = matplotlib.colormaps["tab10"].colors
-    markers = ("o", "s", "D", "^", "v", "P")
-
-    height = 1.3 + len(metrics) * (0.3 + 0.17 * n_groups)
-    fig = new_figure((8.0 if annotate else 6.5, height))
-    ax = fig.add_subplot()
-    ax_text = blended_transform_factory(ax.transAxes, ax.transData)
-    for i in range(len(metrics)):
-        if i % 2 == 1:
-            ax.axhspan(i - 0.5, i + 0.5, color=(0.95, 0.95, 0.95), zorder=0, linewidth=0)
-    if ref_line is not None:
-        ax.axvline(ref_line, color="0.35", linestyle="--", linewidth=1, zorder=1)
-
-    xs: list[float] = [] if ref_line is None else [float(ref_line)]
-    dec = _decimals(df[[est, lo, hi]].to_numpy(dtype=float))
-    for j, g in enumerate(groups):
-        color, marker = colors[j % len(colors)], markers[j % len(markers)]
-        offset = (j - (n_groups - 1) / 2) * step
-        for _, row in df[df[group_col] == g].iterrows():
-            y = metrics.index(row[metric_col]) + offset
-            e, lo_v, hi_v = row[est], row[lo], row[hi]
-            has_ci = np.isfinite(lo_v) and np.isfinite(hi_v)
-            if np.isfinite(e):
-                if has_ci:
-                    ax.hlines(y, lo_v, hi_v, color=color, linewidth=1.8, zorder=2)
-                    xs += [lo_v, hi_v]
-                ax.plot([e], [y], marker=marker, color=color, markersize=6, linestyle="none", zorder=3)
-                xs.append(e)
-                if not has_ci:
-                    ax.annotate(
-                        "no CI", (e, y), xytext=(6, 0), textcoords="offset points", va="center",
-                        fontsize=7, color=color,
-                    )
-            else:
-                ax.text(
-                    0.5, y, "n/a", transform=ax_text, ha="center", va="center", fontsize=8,
-                    color=color, fontstyle="italic", zorder=3,
-                )
-            if annotate:
-                txt = "n/a" if not np.isfinite(e) else (
-                    f"{e:.{dec}f} [{lo_v:.{dec}f}, {hi_v:.{dec}f}]" if has_ci else f"{e:.{dec}f} [no CI]"
-                )
-                ax.text(1.02, y, txt, transform=ax_text, ha="left", va="center", fontsize=7.5, color=color)
-
-    ax.set_yticks(range(len(metrics)), ["\n".join(textwrap.wrap(str(m), 28)) for m in metrics], fontsize=9)
-    ax.set_ylim(len(metrics) - 0.5, -0.5)
-    if xs:
-        x_lo, x_hi = min(xs), max(xs)
-        pad = 0.06 * (x_hi - x_lo) if x_hi > x_lo else max(abs(x_lo) * 0.1, 0.1)
-        ax.set_xlim(x_lo - pad, x_hi + pad)
-    ax.set_xlabel(xlabel if xlabel is not None else est)
-    ax.grid(axis="x", color="0.88", linewidth=0.8, zorder=0)
-    ax.set_axisbelow(True)
-    if n_groups > 1 or groups != [""]:
-        handles = [
-            Line2D([], [], color=colors[j % len(colors)], marker=markers[j % len(markers)], label=str(g))
-            for j, g in enumerate(groups)
-        ]
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(n_groups, 4), frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    if random_weights:
-        random_weights_banner(fig)
-    return fig
-
-
-# ----------------------------------------------------------------------------- banner, save
-
-
-def _decimals(values: np.ndarray) -> int:
-    """Decimals that show about two significant digits of the largest finite value."""
-    finite = np.abs(values[np.isfinite(values)])
-    finite = finite[finite > 0]
-    if finite.size == 0:
-        return 2
-    return int(np.clip(1 - math.floor(math.log10(finite.max())), 0, 4))
-
-
-def _text_width_pt(text: str, prop: FontProperties) -> float:
-    return max(TextToPath().get_text_width_height_descent(line, prop, ismath=False)[0]
-               for line in text.split("\n"))
-
-
-def random_weights_banner(fig: Figure) -> Text:
-    """Put a red "RANDOM WEIGHTS" banner across the top of `fig` (idempotent).
-
-    Room is made for it: the layout area (constrained, tight or subplots_adjust) is lowered
-    by the banner's height and an automatically placed suptitle is moved under the banner.
-    """
-    for t in fig.texts:
-        if t.get_gid() == BANNER_GID:
-            return t
-    fig_w_in, fig_h_in = fig.get_size_inches()
-    avail_pt = fig_w_in * 72.0 - 12.0
-    text, size = RANDOM_WEIGHTS_TEXT, 12.0
-    width = _text_width_pt(text, FontProperties(weight="bold", size=size))
-    if width > avail_pt:
-        size = max(7.0, size * avail_pt / width)
-        if _text_width_pt(text, FontProperties(weight="bold", size=size)) > avail_pt:
-            text = RANDOM_WEIGHTS_TEXT.replace(" \u2014 ", " \u2014\n", 1)
-    n_lines = text.count("\n") + 1
-    box_pad = 0.35 * size  # points, matplotlib's bbox pad is in units of the font size
-    gap = 3.0
-    banner_pt = n_lines * size * 1.2 + 2 * box_pad + 2 * gap
-    banner = fig.text(
-        0.5, 1.0 - (gap + box_pad) / 72.0 / fig_h_in, text, ha="center", va="top",
-        fontsize=size, fontweight="bold", color="white", multialignment="center",
-        bbox={"boxstyle": "square,pad=0.35", "facecolor": "#c00000", "edgecolor": "none"},
-        gid=BANNER_GID, zorder=100,
-    )
-    banner.set_in_layout(False)
-
-    band_pt = banner_pt
-    sup = getattr(fig, "_suptitle", None)  # matplotlib keeps the suptitle Text here
-    if sup is not None and sup.get_text() and getattr(sup, "_autopos", False):
-        sup_size = sup.get_fontsize()
-        sup_lines = sup.get_text().count("\n") + 1
-        # re-issue with an explicit y: the suptitle now sits under the banner, in the band
-        fig.suptitle(
-            sup.get_text(), y=1.0 - banner_pt / 72.0 / fig_h_in, va="top", fontsize=sup_size,
-            fontweight=sup.get_fontweight(),
-        )
-        band_pt += sup_lines * sup_size * 1.25 + gap
-    band = band_pt / 72.0 / fig_h_in
-    engine = fig.get_layout_engine()
-    if isinstance(engine, ConstrainedLayoutEngine):
-        left, bottom, width_r, height_r = engine.get()["rect"]
-        top = min(bottom + height_r, 1.0 - band)
-        engine.set(rect=(left, bottom, width_r, max(top - bottom, 0.05)))
-    elif isinstance(engine, TightLayoutEngine):
-        left, bottom, right, top = engine.get()["rect"] or (0, 0, 1, 1)
-        engine.set(rect=(left, bottom, right, min(top, 1.0 - band)))
+    panel_w, panel_h = _panel_size(geometries[models[0]], 4.2, 4.6)
+    left = 0.12
+    if shared_scale:
+        gap, tail = 0.3, 0.2 + 0.16 + 1.05
+        xs = [left + i * (panel_w + gap) for i in range(len(models))]
+        width = xs[-1] + panel_w + tail
     else:
-        fig.subplots_adjust(top=min(fig.subplotpars.top, 1.0 - band))
-    fig.stale = True
-    return banner
-
-
-def save(fig: Figure, path: str | Path, *, dpi: int = DEFAULT_DPI) -> Path:
-    """Write `fig` as a PNG at `dpi` (creating parent folders) and close it. Returns the path."""
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"save writes PNG; give a path ending in .png, got {path.name!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png", facecolor="white")
-    pyplot = sys.modules.get("matplotlib.pyplot")
-    if pyplot is not None:
-        pyplot.close(fig)
-    return path
-
+        step = panel_w + 1.35  # each panel's own colour bar and its label
+        xs = [left + i * step for i in range(len(models))]
+        width = xs[-1] + step
+    page = _Page(width, random_weights)
+    q = textwrap.shorten(" ".join(question.split()), width=160, placeholder="\u2026")
+    head = [("\n".join(textwrap.wrap(q, 70)), 11.0, "normal")]
+    sub = _heading_line(study_id, finding, ground_truth)
+    if sub:
+        head.append((sub, 9.5, "normal"))
+    if isinstance(provenance, Mapping):
+        foot_text = [f"{m}: {provenance[m]}" for m in models if m in provenance]
+    else:
+        foot_text = [provenance] if provenance else []
+    foot_text.append(SHARED_SCALE_TEXT if shared_scale else SEPARATE_SCALE_TEXT)
+    foot = [line for t in foot_text for line in _wrap(t, width, _FOOT_SIZE)]
+    rows = [{"height": panel_h, "title_lines": 2, "panels": [(x, panel_w) for x in xs]}]
+    fig, (axes,) = page.figure(rows, head, foot)
+    mappable = None
+    for ax, m in zip(axes, models, strict=True):
+        geo = geometries[m]
+        rows_, cols = geo.grid
+        title = f"{m}  ({rows_}\u00d7{cols} tokens)\n{_answer_line(answers_by_model.get(m), ground_truth)}"
+        if m in problems:
+            _empty_panel(ax, geo, problems[m])
+        elif shared_scale:
+            mappable = overlay(ax, image, values[m], geo, colormap=cmap, alpha=alpha, relative=True,
+                               vmin=0.0, vmax=vmax)  # fmt: skip
+        else:
+            overlay(ax, image, values[m], geo, colormap=cmap, alpha=alpha, colorbar=True)
+        ax.set_title(title, fontsize=9)
+    if mappable is not None:
+        pos = axes[0].get_position()
+        x = (xs[-1] + panel_w + 0.2) / width
+        cax = fig.add_axes((x, pos.y0 + 0.1 * pos.height, 0.16 / width, 0.8 * pos.height))
+        fig.colorbar(_opaque(mappable), cax=cax, label=RELATIVE_LABEL.replace(" (", "\n("))
+    if random_weights:
+        random_weights_banner(fig)
+    return fig

@@ -7,6 +7,8 @@ tests render with Agg and find the painted cell and a planted marker in the pixe
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -337,6 +339,48 @@ def test_paraphrase_grid_missing_and_failed_variants_show_text_not_maps():
     assert figures.RANDOM_WEIGHTS_TEXT not in _all_texts(fig)
 
 
+PROVENANCE = ("attention: mean over layers 0\u201331 (32 layers) \u00b7 heads: mean (at capture) \u00b7 query: the "
+              "question's tokens (their rows averaged) and some more words to make this line wrap at least once")
+
+
+def _is_colorbar(ax) -> bool:
+    return getattr(ax, "_colorbar", None) is not None
+
+
+def _assert_no_overlap(fig: Figure) -> None:
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    fb = fig.bbox
+    boxes = [t.get_window_extent(r) for t in fig.texts if t.get_text()]  # banner, headings, footer
+    for ax in fig.axes:
+        boxes += [t.get_window_extent(r) for t in (ax.title, ax._left_title) if t.get_text()]
+    boxes += [ax.get_tightbbox(r) if _is_colorbar(ax) else ax.get_window_extent(r)
+              for ax in fig.axes if ax.get_visible()]
+    boxes = [b for b in boxes if b.width > 0]
+    for i, a in enumerate(boxes):
+        assert fb.x0 - 1 <= a.x0 and a.x1 <= fb.x1 + 1 and fb.y0 - 1 <= a.y0 and a.y1 <= fb.y1 + 1, (a, fb)
+        for b in boxes[i + 1:]:
+            overlap_w = min(a.x1, b.x1) - max(a.x0, b.x0)
+            overlap_h = min(a.y1, b.y1) - max(a.y0, b.y0)
+            assert overlap_w <= 1 or overlap_h <= 1, (a, b)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_side_by_side_labels_do_not_overlap(size, shared):
+    width, height = size
+    geos = {"llava_rad": LLAVA[1](width, height), "medgemma": MEDGEMMA[1](width, height)}
+    rng = np.random.default_rng(2)
+    fig = figures.side_by_side(
+        Image.new("L", size), {"llava_rad": rng.random(1369), "medgemma": rng.random(256)}, geos,
+        question="Looking carefully at both costophrenic angles, is there any radiographic evidence of fluid?",
+        answers_by_model={"llava_rad": ("yes", 0.8), "medgemma": ("no", 0.1)}, random_weights=True,
+        shared_scale=shared, study_id="s-001", finding="pleural_effusion", ground_truth="yes",
+        provenance={"llava_rad": PROVENANCE, "medgemma": PROVENANCE},
+    )
+    _assert_no_overlap(fig)
+
+
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_paraphrase_grid_labels_do_not_overlap(size):
     image, maps, questions, answers, geometry = _grid_inputs(*size)
@@ -344,22 +388,9 @@ def test_paraphrase_grid_labels_do_not_overlap(size):
               f"fluid in the pleural space (variant {k})?" for k in range(6)}
     fig = figures.paraphrase_grid(
         image, maps, long_q, answers, geometry, finding="Pleural effusion", model_name="LLaVA-Rad",
-        random_weights=True,
+        random_weights=True, study_id="s-001", ground_truth="yes", provenance=PROVENANCE,
     )
-    fig.canvas.draw()
-    r = fig.canvas.get_renderer()
-    fb = fig.bbox
-    boxes = [t.get_window_extent(r) for t in fig.texts if t.get_text()]  # banner, suptitle
-    boxes += [ax.title.get_window_extent(r) for ax in fig.axes[:6]]
-    boxes += [ax._left_title.get_window_extent(r) for ax in fig.axes[:6]]
-    boxes = [b for b in boxes if b.width > 0]
-    boxes += [ax.get_window_extent(r) for ax in fig.axes if ax.get_visible()]
-    for i, a in enumerate(boxes):
-        assert fb.x0 - 1 <= a.x0 and a.x1 <= fb.x1 + 1 and fb.y0 - 1 <= a.y0 and a.y1 <= fb.y1 + 1
-        for b in boxes[i + 1:]:
-            overlap_w = min(a.x1, b.x1) - max(a.x0, b.x0)
-            overlap_h = min(a.y1, b.y1) - max(a.y0, b.y0)
-            assert overlap_w <= 1 or overlap_h <= 1, (a, b)
+    _assert_no_overlap(fig)
 
 
 def test_paraphrase_grid_rejects_map_with_failure_and_unknown_variant():
@@ -422,7 +453,7 @@ def test_forest_plot_handles_nan():
     ref = [ln for ln in ax.lines if ln.get_linestyle() == "--"]
     assert len(ref) == 1 and list(ref[0].get_xdata()) == [0.0, 0.0]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["accuracy", "flip rate", "Fleiss kappa"]
-    assert "0.71 [0.62, 0.79]" in texts
+    assert "0.710 [0.620, 0.790]" in texts  # three decimals, as report.md prints them
     assert fig.get_suptitle() == "Robustness"
     _render(fig)
 
@@ -499,3 +530,169 @@ def test_save_writes_png(tmp_path):
                            round(fig.get_figheight() * figures.DEFAULT_DPI))
     with pytest.raises(ValueError, match="PNG"):
         figures.save(fig, tmp_path / "forest.pdf")
+
+
+# ----------------------------------------------------------------------------- what every figure states
+
+
+def test_paraphrase_grid_states_study_truth_correctness_and_provenance():
+    image, maps, questions, answers, geometry = _grid_inputs()
+    fig = figures.paraphrase_grid(image, maps, questions, answers, geometry, finding="effusion",
+                                  model_name="llava_rad", study_id="s-042", ground_truth="yes",
+                                  provenance=PROVENANCE)  # fmt: skip
+    texts = " | ".join(_all_texts(fig))
+    assert "study s-042" in texts and "ground truth: yes" in texts
+    assert fig.get_suptitle() == "effusion \u2014 llava_rad"
+    assert "layers 0\u201331" in texts and "heads: mean" in texts and "query:" in texts
+    panels = fig.axes[:6]
+    for k, ax in enumerate(panels):  # answers: v0 no, v1 yes, ... (k % 2); truth yes
+        title = ax.get_title(loc="left")
+        if k in answers:
+            verdict = "correct" if answers[k][0] == "yes" else "wrong"
+            assert f"answer: {answers[k][0]} ({verdict})" in title and f"P(yes) = {answers[k][1]:.2f}" in title
+        else:
+            assert "answer: n/a" in title
+    # a negated wording has the opposite truth: its panel judges it by its own, and says so
+    neg = figures.paraphrase_grid(image, maps, questions, answers, geometry, finding="effusion", model_name="m",
+                                  ground_truth="yes", truths={2: "no"})  # fmt: skip
+    title2 = neg.axes[2].get_title(loc="left")
+    assert "answer: no (correct)" in title2 and "negated wording: its truth is no" in title2
+    assert "negated" not in neg.axes[1].get_title(loc="left")
+
+
+def test_side_by_side_offers_one_shared_scale_and_says_which():
+    width, height = 300, 200
+    geos = {"llava_rad": LLAVA[1](width, height), "medgemma": MEDGEMMA[1](width, height)}
+    rng = np.random.default_rng(1)
+    maps = {"llava_rad": rng.random(1369) ** 4, "medgemma": rng.random(256)}
+    kw = dict(question="Is there cardiomegaly?", study_id="s7", finding="cardiomegaly", ground_truth="no",
+              answers_by_model={"llava_rad": ("yes", 0.81), "medgemma": ("no", 0.12)})  # fmt: skip
+    fig = figures.side_by_side(Image.new("L", (width, height)), maps, geos, shared_scale=True, **kw)
+    texts = " | ".join(_all_texts(fig))
+    assert "study s7" in texts and "finding cardiomegaly" in texts and "ground truth: no" in texts
+    assert "answer: yes (wrong)" in texts and "answer: no (correct)" in texts
+    assert " ".join(figures.SHARED_SCALE_TEXT.split()) in " ".join(texts.split())
+    bars = [ax for ax in fig.axes if _is_colorbar(ax)]
+    assert len(bars) == 1 and figures.RELATIVE_LABEL.split(" (")[0] in bars[0].get_ylabel()
+    panels = [ax for ax in fig.axes if len(ax.images) == 2]
+    clims = {ax.images[1].get_clim() for ax in panels}
+    relative = {m: figures.image_shares(maps[m], geos[m]) * geos[m].n_tokens for m in maps}
+    assert len(clims) == 1 and clims.pop() == (0.0, pytest.approx(max(v.max() for v in relative.values())))
+    # on the shared scale a uniform token reads 1 in both grids, whatever their size
+    fig1 = figures.side_by_side(Image.new("L", (width, height)), {m: np.ones(geos[m].n_tokens) for m in geos},
+                                geos, question="q")  # fmt: skip
+    assert [ax.images[1].get_clim()[1] for ax in fig1.axes if len(ax.images) == 2] == [pytest.approx(1.0)] * 2
+
+    sep = figures.side_by_side(Image.new("L", (width, height)), maps, geos, shared_scale=False, **kw)
+    assert " ".join(figures.SEPARATE_SCALE_TEXT.split()) in " ".join(" | ".join(_all_texts(sep)).split())
+    insets = [c for ax in sep.axes for c in ax.child_axes]  # each panel's own bar hugs its image
+    assert len([ax for ax in sep.axes + insets if _is_colorbar(ax)]) == 2
+
+
+def test_overlay_draws_the_image_at_the_size_it_is_shown():
+    """A 2000 x 1500 radiograph in a 3-inch panel is reduced once to about the panel's pixels at
+    the save resolution, not to a fixed 640 px, and the map is blended into that one image."""
+    geometry = MEDGEMMA[1](2000, 1500)
+    fig = figures.new_figure((3, 3), layout=False)
+    ax = fig.add_axes((0.1, 0.1, 0.8, 0.8))
+    figures.overlay(ax, Image.new("L", (2000, 1500), 80), np.ones(256), geometry)
+    drawn = ax.images[0].get_array()
+    assert 360 <= drawn.shape[1] <= 364 and drawn.shape[0] == round(drawn.shape[1] * 0.75)  # 0.8 x 3 in x 150 dpi
+    assert not ax.images[1].get_visible()  # the map's own image: colour scale only
+
+
+# ----------------------------------------------------------------------------- forest plot: panels, note, decimals
+
+
+def _summary_like() -> pd.DataFrame:
+    rows = []
+    for model, shift in (("llava_rad", 0.0), ("medgemma", 0.05)):
+        for metric, est in (("accuracy", 0.7), ("flip_rate", 0.0), ("attn_entropy", 0.95), ("auroc", 0.61)):
+            exact = metric == "flip_rate"
+            rows.append({"model": model, "metric": metric, "estimate": est + (0 if exact else shift),
+                         "ci_low": 0.0 if exact else est - 0.1, "ci_high": 0.283 if exact else est + 0.1234,
+                         "ci_method": "exact_one_sided_clusters" if exact else "bca", "level": 0.95,
+                         "n_clusters": 7})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_forest_plot_splits_directions_and_states_the_intervals():
+    table = _summary_like()
+    panels = {"accuracy": "higher is better", "auroc": "higher is better", "flip_rate": "lower is better",
+              "attn_entropy": "no better direction"}  # fmt: skip
+    fig = figures.forest_plot(table, panels=panels, cluster_unit="studies")
+    titles = [ax.get_title(loc="left") for ax in fig.axes]
+    assert titles == ["higher is better", "lower is better", "no better direction"]
+    rows = [[t.get_text() for t in ax.get_yticklabels()] for ax in fig.axes]
+    assert rows == [["accuracy", "auroc"], ["flip_rate"], ["attn_entropy"]]
+    note = " ".join(fig._supxlabel.get_text().split())
+    assert "95% cluster-bootstrap intervals" in note and "BCa: 6 rows" in note
+    assert "clusters: 7 studies" in note and "fewer than 25 studies" in note
+    assert "* exact one-sided bound" in note
+    numbers = [t.get_text() for ax in fig.axes for t in ax.texts if "[" in t.get_text()]
+    assert len(numbers) == 8
+    assert all(re.fullmatch(r"-?\d\.\d{3} \[-?\d\.\d{3}, -?\d\.\d{3}\]( \*)?", t) for t in numbers), numbers
+    assert "0.000 [0.000, 0.283] *" in numbers and "0.750 [0.600, 0.823]" in numbers
+
+
+# ----------------------------------------------------------------------------- saved files: size, legibility, one draw
+
+
+def _radiograph(width=1841, height=1955, seed=0) -> Image.Image:
+    """A radiograph-like test image: smooth anatomy-sized shapes plus film noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    img = 120 + 60 * np.sin(6 * x) * np.cos(4 * y) - 50 * np.exp(-((x - 0.3) ** 2 + (y - 0.5) ** 2) / 0.02)
+    img = img - 50 * np.exp(-((x - 0.7) ** 2 + (y - 0.5) ** 2) / 0.02) + rng.normal(0, 6, (height, width))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def _demo_like_figures() -> list[Figure]:
+    image = _radiograph()
+    geos = {"llava_rad": LLAVA[1](*image.size), "medgemma": MEDGEMMA[1](*image.size)}
+    rng = np.random.default_rng(0)
+    q = {k: f"Does this chest radiograph show a pleural effusion (wording {k})?" for k in range(6)}
+    out = []
+    for m in geos:
+        maps = {k: rng.random(geos[m].n_tokens) ** 6 for k in range(6)}
+        out.append(figures.paraphrase_grid(image, maps, q, {k: ("no", 0.31) for k in range(6)}, geos[m],
+                                           finding="pleural_effusion", model_name=m, random_weights=True,
+                                           study_id="s1", ground_truth="yes", provenance=PROVENANCE))  # fmt: skip
+    out.append(figures.side_by_side(image, {m: rng.random(geos[m].n_tokens) for m in geos}, geos, question=q[0],
+                                    random_weights=True, study_id="s1", finding="pleural_effusion"))  # fmt: skip
+    return out
+
+
+def test_saved_figures_are_small_and_keep_their_resolution(tmp_path):
+    for i, fig in enumerate(_demo_like_figures()):
+        full = figures.render_rgb(fig)  # the full-colour render the PNG is made from
+        path = figures.save(fig, tmp_path / f"f{i}.png")
+        assert path.stat().st_size < 400_000, (path.name, path.stat().st_size)
+        with Image.open(path) as im:
+            assert im.mode == "P"  # a palette PNG
+            saved = np.asarray(im.convert("RGB")).astype(int)
+        # same pixels as rendered (text keeps its resolution): at least 1400 px wide at 150 dpi
+        assert saved.shape == full.shape and saved.shape[1] >= 1400 and saved.shape[0] >= 800
+        diff = np.abs(saved - full.astype(int))
+        assert diff.mean() < 3 and np.percentile(diff, 99) <= 12, (diff.mean(), np.percentile(diff, 99))
+        assert (saved[full.min(axis=2) == 255] == 255).all()  # the white page stays white
+        dark = full.max(axis=2) < 60  # text and lines
+        assert (saved[dark].max(axis=1) < 90).mean() > 0.98  # and stays dark
+
+
+def test_save_draws_each_figure_once(tmp_path, monkeypatch):
+    calls = []
+    real = Figure.draw
+
+    def counting(self, renderer):
+        calls.append(self)
+        return real(self, renderer)
+
+    monkeypatch.setattr(Figure, "draw", counting)
+    image, maps, questions, answers, geometry = _grid_inputs()
+    for name, fig in (("grid", figures.paraphrase_grid(image, maps, questions, answers, geometry, finding="f",
+                                                        model_name="m", random_weights=True)),
+                      ("forest", figures.forest_plot(_forest_table(), random_weights=True))):  # fmt: skip
+        calls.clear()
+        figures.save(fig, tmp_path / f"{name}.png")
+        assert len(calls) == 1, f"{name} drawn {len(calls)} times"
