@@ -106,6 +106,9 @@ QUERY_HELP = ("whose attention is read: answer (the last prompt token, whose nex
               "question; rows whose question lacks it fail)")
 
 
+DEMO_REGIONS = Path(__file__).resolve().parent / "data" / "nih-cxr14" / "demo_regions_NOT_EXPERT.csv"
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
 
@@ -287,6 +290,8 @@ def parse_args(argv=None) -> RunConfig:
     rank, world, local_rank = dist_env()
     random_models = "tiny" if (a.tiny_random_models or a.demo) else "full" if a.random_full_size_models else None
     n_figures = a.n_figure_studies if a.n_figure_studies is not None else (1 if a.demo else 3)
+    if a.demo and not a.regions:  # grounding end to end on a box that says it is NOT an expert annotation
+        a.regions = [DEMO_REGIONS]
     return RunConfig(
         output_dir=a.output_dir, csv=a.csv, image_root=a.image_root, models=tuple(a.models), n_studies=a.n_studies,
         sample=a.sample, seed=a.seed, cluster_by=a.cluster_by, llava_rad_model=a.llava_rad_model,

@@ -26,6 +26,7 @@ runner drives them (score_prepared, the next pass prepared in a thread meanwhile
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import sys
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from archive.reference import naive_study  # noqa: E402
-from medvlm.config import MedicalAttentionConfig  # noqa: E402
+from medvlm.config import CONTROLS, GENERIC_PROMPT, MedicalAttentionConfig  # noqa: E402
 
 PARAPHRASES = [
     "Is there a pleural effusion?",
@@ -179,6 +180,7 @@ def bench_model(name: str, args, tflops: float) -> dict:
     k_best = min(fits or args.studies_per_pass, key=lambda k: sweep[str(k)]["s_per_study"] if fits
                  else sweep[str(k)]["peak_gib"])  # fmt: skip
     ours, peak_gib = time_pass(backend, imgs, k_best)
+    validity = time_validity(backend, imgs, k_best, ours, weights_gib) if args.validity else None
     compiled = None
     if args.compile:  # the opt-in path: norms, MLPs and vision layers compiled
         try:
@@ -211,6 +213,7 @@ def bench_model(name: str, args, tflops: float) -> dict:
         "naive_over_ours": naive / ours if naive else None,
         "ours_over_floor": ours / floor,
         "sweep": sweep,
+        "validity": validity,
         "compiled": compiled,
         "tokens_per_study": {"prefix": prefix, "suffixes": suffix},
         "flops_per_study": flops,
@@ -224,6 +227,28 @@ def bench_model(name: str, args, tflops: float) -> dict:
     }
     backend.unload()
     return res
+
+
+def time_validity(backend, imgs, k: int, plain: float, weights_gib: float) -> dict:
+    """The run with the image-reliance controls (text_only, blank: one shared-prefix pass each per
+    pass) and with the generic prompt of relative attention too, against the plain run at the
+    same studies per pass: seconds per study, ratio, peak memory over the weights."""
+    base = backend.config
+    out = {}
+    for label, cfg in (
+        ("controls", dataclasses.replace(base, controls=CONTROLS)),
+        ("controls_and_generic", dataclasses.replace(base, controls=CONTROLS, generic_prompt=GENERIC_PROMPT)),
+    ):
+        backend.config = cfg
+        try:
+            t, peak = time_pass(backend, imgs, k)
+        finally:
+            backend.config = base
+        out[label] = {"s_per_study": t, "over_plain": t / plain, "peak_gib": peak,
+                      "peak_over_weights": peak / weights_gib}  # fmt: skip
+        print(f"  {backend.name} {label}: {t * 1e3:.1f} ms/study ({t / plain:.2f}x plain), "
+              f"peak {peak / weights_gib:.2f}x weights", flush=True)  # fmt: skip
+    return out
 
 
 def time_compiled(backend, imgs, k: int, floor: float, weights_gib: float) -> dict:
@@ -328,6 +353,8 @@ def main(argv=None) -> int:
     p.add_argument("--exactness_only", action="store_true")
     p.add_argument("--compile", action="store_true", help="also time (and check) the opt-in compiled path")
     p.add_argument("--skip_exactness", action="store_true")
+    p.add_argument("--no_validity", dest="validity", action="store_false",
+                   help="skip timing the controls and the generic prompt (issue 14's cost goal)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--kind", default="nvidia-h200")
     p.add_argument("--label", default="", help="what this run measures (kept as 'path', and in later runs' history)")
