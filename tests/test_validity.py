@@ -1,0 +1,29 @@
+"""The validity phase from stored results alone: controls and grounding tables, region notes."""
+
+import dataclasses
+
+import pandas as pd
+
+from medvlm.config import RunConfig
+from medvlm.maps import MapReader
+from medvlm.validity import run_validity
+from tests.test_grounding_run import build
+
+
+def test_run_validity_from_stored_results(tmp_path):
+    records, boxes = build(tmp_path / "out")
+    records["p_yes"], records["answer"], records["correct"] = 0.9, "yes", True
+    records["p_yes_text_only"] = [0.9 if i % 2 else 0.2 for i in range(len(records))]
+    not_expert = tmp_path / "boxes_NOT_EXPERT.csv"
+    not_expert.write_text(boxes.read_text())
+    cfg = dataclasses.replace(RunConfig(output_dir=tmp_path / "out"), regions=(not_expert,), n_boot=200,
+                              map_kinds=("attention", "relative"))  # fmt: skip
+    res = run_validity(cfg, records, MapReader(tmp_path / "out"))
+    assert {"abs_delta_p_text_only", "answer_change_text_only"} <= set(res.controls.metric)
+    assert "abs_delta_p_blank" not in set(res.controls.metric), "no blank control was stored"
+    assert set(res.grounding.map_kind) == {"attention", "relative"} and len(res.units) == 12
+    assert res.regions["question_rows"] == 6
+    assert any("NOT expert annotations" in n for n in res.notes)
+    plain = run_validity(dataclasses.replace(cfg, regions=()), records, MapReader(tmp_path / "out"))
+    assert plain.grounding.empty and plain.regions is None
+    assert isinstance(plain.quadrants, pd.DataFrame)
