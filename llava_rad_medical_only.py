@@ -797,6 +797,7 @@ class LLaVARadMedical(VLMBackend):
             head_mode=self.config.attention_head_mode,
             answer_tokens=self.answer_tokens,
             device=self.device,
+            decoder_layers=decoder.layers,  # the image tokens' norms entering each layer read
         )
         controls = self._controls(prep, text, prefix_len)
         generated = [(None, None)] * len(toks)

@@ -600,6 +600,7 @@ class MedGemmaMedical(VLMBackend):
             answer_tokens=self.answer_tokens,
             bidirectional_span=(start, end),
             device=device,
+            decoder_layers=self._decoder.layers,  # the image tokens' norms entering each layer read
         )
         controls = self._controls(prep, forward_with, device, dtype, (start, end), prefix_len)
         generated = {}

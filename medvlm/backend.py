@@ -59,6 +59,11 @@ class QuestionScore:
     generic_attention  float32 [n_layers, n_image_tokens] (or with heads): the study's
                  generic-prompt attention (config.generic_prompt), the same array for every
                  question of the study; None when not asked
+    image_token_norms  float32 [n_layers, n_image_tokens]: the L2 norm of each image token's
+                 hidden state entering each decoder layer in `layers` (the layer's input, =
+                 output_hidden_states' hidden_states[layer]), the study's, the same array for
+                 every question of the study (medvlm.sinks: high-norm outliers); None when not
+                 captured
     """
 
     question: str
@@ -75,6 +80,7 @@ class QuestionScore:
     extra: dict = field(default_factory=dict)
     controls: dict = field(default_factory=dict)
     generic_attention: np.ndarray | None = None
+    image_token_norms: np.ndarray | None = None
 
 
 #: the owner index (study k, GENERIC) of a study's generic prompt in a pass (config.generic_prompt)
@@ -124,6 +130,8 @@ def question_scores(
     attention = out.attention.float().cpu().numpy()
     image_mass = out.image_mass.float().cpu().numpy()
     p_yes, coverage, n_query = out.p_yes.tolist(), out.coverage.tolist(), out.n_query.tolist()
+    image_norms = getattr(out, "image_norms", None)  # [K, L, n_image]: one array per study, shared by its questions
+    norms = list(image_norms.float().cpu().numpy()) if image_norms is not None else None
     generic = {k: attention[r] for r, (k, i) in enumerate(owners) if i == GENERIC}
     control_p = {name: [float(x) for x in p.tolist()] for name, p in (controls or {}).items()}
     results: list[list[QuestionScore]] = [[] for _ in items]
@@ -151,6 +159,7 @@ def question_scores(
                 extra=extra,
                 controls={name: p[j] for name, p in control_p.items()},
                 generic_attention=generic.get(k),
+                image_token_norms=norms[k] if norms is not None else None,
             )
         )
     return results

@@ -19,6 +19,11 @@ Use:
         decoder(...)
     cap.hook_pattern[layer]   # [batch, head', query, key_span]  fp32
     cap.hook_image_mass[layer]  # [batch, query]: mass on the key span, mean over heads
+
+and the residual stream's norm over the image span, by forward pre-hooks on the decoder layers:
+    with capture_resid_norms(decoder_layers, layers, (start, end)) as norms:
+        decoder(...)
+    norms.hook_resid_pre_norm[layer]  # [batch, n_span] fp32: ||hidden entering layer `layer`||_2
 """
 
 from __future__ import annotations
@@ -224,3 +229,70 @@ def attention_modules_of(decoder: torch.nn.Module, attr: str = "self_attn") -> l
             raise ValueError(f"attention module {i} has layer_idx {getattr(m, 'layer_idx', None)}")
     return mods
 
+
+
+class ResidNormCapture:
+    """What capture_resid_norms records during one forward pass.
+
+    hook_resid_pre_norm  layer -> [batch, n_span] float32: the L2 norm over the model dimension
+                         of the residual stream entering decoder layer `layer` (its input, the
+                         layer's pre-hook; = output_hidden_states' hidden_states[layer]) at each
+                         position of the span (the image tokens): the high-norm outliers of
+                         "Vision Transformers Need Registers" (Darcet et al., ICLR 2024)
+    """
+
+    def __init__(self, layers: Sequence[int], span: tuple[int, int]):
+        self.layers = tuple(int(i) for i in layers)
+        self.span = span
+        self.hook_resid_pre_norm: dict[int, torch.Tensor] = {}
+
+    def _record(self, layer: int, hidden: torch.Tensor) -> None:
+        """hidden [batch, T, d] entering the layer -> its span rows' norms [batch, n_span], on the
+        device, accumulated in float32 without a float32 copy of the hidden states."""
+        if layer in self.hook_resid_pre_norm:
+            raise RuntimeError(f"layer {layer} entered twice in one norm capture")
+        start, end = self.span
+        if hidden.shape[1] < end:
+            raise RuntimeError(f"layer {layer} got {hidden.shape[1]} positions, fewer than the span's end {end}")
+        self.hook_resid_pre_norm[layer] = torch.linalg.vector_norm(hidden[:, start:end], dim=-1, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def capture_resid_norms(
+    decoder_layers: Sequence[torch.nn.Module], layers: Sequence[int], span: tuple[int, int]
+) -> Iterator[ResidNormCapture]:
+    """Record each image token's residual-stream norm entering the chosen decoder layers, for one
+    forward (hook_resid_pre_norm[layer]  # [batch, n_span]).
+
+    decoder_layers  the decoder's layers in order (LlamaModel / Gemma3TextModel .layers): index i
+                    is layer i; each is called with the hidden states [batch, T, d] first
+    layers          the layer indices to record
+    span            (start, end) positions whose norms are kept (the image tokens)
+    The pre-hooks read the input only (no output changes, no host sync) and are always
+    removed, even when the forward fails; a layer that did not run is an error.
+    """
+    start, end = span
+    if not 0 <= start < end:
+        raise ValueError(f"bad span {span}")
+    bad = [i for i in layers if not 0 <= i < len(decoder_layers)]
+    if bad:
+        raise ValueError(f"no decoder layer {bad}; the decoder has {len(decoder_layers)}")
+    capture = ResidNormCapture(layers, span)
+
+    def pre_hook(layer: int):
+        def hook(module, args, kwargs):
+            capture._record(layer, args[0] if args else kwargs["hidden_states"])
+
+        return hook
+
+    handles = []
+    try:
+        for i in capture.layers:
+            handles.append(decoder_layers[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+        yield capture
+    finally:
+        for h in handles:
+            h.remove()
+    got = sorted(capture.hook_resid_pre_norm)
+    if got != sorted(capture.layers):
+        raise RuntimeError(f"norm capture recorded layers {got}, expected {sorted(capture.layers)}")

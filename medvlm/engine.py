@@ -10,12 +10,16 @@ Both backends feed this the pieces of their own model:
                        the backend puts the prefix (image included) in front of the suffixes
     head               hidden [n, d] -> logits [n, vocab] (lm_head, plus any final softcap)
     attention_modules  decoder.layers[i].self_attn, for the row capture
-From that one forward it reads the next-token logits at the last token of each question and
-the attention rows of the chosen query tokens over the image span.
+    decoder_layers     decoder.layers, for the image tokens' residual norms (optional)
+From that one forward it reads the next-token logits at the last token of each question, the
+attention rows of the chosen query tokens over the image span and, given the decoder layers,
+the norm of each image token's hidden state entering each layer read (one per study: the
+image sits in the prefix, which no question changes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from collections.abc import Callable, Sequence
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medvlm.capture import CaptureSpec, capture_rows
+from medvlm.capture import CaptureSpec, capture_resid_norms, capture_rows
 from medvlm.scoring import AnswerTokens, yes_probability
 
 
@@ -38,6 +42,8 @@ class PackedScores:
     image_mass  [Q, L] float32: attention mass on the image span (mean over heads/queries)
     layers      the L layer indices
     n_query     [Q] number of query tokens averaged per question
+    image_norms [K, L, n_image] float32 per study: the L2 norm of each image token's hidden
+                state entering each layer read (hook_resid_pre_norm), or None when not captured
     """
 
     logits: torch.Tensor
@@ -47,6 +53,7 @@ class PackedScores:
     image_mass: torch.Tensor
     layers: tuple[int, ...]
     n_query: torch.Tensor
+    image_norms: torch.Tensor | None = None
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
@@ -201,6 +208,7 @@ def score_packed(
     answer_tokens: AnswerTokens,
     bidirectional_span: tuple[int, int] | None = None,
     device=None,
+    decoder_layers: Sequence[torch.nn.Module] = (),
 ) -> PackedScores:
     """Score Q questions of K studies in one forward.
 
@@ -215,6 +223,8 @@ def score_packed(
     image_span       (start, end) absolute positions of the image tokens in the prefix; None
                      with layers == () (a control pass: logits only, no attention captured)
     bidirectional_span  prefix positions that attend to each other both ways (Gemma3's image)
+    decoder_layers   the decoder's layers: when given (and layers), PackedScores.image_norms
+                     holds each study's image-token norms entering each layer read
     """
     n = len(suffixes)
     if len(query_positions) != n:
@@ -269,10 +279,14 @@ def score_packed(
             avg[r, k * nq + j] = 1.0
     n_query = to_device(avg.sum(1), device)
     avg = to_device(avg / avg.sum(1, keepdim=True), device)
-    with capture_rows(attention_modules, spec) as cap:
+    norms = capture_resid_norms(decoder_layers, layers, image_span) if decoder_layers else contextlib.nullcontext()
+    with capture_rows(attention_modules, spec) as cap, norms as norm_cap:
         hidden = forward(suffix_ids, position_ids, mask)
     logits = head(hidden[last_k, last_t]).float()
     p_yes, coverage = yes_probability(logits, answer_tokens)
+    image_norms = None  # [K, L, n_image]
+    if norm_cap is not None:
+        image_norms = torch.stack([norm_cap.hook_resid_pre_norm[i] for i in layers], dim=1)
     per_layer, mass = [], []
     for layer in layers:
         pattern = cap.hook_pattern[layer]  # [K, (H,) nq, n_image]
@@ -290,6 +304,7 @@ def score_packed(
         image_mass=torch.stack(mass, dim=1),
         layers=tuple(layers),
         n_query=n_query.long(),
+        image_norms=image_norms,
     )
 
 

@@ -8,7 +8,14 @@ from conftest import max_diff
 from transformers.masking_utils import AttentionMaskInterface
 
 from archive.reference import eager_text_attention
-from medvlm.capture import ATTN_IMPLEMENTATION, CaptureSpec, attention_modules_of, capture_rows, register
+from medvlm.capture import (
+    ATTN_IMPLEMENTATION,
+    CaptureSpec,
+    attention_modules_of,
+    capture_resid_norms,
+    capture_rows,
+    register,
+)
 from medvlm.tiny_medgemma import tiny_medgemma
 
 
@@ -104,3 +111,41 @@ def test_spec_rejects_bad_shapes():
     with pytest.raises(ValueError, match="attention_head_mode"):
         one = torch.ones((1, 1), dtype=torch.bool)
         CaptureSpec((0,), torch.zeros((1, 1), dtype=torch.long), one, None, 5, "median")
+
+
+def test_resid_norms_equal_the_hidden_states_entering_each_layer(tiny, rgb_image):
+    """hook_resid_pre_norm[l] = ||output_hidden_states' hidden_states[l]|| over the span (the input
+    of layer l), and the forward's logits are unchanged."""
+    model, processor = tiny
+    inputs = _inputs(processor, rgb_image, "Is there a pleural effusion?")
+    ids = inputs["input_ids"][0]
+    image = (ids == model.config.image_token_id).nonzero()[:, 0]
+    span = (int(image[0]), int(image[-1]) + 1)
+    decoder = model.model.language_model
+    layers = (0, 2, len(decoder.layers) - 1)
+    with torch.no_grad():
+        ref = model(**inputs, output_hidden_states=True)
+        with capture_resid_norms(decoder.layers, layers, span) as cap:
+            got = model(**inputs).logits
+    assert max_diff(got, ref.logits) <= 1e-5
+    for layer in layers:
+        want = ref.hidden_states[layer][:, span[0] : span[1]].norm(dim=-1)  # [batch, n_image]
+        d = max_diff(cap.hook_resid_pre_norm[layer], want) / want.abs().max().item()
+        assert d <= 1e-6, f"layer {layer}: resid norms differ from hidden_states[{layer}] by {d:.3g} (relative)"
+    assert sorted(cap.hook_resid_pre_norm) == sorted(layers)
+
+
+def test_resid_norm_hooks_are_removed_when_the_forward_fails(tiny):
+    model, _ = tiny
+    layers = model.model.language_model.layers
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture_resid_norms(layers, (0, 1), (0, 4)):
+            assert len(layers[0]._forward_pre_hooks) == 1
+            raise RuntimeError("boom")
+    assert not any(layer._forward_pre_hooks for layer in layers)
+    with pytest.raises(RuntimeError, match=r"recorded layers \[\], expected \[0, 1\]"):
+        with capture_resid_norms(layers, (0, 1), (0, 4)):
+            pass  # no forward: no layer ran
+    with pytest.raises(ValueError, match="no decoder layer"):
+        with capture_resid_norms(layers, (len(layers),), (0, 4)):
+            pass
