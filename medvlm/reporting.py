@@ -1,30 +1,62 @@
 """The analysis phase of a run: stored results -> tables, figures, report.md and the
-manifest's analysis section. Needs no GPU (``--analyze_only`` runs only this)."""
+manifest's analysis section. Needs no GPU (``--analyze_only`` runs only this).
+
+Phases, each timed into manifest["timings_s"] (merged with the scoring phase's "load" and
+"score"): "analyse" (statistics and the CSV tables) and "figures" (drawing and writing the
+PNGs, with a progress bar). Figures of an earlier run into the same folder that this run did
+not draw are removed; nothing else in figures/ is touched.
+"""
 
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import os
+import re
 import sys
+import time
 import warnings
+from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from medvlm import figures
 from medvlm.analysis import summarize
 from medvlm.data import load_image
 from medvlm.geometry import Geometry
 from medvlm.metrics import intersect_boxes, resample_to_grid
+from medvlm.report_md import RANDOM_NOTE, DrawnFigure, cluster_unit, metric_panels, render_report
 from medvlm.store import _safe_name, load_study_maps, map_key, read_results
 
 if TYPE_CHECKING:
-    from medvlm.pipeline import RunConfig
+    from matplotlib.figure import Figure
+
+    from medvlm.config import RunConfig
     from medvlm.runner import Manifest
 
-RANDOM_NOTE = "RANDOM WEIGHTS: these numbers and maps illustrate the pipeline, not a model."
+__all__ = ["RANDOM_NOTE", "analyze", "is_tool_figure", "provenance_text", "remove_stale_figures"]
+
 COMMON_GRID = (16, 16)
+FORESTS = ("forest_models", "forest_differences")
+# the names the figure phase gives its PNGs: <study stem>-<10 hex digest>__<finding>__<model>_paraphrases.png,
+# ...__<finding>__models.png, forest_*.png (see _plan_figures); only these are ever removed as stale
+_TOOL_FIGURE = re.compile(r"^(?:forest_[a-z_]+|.+-[0-9a-f]{10}__.+__(?:.+_paraphrases|models))\.png$")
+_HEADS = {
+    "mean": "heads: mean (at capture)",
+    "max": "heads: max over heads (at capture)",
+    "entropy": "heads: entropy-weighted mean, focused heads weigh more (at capture)",
+    "none": "heads: mean of the stored per-head maps",
+}
+_QUERIES = {
+    "answer": "query: the answering token",
+    "question": "query: the question's tokens (their rows averaged)",
+    "finding": "query: the finding phrase's tokens (their rows averaged)",
+}
 
 
 def _geometry(rec) -> Geometry:
@@ -32,13 +64,19 @@ def _geometry(rec) -> Geometry:
     return Geometry(tuple(g["image_size"]), tuple(g["crop_box"]), tuple(g["grid"]), int(g["input_size"]))
 
 
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def analyze(cfg: RunConfig, manifest: Manifest) -> int:
     out = cfg.output_dir
+    t0 = time.perf_counter()
     df = read_results(out)
     if df.empty:
         print(f"error: no results in {out}", file=sys.stderr)
         return 1
     random_weights = bool(df.get("random_weights", pd.Series([False])).fillna(False).any())
+    _say(f"analysing {len(df)} records: statistics with {cfg.n_boot} bootstrap resamples ...")
 
     study_maps = functools.lru_cache(maxsize=64)(functools.partial(load_study_maps, out))
 
@@ -70,115 +108,286 @@ def analyze(cfg: RunConfig, manifest: Manifest) -> int:
         warnings.simplefilter("ignore", RuntimeWarning)
         tables = summarize(df, get_map, n_boot=cfg.n_boot, seed=cfg.bootstrap_seed,
                            get_common_map=get_common_map if len(models) > 1 else None)  # fmt: skip
-    tables.summary.to_csv(out / "summary.csv", index=False)
-    tables.per_finding.to_csv(out / "per_finding.csv", index=False)
-    tables.per_study.to_csv(out / "per_study.csv", index=False)
-    figs = _figures(cfg, df, get_map, geo, tables, random_weights)
+    for name, table in (("summary", tables.summary), ("per_finding", tables.per_finding),
+                        ("per_study", tables.per_study)):  # fmt: skip
+        if "random_weights" in table.columns:  # every row of a random-weight run says so
+            table.pop("random_weights")
+        table.insert(0, "random_weights", random_weights)
+        table.to_csv(out / f"{name}.csv", index=False)
+    t_analyse = time.perf_counter() - t0
+    _say(f"tables written ({t_analyse:.1f} s)")
+
+    t1 = time.perf_counter()
+    plan = _plan_figures(cfg, df, get_map, geo, tables, random_weights, manifest.data)
+    figs = _draw(plan.jobs, cfg.output_dir)
+    stale = remove_stale_figures(out / "figures", [f.path for f in figs])
+    t_figures = time.perf_counter() - t1
+    _say(f"figures: {len(figs)} written in {t_figures:.1f} s"
+         + (f"; {len(stale)} stale figure(s) of an earlier run removed" if stale else ""))  # fmt: skip
+
     failed = df[df["status"] == "failed"]
+    unit = cluster_unit(manifest.data.get("cluster_by", cfg.cluster_by))
     manifest.update(
         analysis={
             "n_boot": cfg.n_boot,
             "bootstrap_seed": cfg.bootstrap_seed,
-            "ci": "95% cluster bootstrap (BCa; percentile alongside), cluster = " + str(
-                manifest.data.get("cluster_by", cfg.cluster_by)),
+            "ci": f"95% cluster bootstrap (BCa; percentile alongside), cluster = {unit} "
+                  f"({manifest.data.get('cluster_by', cfg.cluster_by)})",
             "attention_map": "mean over stored layers (and heads) of the raw query-to-image rows; "
                              "normalised over the image for the metrics",
             "js": "Jensen-Shannon divergence, base 2 (in [0, 1]), not the distance",
             "common_grid": list(COMMON_GRID),
             "warnings": tables.warnings,
+            "figure_warnings": plan.warnings,
         },
         failed_rows={"count": int(len(failed)),
                      "rows": failed[["model", "study_id", "finding", "variant_id", "error"]].to_dict("records")},
         random_weights=random_weights or manifest.data.get("random_weights", False),
-        figures=[str(p.relative_to(out)) for p in figs],
+        figures=[str(f.path.relative_to(out)) for f in figs],
+        stale_figures_removed=[str(p.relative_to(out)) for p in stale],
+        timings_s={**manifest.data.get("timings_s", {}), "analyse": t_analyse, "figures": t_figures},
     )  # fmt: skip
     manifest.write()
-    _report(out, manifest.data, tables, figs, random_weights)
-    print(f"wrote {out / 'report.md'}", file=sys.stderr)
+    (out / "report.md").write_text(render_report(out, manifest.data, tables, figs, random_weights))
+    _say(f"wrote {out / 'report.md'}")
     return 0
 
 
-def _figures(cfg, df, get_map, geo, tables, random_weights) -> list[Path]:
+# ----------------------------------------------------------------------------- figures
+
+
+@dataclass(frozen=True)
+class _Job:
+    path: Path
+    caption: str
+    draw: Callable[[], Figure]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    jobs: list[_Job]
+    warnings: list[str]
+
+
+def is_tool_figure(name: str) -> bool:
+    """Whether a file name is one the figure phase writes (and so may remove as stale)."""
+    return bool(_TOOL_FIGURE.match(name))
+
+
+def remove_stale_figures(folder: Path, keep) -> list[Path]:
+    """Remove PNGs in `folder` that the figure phase writes (is_tool_figure) but that are not in
+    `keep` (this run's figures): what an earlier run drew and this one did not. Returns them."""
+    if not folder.is_dir():
+        return []
+    keep = {Path(p).resolve() for p in keep}
+    removed = []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and not p.is_symlink() and is_tool_figure(p.name) and p.resolve() not in keep:
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def _ranges(values) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8" (with en dashes)."""
+    v = sorted({int(x) for x in values})
+    parts, start = [], None
+    for i, x in enumerate(v):
+        if start is None:
+            start = x
+        if i + 1 == len(v) or v[i + 1] != x + 1:
+            parts.append(str(start) if start == x else f"{start}\u2013{x}")
+            start = None
+    return ", ".join(parts)
+
+
+def provenance_text(model: str, rows: pd.DataFrame, manifest: Mapping) -> str:
+    """Which layers, heads and query tokens a model's drawn maps combine, in one line, from
+    the records' `layers` and the manifest's model description (or run config)."""
+    layers = set()
+    if "layers" in rows.columns:
+        for v in rows["layers"].dropna():
+            layers.add(tuple(int(x) for x in (v if isinstance(v, (list, tuple, np.ndarray)) else [v])))
+    if len(layers) == 1:
+        (ls,) = layers
+        layer_text = f"attention: mean over layers {_ranges(ls)} ({len(ls)} layer{'s' * (len(ls) != 1)})"
+    elif layers:
+        layer_text = f"attention: mean over the stored layers (they differ between rows: {len(layers)} sets)"
+    else:
+        layer_text = "attention: mean over the stored layers (not recorded in the results)"
+    info = (manifest.get("models") or {}).get(model) or {}
+    att = (manifest.get("config") or {}).get("attention") or {}
+    head = info.get("head_mode", att.get("attention_head_mode"))
+    query = info.get("query_mode", att.get("query_mode"))
+    head_text = _HEADS.get(head, f"heads: {head}" if head else "heads: not recorded")
+    query_text = _QUERIES.get(query, f"query: {query}" if query else "query: not recorded")
+    return f"{layer_text} \u00b7 {head_text} \u00b7 {query_text}"
+
+
+def _select(cfg: RunConfig, df: pd.DataFrame) -> tuple[list[str], list[str] | None, list[str]]:
+    """(studies, findings or None for all, warnings) the per-study figures are drawn for."""
+    warns = []
+    ok_studies = list(dict.fromkeys(df.loc[df["status"] == "ok", "study_id"].astype(str)))
+    if cfg.figure_studies:
+        wanted = [str(s) for s in dict.fromkeys(cfg.figure_studies)]
+        unknown = [s for s in wanted if s not in ok_studies]
+        if unknown:
+            warns.append(f"--figure_studies: no answered rows for {', '.join(unknown)}; they are not drawn")
+        studies = [s for s in wanted if s in ok_studies]
+    else:
+        studies = ok_studies[: max(0, cfg.n_figure_studies)]
+    findings = None
+    if cfg.figure_findings:
+        known = set(df["finding"].astype(str))
+        wanted = [str(f) for f in dict.fromkeys(cfg.figure_findings)]
+        unknown = [f for f in wanted if f not in known]
+        if unknown:
+            warns.append(f"--figure_findings: no rows for {', '.join(unknown)}; they are not drawn")
+        findings = [f for f in wanted if f in known]
+    return studies, findings, warns
+
+
+def _plan_figures(cfg, df, get_map, geo, tables, random_weights, manifest: Mapping) -> _Plan:
+    from medvlm import figures  # matplotlib is imported only when figures are drawn
+
     out = cfg.output_dir / "figures"
-    paths = []
     cmap = cfg.attention.colormap
-    for name, table, ref in (("forest_models", tables.summary[~tables.summary["model"].str.contains(" ")], None),
-                             ("forest_differences", tables.summary[tables.summary["model"].str.contains(" - ")], 0.0)):
-        if len(table):
-            fig = figures.forest_plot(table, title=name.replace("_", " "), ref_line=ref, random_weights=random_weights)
-            paths.append(figures.save(fig, out / f"{name}.png"))
-    ok = df[df["status"] == "ok"]
-    studies = list(dict.fromkeys(ok["study_id"]))[: cfg.n_figure_studies]
+    unit = cluster_unit(manifest.get("cluster_by", cfg.cluster_by))
+    jobs: list[_Job] = []
+    summary = tables.summary
+    for name in FORESTS:
+        diff = name == "forest_differences"
+        table = summary[summary["model"].str.contains(" - ")] if diff else summary[~summary["model"].str.contains(" ")]
+        if not len(table):
+            continue
+        panels = metric_panels(table["metric"].unique().tolist(), differences=diff)
+        note = figures.ci_footnote(table, unit)
+        title = "paired differences between models (a - b)" if diff else "metrics per model"
+        what = ("Paired differences a - b (the same resampled clusters for both models)" if diff
+                else "Each model's metrics")  # fmt: skip
+        caption = f"{what} with their intervals, on panels by which direction is better; {note}"
+
+        def draw(table=table, title=title, panels=panels, ref=0.0 if diff else None):
+            return figures.forest_plot(table, title=title, ref_line=ref, random_weights=random_weights,
+                                       panels=panels, cluster_unit=unit)  # fmt: skip
+
+        jobs.append(_Job(out / f"{name}.png", caption, draw))
+
+    studies, findings, warns = _select(cfg, df)
+    for w in warns:
+        _say(f"warning: {w}")
+    provenance = {m: provenance_text(m, df[(df["model"] == m) & (df["status"] == "ok")], manifest)
+                  for m in df["model"].unique()}  # fmt: skip
     for study in studies:
-        srows = df[df["study_id"] == study]
-        image = load_image(srows.iloc[0]["image_path"]).image
-        for finding in sorted(srows["finding"].unique()):
+        srows = df[df["study_id"].astype(str) == study]
+        image = load_image(srows.iloc[0]["image_path"]).image  # loaded here: forked workers inherit it
+        study_findings = sorted(srows["finding"].unique())
+        for finding in study_findings if findings is None else [f for f in findings if f in study_findings]:
             frows = srows[srows["finding"] == finding]
+            v0_rows = frows[frows["variant_id"] == 0]
+            gt = str((v0_rows if len(v0_rows) else frows).iloc[0]["answer_gt"])  # variant 0's, the reference
             for model in sorted(frows["model"].unique()):
-                mrows = frows[frows["model"] == model]
                 if (model, study) not in geo:
                     continue
+                mrows = frows[frows["model"] == model]
                 okm = mrows[mrows["status"] == "ok"]
-                fig = figures.paraphrase_grid(
-                    image,
-                    {int(r.variant_id): get_map(model, study, finding, r.variant_id) for r in okm.itertuples()},
-                    {int(r.variant_id): r.question for r in mrows.itertuples()},
-                    {int(r.variant_id): (r.answer, float(r.p_yes)) for r in okm.itertuples()},
-                    geo[(model, study)],
-                    finding=finding,
-                    model_name=model,
-                    colormap=cmap,
-                    failures={int(r.variant_id): str(r.error) for r in mrows[mrows["status"] == "failed"].itertuples()},
-                    random_weights=random_weights,
-                )
-                paths.append(figures.save(fig, out / f"{_safe_name(study)}__{finding}__{model}_paraphrases.png"))
+                n_right = int((okm["answer"].astype(str) == okm["answer_gt"].astype(str)).sum())
+                caption = (f"Study {study}, finding {finding}, {model}: the attention of each of the six wordings "
+                           f"over the image; ground truth {gt}, {n_right} of {len(okm)} answers correct"
+                           f"{f', {len(mrows) - len(okm)} failed' if len(mrows) > len(okm) else ''}. "
+                           f"{provenance[model]}.")  # fmt: skip
+
+                def draw(model=model, mrows=mrows, okm=okm, finding=finding, gt=gt, study=study, image=image):
+                    return figures.paraphrase_grid(
+                        image,
+                        {int(r.variant_id): get_map(model, study, finding, r.variant_id) for r in okm.itertuples()},
+                        {int(r.variant_id): r.question for r in mrows.itertuples()},
+                        {int(r.variant_id): (r.answer, float(r.p_yes)) for r in okm.itertuples()},
+                        geo[(model, study)], finding=finding, model_name=model, colormap=cmap,
+                        failures={int(r.variant_id): str(r.error)
+                                  for r in mrows[mrows["status"] == "failed"].itertuples()},
+                        random_weights=random_weights, study_id=study, ground_truth=gt,
+                        truths={int(r.variant_id): str(r.answer_gt) for r in mrows.itertuples()},
+                        provenance=provenance[model],
+                    )  # fmt: skip
+
+                jobs.append(_Job(out / f"{_safe_name(study)}__{finding}__{model}_paraphrases.png", caption, draw))
             v0 = frows[(frows["variant_id"] == 0) & (frows["status"] == "ok")]
+            v0 = v0[[(m, study) in geo for m in v0["model"]]]
             if v0["model"].nunique() > 1:
-                fig = figures.side_by_side(
-                    image,
-                    {r.model: get_map(r.model, study, finding, 0) for r in v0.itertuples()},
-                    {r.model: geo[(r.model, study)] for r in v0.itertuples()},
-                    question=v0.iloc[0]["question"],
-                    answers_by_model={r.model: (r.answer, float(r.p_yes)) for r in v0.itertuples()},
-                    colormap=cmap,
-                    random_weights=random_weights,
-                )
-                paths.append(figures.save(fig, out / f"{_safe_name(study)}__{finding}__models.png"))
-    return paths
+                answers = ", ".join(f"{r.model} {r.answer} (P(yes) {float(r.p_yes):.2f})" for r in v0.itertuples())
+                caption = (f"Study {study}, finding {finding}, the original wording: each model's attention on one "
+                           f"shared colour scale (attention relative to a uniform map); ground truth {gt}; "
+                           f"answers: {answers}.")  # fmt: skip
+
+                def draw(v0=v0, finding=finding, gt=gt, study=study, image=image):
+                    return figures.side_by_side(
+                        image,
+                        {r.model: get_map(r.model, study, finding, 0) for r in v0.itertuples()},
+                        {r.model: geo[(r.model, study)] for r in v0.itertuples()},
+                        question=v0.iloc[0]["question"],
+                        answers_by_model={r.model: (r.answer, float(r.p_yes)) for r in v0.itertuples()},
+                        colormap=cmap, random_weights=random_weights, shared_scale=True, study_id=study,
+                        finding=finding, ground_truth=gt, provenance={m: provenance[m] for m in v0["model"]},
+                    )  # fmt: skip
+
+                jobs.append(_Job(out / f"{_safe_name(study)}__{finding}__models.png", caption, draw))
+    return _Plan(jobs, warns)
 
 
-def _fmt(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3f}"
+_JOBS: list[_Job] = []  # the jobs of the running figure phase, inherited by forked workers
 
 
-def _report(out: Path, manifest: dict, tables, figs: list[Path], random_weights: bool) -> None:
-    lines = ["# Medical VLM attention analysis", ""]
-    if random_weights:
-        lines += [f"> **{RANDOM_NOTE}**", ""]
-    counts = manifest.get("counts", {})
-    lines += [f"Created {manifest.get('created', '')}; git commit `{manifest.get('git_commit')}`; "
-              f"CSV `{manifest.get('csv')}`; clusters = {manifest.get('cluster_by')}.", ""]  # fmt: skip
-    bad = manifest.get("bad_rows", {}).get("count", 0)
-    failed = manifest.get("failed_rows", {}).get("count", 0)
-    lines += [f"- Bad CSV rows skipped: **{bad}**; failed rows: **{failed}** (both listed in manifest.json)."]
-    for m, c in counts.items():
-        lines.append(f"- {m}: {c.get('ok', 0)} ok, {c.get('failed', 0)} failed this run, "
-                     f"{c.get('seconds', 0):.1f} s.")  # fmt: skip
-    a = manifest.get("analysis", {})
-    lines += ["", f"Intervals: {a.get('ci')}, B = {a.get('n_boot')}, seed {a.get('bootstrap_seed')}. "
-              f"JS: {a.get('js')}.", ""]  # fmt: skip
-    lines += ["## Summary", "", "| model | metric | estimate | 95% CI | studies | rows |", "|---|---|---|---|---|---|"]
-    for r in tables.summary.itertuples():
-        lines.append(f"| {r.model} | {r.metric} | {_fmt(r.estimate)} | [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}] | "
-                     f"{r.n_clusters} | {r.n_rows} |")  # fmt: skip
-    if a.get("warnings"):
-        lines += ["", "## Warnings", ""] + [f"- {w}" for w in a["warnings"]]
-    lines += ["", "## Figures", ""]
-    for p in figs:
-        rel = p.relative_to(out)
-        lines += [f"![{rel.stem}]({rel.as_posix()})", ""]
-    lines += ["## Files", "", "- results.jsonl: one record per (model, study, finding, variant)",
-              "- attention/: per-layer maps (float16) keyed the same way",
-              "- summary.csv, per_finding.csv, per_study.csv: the tables", "- manifest.json: how this was made"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+def _run_job(i: int) -> int:
+    from medvlm import figures
 
+    job = _JOBS[i]
+    figures.save(job.draw(), job.path)
+    return i
+
+
+def figure_workers(n_jobs: int) -> int:
+    """Processes that draw the figures: one per available core (at most 4), forked so they
+    inherit the loaded results, maps and images; 1 (drawn here) off Linux, for fewer than 4
+    figures, or with MEDVLM_FIGURE_WORKERS=1 (the environment variable sets the number)."""
+    env = os.environ.get("MEDVLM_FIGURE_WORKERS")
+    if env is not None:
+        return max(1, int(env))
+    if not sys.platform.startswith("linux") or n_jobs < 4:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 4))
+
+
+def _draw(jobs: list[_Job], output_dir: Path) -> list[DrawnFigure]:
+    """Draw and write every job's figure, with a progress bar; in forked worker processes
+    when figure_workers() says so (a broken pool falls back to drawing the rest here)."""
+    global _JOBS
+    from tqdm.auto import tqdm
+
+    if not jobs:
+        return []
+    workers = figure_workers(len(jobs))
+    _say(f"figures: drawing {len(jobs)} into {output_dir / 'figures'}"
+         + (f" ({workers} processes)" if workers > 1 else "") + " ...")  # fmt: skip
+    done: set[int] = set()
+    with tqdm(total=len(jobs), desc="figures", unit="fig", disable=None, file=sys.stderr) as bar:
+        if workers > 1:
+            _JOBS = jobs
+            try:
+                ctx = multiprocessing.get_context("fork")
+                with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                    for i in pool.map(_run_job, range(len(jobs))):
+                        done.add(i)
+                        bar.update(1)
+            except BrokenProcessPool as e:
+                _say(f"warning: a figure worker died ({e}); drawing the remaining figures in this process")
+            finally:
+                _JOBS = []
+        for i, job in enumerate(jobs):
+            if i not in done:
+                from medvlm import figures
+
+                figures.save(job.draw(), job.path)
+                bar.update(1)
+    return [DrawnFigure(job.path, job.caption) for job in jobs]
