@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medvlm.sinks import NORM_FINDING, NORM_KIND
 from medvlm.store import GENERIC_FINDING, MAP_KINDS, load_study_maps, map_key
 
 READ_KINDS = ("attention", "relative", *[k for k in MAP_KINDS if k != "attention"])
@@ -60,6 +61,8 @@ class MapReader:
         check_kind(kind)
         if kind == "generic":
             return self._stored(model, study, GENERIC_FINDING, 0, "generic")
+        if kind == NORM_KIND:  # study-level: the same array whatever the finding and variant
+            return self._stored(model, study, NORM_FINDING, 0, NORM_KIND)
         if kind != "relative":
             return self._stored(model, study, finding, variant, kind)
         layers, att = self._stored(model, study, finding, variant, "attention")

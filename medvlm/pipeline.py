@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from medvlm.backend import VLMBackend
 from medvlm.config import MODEL_NAMES, RunConfig, dist_env  # noqa: F401 - re-exported
 from medvlm.data import ImageLoadError, load_image
+from medvlm.sinks import NORM_FINDING, NORM_KIND
 from medvlm.store import GENERIC_FINDING, ResultsStore, map_key, read_results
 
 BackendLoader = Callable[[RunConfig], VLMBackend]
@@ -97,6 +98,8 @@ def _ok_results(model: str, rows, scores, geometry: dict, notes, seconds: float,
         maps[map_key(row.finding, row.variant_id)] = (s.layers, s.attention)
         if s.generic_attention is not None:  # the study's generic-prompt map (relative attention), stored once
             maps[map_key(GENERIC_FINDING, 0, "generic")] = (s.layers, s.generic_attention)
+        if s.image_token_norms is not None:  # the study's image-token norms (medvlm.sinks), stored once
+            maps[map_key(NORM_FINDING, 0, NORM_KIND)] = (s.layers, s.image_token_norms)
     return records, maps
 
 

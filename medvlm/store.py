@@ -8,8 +8,10 @@
 
 Map kinds (MAP_KINDS): "attention" (the raw query-to-image rows; key "<finding>|<variant>", as
 before kinds existed), "generic" (the generic prompt's attention, once per study: finding
-GENERIC_FINDING, variant 0), "gradxinput", "relevancy". Float16 except FLOAT32_KINDS (the
-generic map is a denominator of relative attention; gradient maps are signed and small).
+GENERIC_FINDING, variant 0), "gradxinput", "relevancy", "token_norm" (each image token's
+hidden-state norm entering each layer read, once per study: finding medvlm.sinks.NORM_FINDING,
+variant 0). Float16 except FLOAT32_KINDS (the generic map is a denominator of relative
+attention; gradient maps are signed and small).
 Derived kinds (relative) are computed when read (medvlm.maps), never stored.
 
 Crash safety: a study's maps are written to a temporary file and renamed into place before
@@ -42,8 +44,8 @@ def _safe_name(study_id: str) -> str:
     return f"{stem}-{digest}"
 
 
-MAP_KINDS = ("attention", "generic", "gradxinput", "relevancy")
-FLOAT32_KINDS = ("generic", "gradxinput", "relevancy")
+MAP_KINDS = ("attention", "generic", "gradxinput", "relevancy", "token_norm")
+FLOAT32_KINDS = ("generic", "gradxinput", "relevancy", "token_norm")
 GENERIC_FINDING = "__generic__"
 
 
