@@ -27,3 +27,22 @@ def test_run_validity_from_stored_results(tmp_path):
     plain = run_validity(dataclasses.replace(cfg, regions=()), records, MapReader(tmp_path / "out"))
     assert plain.grounding.empty and plain.regions is None
     assert isinstance(plain.quadrants, pd.DataFrame)
+
+
+def test_validity_figures_draw_with_the_banner(tmp_path):
+    import numpy as np
+
+    from medvlm.figure_canvas import BANNER_GID
+    from medvlm.validity_figures import grounding_forest, reliance_scatter
+
+    records, boxes = build(tmp_path / "out", 8)
+    records["p_yes"], records["answer"], records["correct"] = np.linspace(0.1, 0.9, 8), "yes", True
+    records["p_yes_text_only"] = 0.5
+    cfg = dataclasses.replace(RunConfig(output_dir=tmp_path / "out"), regions=(boxes,), n_boot=100)
+    res = run_validity(cfg, records, MapReader(tmp_path / "out"))
+    for fig in (reliance_scatter(records, random_weights=True), grounding_forest(res.grounding, random_weights=True)):
+        assert any(t.get_gid() == BANNER_GID for t in fig.texts)
+    fig = grounding_forest(res.grounding)
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+    groups = {t.get_text() for lg in legends for t in lg.get_texts()}
+    assert {"m: raw attention", "m: uniform map", "m: Gaussian prior"} <= groups
