@@ -1,0 +1,178 @@
+"""Gradient x input and generic attention relevancy (medvlm.attribution) on the tiny models of
+both architectures, against the slow references in archive/reference_attribution.py: a float64
+finite difference of the margin, and torch.autograd on the full-prompt eager forward with
+Chefer's T x T relevancy matrix."""
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from archive.reference_attribution import margin_with_image_embeddings, reference_attribution
+from llava_rad_medical_only import LLaVARadMedical
+from medgemma_enhanced import MedGemmaMedical
+from medvlm.attribution import (
+    GRADIENT_KINDS,
+    attribution_maps,
+    attribution_margins,
+    parse_attribution,
+)
+from medvlm.fused_norms import patched_forwards
+from medvlm.store import map_key
+
+QUESTIONS = ["Is there a pleural effusion?", "Is the heart enlarged?"]
+TOL = 1e-5  # float32, absolute
+REL = 1e-4  # and relative to the map's largest |value| (the tiny models' maps are small)
+
+
+def images():
+    rng = np.random.default_rng(3)
+    return [Image.fromarray((rng.random((70, 90, 3)) * 255).astype("uint8")),
+            Image.fromarray((rng.random((64, 48)) * 255).astype("uint8")).convert("RGB")]  # fmt: skip
+
+
+def items():
+    a, b = images()
+    return [(a, QUESTIONS, None), (b, QUESTIONS[:1], None)]
+
+
+def pairs():
+    """(image, question) of each question of items(), in order."""
+    return [(im, q) for im, qs, _ in items() for q in qs]
+
+
+@pytest.fixture(scope="module", params=["llava_rad", "medgemma"])
+def backend(request):
+    return LLaVARadMedical.tiny() if request.param == "llava_rad" else MedGemmaMedical.tiny()
+
+
+@pytest.fixture(scope="module")
+def batched(backend):
+    """Both maps for 3 questions of 2 studies, all rows in one pass."""
+    return attribution_maps(backend, items(), GRADIENT_KINDS, rows_per_pass=3)
+
+
+def _close(a, b, what):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    diff, scale = float(np.abs(a - b).max()), float(np.abs(b).max())
+    assert scale > 0, f"{what}: the reference map is all zeros (the comparison could not fail)"
+    assert diff <= TOL and diff <= REL * scale, f"{what}: max diff {diff:.3e} (map scale {scale:.3e})"
+    return diff
+
+
+def test_maps_equal_autograd_on_the_eager_full_prompt_reference(backend, batched):
+    assert set(batched.maps) == set(GRADIENT_KINDS)
+    assert batched.layers == {"gradxinput": (0,), "relevancy": (len(backend._attention) - 1,)}
+    for q, (image, question) in enumerate(pairs()):
+        ref = reference_attribution(backend, image, question)
+        assert abs(batched.margin[q] - ref["margin"]) <= TOL, (question, batched.margin[q], ref["margin"])
+        assert batched.target[q] == ("yes" if ref["margin"] >= 0 else "no")
+        for kind in GRADIENT_KINDS:
+            assert batched[kind].shape == (3, 1, ref[kind].numel())
+            _close(batched[kind][q, 0], ref[kind].numpy(), f"{backend.name} {kind} question {q}")
+    assert (batched["relevancy"] >= 0).all(), "relevancy is a sum of products of non-negative terms"
+    assert (batched["gradxinput"] < 0).any() and (batched["gradxinput"] > 0).any(), "gradxinput is stored signed"
+
+
+def test_batching_questions_and_studies_changes_no_map(backend, batched):
+    one = attribution_maps(backend, items(), GRADIENT_KINDS, rows_per_pass=1)
+    for kind in GRADIENT_KINDS:
+        diff = np.abs(one[kind] - batched[kind]).max()
+        assert diff <= 1e-6 * max(1.0, np.abs(one[kind]).max()), f"{kind}: batched vs one at a time {diff:.3e}"
+    # the three questions' maps differ (rows never share a gradient)
+    assert np.abs(batched["gradxinput"][0] - batched["gradxinput"][1]).max() > 1e-6
+
+
+def test_margins_reproduce_the_scorers_p_yes(backend, batched):
+    p = [s.p_yes for study in backend.score_many(items()) for s in study]
+    assert np.abs(batched.p_yes - np.array(p)).max() <= 1e-5
+    assert np.abs(attribution_margins(backend, items(), rows_per_pass=2) - batched.margin).max() <= 1e-5
+
+
+def test_relevancy_explains_the_answer_it_is_given(backend, batched):
+    """The target answer flips the gradient's sign before the clamp: a different map, equal
+    to the reference computed for that target."""
+    image, question = pairs()[0]
+    other = "no" if batched.target[0] == "yes" else "yes"
+    flipped = attribution_maps(backend, [(image, [question], None)], ("relevancy",), answers=[other])
+    ref = reference_attribution(backend, image, question, target=other)
+    _close(flipped["relevancy"][0, 0], ref["relevancy"].numpy(), f"{backend.name} relevancy for {other!r}")
+    assert np.abs(flipped["relevancy"][0, 0] - batched["relevancy"][0, 0]).max() > 1e-6
+
+
+def _rms_norm64(module, x):
+    """LlamaRMSNorm / Gemma3RMSNorm in the input's dtype (transformers computes them in float32)."""
+    eps = module.variance_epsilon if hasattr(module, "variance_epsilon") else module.eps
+    x_hat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return module.weight * x_hat if type(module).__name__ == "LlamaRMSNorm" else x_hat * (1.0 + module.weight)
+
+
+@contextlib.contextmanager
+def float64(backend):
+    """The whole model in float64, its RMS norms too (transformers casts them to float32), so a
+    finite difference sees float64 rounding only. The model then computes a slightly different
+    function from its float32 self; the fast path and the finite difference both run it."""
+    mods = [m for m in (backend.model, getattr(backend, "vision", None), getattr(backend, "projector", None)) if m]
+    norms = [m for m in backend.model.modules() if type(m).__name__ in ("LlamaRMSNorm", "Gemma3RMSNorm")]
+    saved = getattr(backend, "dtype", None)
+    for m in mods:
+        m.double()
+    if saved is not None:
+        backend.dtype = torch.float64
+    try:
+        with patched_forwards((m, lambda x, m=m: _rms_norm64(m, x)) for m in norms):
+            yield
+    finally:
+        for m in mods:
+            m.float()
+        if saved is not None:
+            backend.dtype = saved
+
+
+def test_gradxinput_equals_a_float64_finite_difference(backend):
+    """d/d eps of m(image rows with token j scaled by 1 + eps) at 0 is (dm/de_j . e_j), the
+    gradient x input value of token j: central difference, float64, on the eager full prompt."""
+    image, question = pairs()[0]
+    eps = 1e-4
+    with float64(backend):
+        gxi = attribution_maps(backend, [(image, [question], None)], ("gradxinput",))["gradxinput"][0, 0]
+        rng = np.random.default_rng(0)
+        tokens = [*np.argsort(-np.abs(gxi))[:3].tolist(), *rng.choice(gxi.size, 3, replace=False).tolist()]
+        for j in tokens:
+
+            def scale(rows, f, j=j):
+                rows = rows.clone()
+                rows[j] = rows[j] * f
+                return rows
+
+            up = margin_with_image_embeddings(backend, image, question, lambda r, j=j: scale(r, 1 + eps))
+            down = margin_with_image_embeddings(backend, image, question, lambda r, j=j: scale(r, 1 - eps))
+            fd = (up - down) / (2 * eps)
+            assert abs(fd - gxi[j]) <= 1e-7 + 1e-6 * np.abs(gxi).max(), (backend.name, j, fd, gxi[j])
+    assert np.abs(gxi).max() > 1e-6
+
+
+def test_store_entries_and_the_flag():
+    assert parse_attribution("gradxinput") == ("attention", "gradxinput")
+    assert parse_attribution(["relevancy", "attention"]) == ("attention", "relevancy")
+    with pytest.raises(ValueError, match="unknown attribution kind"):
+        parse_attribution("attention,saliency")
+    from medvlm.attribution import Attribution
+
+    att = Attribution(maps={"gradxinput": np.arange(6, dtype=np.float32).reshape(2, 1, 3)},
+                      layers={"gradxinput": (0,)}, margin=np.zeros(2), p_yes=np.full(2, 0.5))  # fmt: skip
+    entries = att.store_entries([("effusion", 0), ("effusion", 1)])
+    layers, m = entries[map_key("effusion", 1, "gradxinput")]
+    assert layers == (0,) and m.tolist() == [[3.0, 4.0, 5.0]]
+
+
+def test_refusals(backend):
+    image, question = pairs()[0]
+    with pytest.raises(ValueError, match="non-empty subset"):
+        attribution_maps(backend, [(image, [question], None)], ("attention",))
+    with pytest.raises(ValueError, match="answers must be"):
+        attribution_maps(backend, [(image, [question], None)], ("relevancy",), answers=["maybe"])
+    with pytest.raises(ValueError, match="not 'x'"):
+        attribution_maps(type("X", (), {"name": "x"})(), [(image, [question], None)])
