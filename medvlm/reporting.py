@@ -44,8 +44,8 @@ __all__ = ["RANDOM_NOTE", "analyze", "is_tool_figure", "provenance_text", "remov
 COMMON_GRID = (16, 16)
 FORESTS = ("forest_models", "forest_differences")
 # the names the figure phase gives its PNGs: <study stem>-<10 hex digest>__<finding>__<model>_paraphrases.png,
-# ...__<finding>__models.png, forest_*.png (see _plan_figures); only these are ever removed as stale
-_TOOL_FIGURE = re.compile(r"^(?:forest_[a-z_]+|.+-[0-9a-f]{10}__.+__(?:.+_paraphrases|models))\.png$")
+# ...__<finding>__models.png and the FORESTS (see _plan_figures); only these are ever removed as stale
+_TOOL_FIGURE = re.compile(rf"^(?:{'|'.join(FORESTS)}|.+-[0-9a-f]{{10}}__.+__(?:.+_paraphrases|models))\.png$")
 _HEADS = {
     "mean": "heads: mean (at capture)",
     "max": "heads: max over heads (at capture)",
@@ -350,9 +350,12 @@ def figure_workers(n_jobs: int) -> int:
     """Processes that draw the figures: one per available core (at most 4), forked so they
     inherit the loaded results, maps and images; 1 (drawn here) off Linux, for fewer than 4
     figures, or with MEDVLM_FIGURE_WORKERS=1 (the environment variable sets the number)."""
-    env = os.environ.get("MEDVLM_FIGURE_WORKERS")
-    if env is not None:
-        return max(1, int(env))
+    env = os.environ.get("MEDVLM_FIGURE_WORKERS", "").strip()
+    if env:
+        if env.isdigit():
+            return max(1, int(env))
+        _say(f"warning: MEDVLM_FIGURE_WORKERS={env!r} is not a number; drawing in this process")
+        return 1
     if not sys.platform.startswith("linux") or n_jobs < 4:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -163,7 +163,7 @@ def test_remove_stale_figures_touches_only_the_tools_pngs(tmp_path):
     tool = [f"{s}__effusion__llava_rad_paraphrases.png", f"{s}__effusion__models.png", "forest_models.png",
             "forest_differences.png"]  # fmt: skip
     other = ["effusion__models.png", "study__effusion__models.png", "forest_models.png.bak", "forest-2.png",
-             f"{s}__effusion__models.jpg", "my_forest_models.png"]  # fmt: skip
+             f"{s}__effusion__models.jpg", "my_forest_models.png", "forest_plot.png"]  # fmt: skip
     for n in tool + other:
         (folder / n).write_bytes(b"x")
     (folder / "sub").mkdir()
