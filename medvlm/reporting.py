@@ -295,7 +295,7 @@ def _plan_figures(cfg, df, get_map, geo, tables, random_weights, manifest: Mappi
                 caption = (f"Study {study}, finding {finding}, {model}: the attention of each of the six wordings "
                            f"over the image; ground truth {gt}, {n_right} of {len(okm)} answers correct"
                            f"{f', {len(mrows) - len(okm)} failed' if len(mrows) > len(okm) else ''}. "
-                           f"{provenance[model]}.")  # fmt: skip
+                           f"{provenance[model][:1].upper()}{provenance[model][1:]}.")  # fmt: skip
 
                 def draw(model=model, mrows=mrows, okm=okm, finding=finding, gt=gt, study=study, image=image):
                     return figures.paraphrase_grid(
