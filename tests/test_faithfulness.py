@@ -332,3 +332,39 @@ def test_table_pools_units_with_paired_differences():
     assert (table["model"] == "llava_rad - medgemma").any()
     rel = table[(table["map"] == "relative") & (table["finding"] == "ALL") & (table["metric"] == "deletion_auc")]
     assert rel["n_units"].tolist() == [0]
+
+
+# -- the figure ----------------------------------------------------------------------------------------
+def test_curves_figure_draws_each_map_with_its_band():
+    from medvlm.faithfulness_figures import curve_bands, faithfulness_curves_figure
+    from medvlm.figure_canvas import BANNER_GID
+
+    model = OneCellModel()
+    true = np.zeros(64)
+    true[OneCellModel.DECIDER] = 1.0
+    rows = [{"finding": "effusion", "variant_id": 0, "question": Q, "answer": "yes"}]
+    studies = [(f"s{s}", one_cell_image(s), rows, {"attention": [true], "noise": [np.random.default_rng(s).random(64)]})
+               for s in range(6)]  # fmt: skip
+    _, curves = faithfulness_for_studies(model, studies, FaithfulnessConfig(steps=4, n_random=2))
+    other = [{**c, "model": "other"} for c in curves]
+    bands = curve_bands(curves + other, n_boot=200)
+    units = pd.DataFrame(curves)
+    sel = units[(units["map"] == "noise") & (units["curve"] == "insertion")]
+    want = np.mean(np.stack(sel["score"].to_numpy()), axis=0)
+    got = bands[(bands["model"] == "one_cell") & (bands["map"] == "noise") & (bands["curve"] == "insertion")]
+    assert np.allclose(got.sort_values("step")["estimate"], want)
+    assert got["auc"].iloc[0] == pytest.approx(rise_auc(want))
+    assert (got["ci_low"] <= got["estimate"] + 1e-12).all() and (got["n_clusters"] == 6).all()
+    assert got["fraction"].tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    fig = faithfulness_curves_figure(curves + other, maps=["attention"], n_boot=200, random_weights=True)
+    axes = fig.get_axes()
+    assert len(axes) == 4
+    labels = [line.get_label() for line in axes[0].get_lines()]
+    assert len(labels) == 2 and labels[0].startswith("attention (AUC") and labels[1].startswith(f"{RANDOM} (AUC")
+    assert len(axes[0].collections) == 2, "one band per line"
+    assert any(t.get_gid() == BANNER_GID for t in fig.texts)
+    fig.canvas.draw()
+    with pytest.raises(ValueError, match="no curves for map"):
+        faithfulness_curves_figure(curves, maps=["relevancy"], n_boot=200)
+    with pytest.raises(ValueError, match="finding"):
+        faithfulness_curves_figure(curves, finding="pneumothorax", n_boot=200)
