@@ -345,17 +345,19 @@ def test_curves_figure_draws_each_map_with_its_band():
     rows = [{"finding": "effusion", "variant_id": 0, "question": Q, "answer": "yes"}]
     studies = [(f"s{s}", one_cell_image(s), rows, {"attention": [true], "noise": [np.random.default_rng(s).random(64)]})
                for s in range(6)]  # fmt: skip
-    _, curves = faithfulness_for_studies(model, studies, FaithfulnessConfig(steps=4, n_random=2))
-    other = [{**c, "model": "other"} for c in curves]
+    _, curves = faithfulness_for_studies(model, studies, FaithfulnessConfig(steps=3, n_random=2))
+    other = [{**c, "model": "other", "score": [x / 2 for x in c["score"]]} for c in curves]
     bands = curve_bands(curves + other, n_boot=200)
-    units = pd.DataFrame(curves)
-    sel = units[(units["map"] == "noise") & (units["curve"] == "insertion")]
-    want = np.mean(np.stack(sel["score"].to_numpy()), axis=0)
-    got = bands[(bands["model"] == "one_cell") & (bands["map"] == "noise") & (bands["curve"] == "insertion")]
-    assert np.allclose(got.sort_values("step")["estimate"], want)
-    assert got["auc"].iloc[0] == pytest.approx(rise_auc(want))
-    assert (got["ci_low"] <= got["estimate"] + 1e-12).all() and (got["n_clusters"] == 6).all()
-    assert got["fraction"].tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    units = pd.DataFrame(curves + other)
+    for m in ("one_cell", "other"):
+        sel = units[(units["model"] == m) & (units["map"] == "noise") & (units["curve"] == "insertion")]
+        want = np.mean(np.stack(sel["score"].to_numpy()), axis=0)
+        got = bands[(bands["model"] == m) & (bands["map"] == "noise") & (bands["curve"] == "insertion")]
+        got = got.sort_values("step")
+        assert np.allclose(got["estimate"], want) and (got["n_units"] == 6).all()
+        assert got["auc"].iloc[0] == pytest.approx(rise_auc(want))
+        assert (got["ci_low"] <= got["estimate"] + 1e-12).all() and (got["n_clusters"] == 6).all()
+        assert got["fraction"].tolist() == [0.0, 21 / 64, 43 / 64, 1.0]  # n_k = floor(64 k / 3 + 1/2)
     fig = faithfulness_curves_figure(curves + other, maps=["attention"], n_boot=200, random_weights=True)
     axes = fig.get_axes()
     assert len(axes) == 4
