@@ -107,6 +107,7 @@ QUERY_HELP = ("whose attention is read: answer (the last prompt token, whose nex
 
 
 DEMO_REGIONS = Path(__file__).resolve().parent / "data" / "nih-cxr14" / "demo_regions_NOT_EXPERT.csv"
+DEMO_FIGURE_STUDY = "00000001_000"  # NIH ChestX-ray14, cardiomegaly: the demo's per-study figures
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -219,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("statistics")
     s.add_argument("--cluster_by", default="study_id", choices=("study_id", "subject_id"),
                    help="the bootstrap's resampling unit: the study, or the patient (needs subject_id)")
-    s.add_argument("--n_boot", type=_positive, default=10_000,
-                   help="bootstrap resamples per interval (10,000 gives stable 95%% ends; 1,000 for a quick look)")
+    s.add_argument("--n_boot", type=_positive,
+                   help="bootstrap resamples per interval (default 10000, which gives stable 95%% ends; the demo "
+                        "2000; 1,000 for a quick look)")
     s.add_argument("--bootstrap_seed", type=int, default=0, help="seed of the resampling (recorded)")
     o = p.add_argument_group("output")
     o.add_argument("--output_dir", type=Path, default=Path("results"), help="where results, tables and figures go")
@@ -292,13 +294,16 @@ def parse_args(argv=None) -> RunConfig:
     n_figures = a.n_figure_studies if a.n_figure_studies is not None else (1 if a.demo else 3)
     if a.demo and not a.regions:  # grounding end to end on a box that says it is NOT an expert annotation
         a.regions = [DEMO_REGIONS]
+    if a.demo and not a.figure_studies and a.n_figure_studies is None:
+        a.figure_studies = [DEMO_FIGURE_STUDY]  # the radiograph with the demo's region
     return RunConfig(
         output_dir=a.output_dir, csv=a.csv, image_root=a.image_root, models=tuple(a.models), n_studies=a.n_studies,
         sample=a.sample, seed=a.seed, cluster_by=a.cluster_by, llava_rad_model=a.llava_rad_model,
         llava_rad_base=a.llava_rad_base, medgemma_model=a.medgemma_model, dtype=a.dtype, load_in_8bit=a.load_in_8bit,
         load_in_4bit=a.load_in_4bit, batch_size=a.batch_size, compile=a.compile, strict=a.strict, overwrite=a.overwrite,
         analyze_only=a.analyze_only, demo=a.demo, random_models=random_models,
-        attention=attention, n_boot=a.n_boot, bootstrap_seed=a.bootstrap_seed, n_figure_studies=n_figures,
+        attention=attention, n_boot=a.n_boot or (2000 if a.demo else 10_000), bootstrap_seed=a.bootstrap_seed,
+        n_figure_studies=n_figures,
         figure_studies=tuple(a.figure_studies) if a.figure_studies else None,
         figure_findings=tuple(a.figure_findings) if a.figure_findings else None, debug=a.debug,
         map_kinds=map_kinds, regions=tuple(a.regions), finding_map=a.finding_map,

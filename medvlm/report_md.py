@@ -155,10 +155,14 @@ def glossary_lines(terms: Sequence[Term] = GLOSSARY) -> list[str]:
 
 def glossary_markdown() -> str:
     """The block README.md's Glossary section holds and report.md ends with."""
+    from medvlm.report_validity import VALIDITY_TERMS
+
     return "\n".join([
         "Every metric, one sentence each (table name in brackets):", "",
         *glossary_lines(GLOSSARY), "",
-        "Columns of summary.csv and per_finding.csv:", "",
+        "Validity outputs (controls.csv, grounding.csv, sinks.csv):", "",
+        *glossary_lines(VALIDITY_TERMS), "",
+        "Columns of summary.csv and per_finding.csv (and of the validity tables):", "",
         *glossary_lines(COLUMNS),
     ])  # fmt: skip
 
@@ -251,8 +255,10 @@ def _timings_line(timings: Mapping) -> str | None:
     return ("Time: " + ", ".join(parts) + ".") if parts else None
 
 
-def render_report(out: Path, manifest: Mapping, tables, figs: Sequence[DrawnFigure], random_weights: bool) -> str:
-    """report.md's text."""
+def render_report(out: Path, manifest: Mapping, tables, figs: Sequence[DrawnFigure], random_weights: bool,
+                  sections: Sequence[str] = ()) -> str:
+    """report.md's text; sections: markdown lines of further sections (validity) placed before
+    the figures."""
     unit = cluster_unit(manifest.get("cluster_by"))
     lines = ["# Medical VLM attention analysis", ""]
     if random_weights:
@@ -280,6 +286,11 @@ def render_report(out: Path, manifest: Mapping, tables, figs: Sequence[DrawnFigu
                 if w and not (w.startswith("summary:") and f"fewer than {FEW_CLUSTERS} clusters" in w)]  # fmt: skip
     if warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
+    notes = manifest.get("data_notes") or []
+    if notes:
+        lines += ["", "## About the data", ""] + [f"- {n}" for n in notes]
+    if sections:
+        lines += ["", *sections]
     if figs:
         lines += ["", "## Figures", ""]
         for i, f in enumerate(figs, start=1):
@@ -289,5 +300,6 @@ def render_report(out: Path, manifest: Mapping, tables, figs: Sequence[DrawnFigu
     lines += ["## Files", "", "- results.jsonl: one record per (model, study, finding, variant)",
               "- attention/: per-layer maps (float16) keyed the same way",
               "- summary.csv, per_finding.csv, per_study.csv: the tables (columns in the Glossary)",
+              "- controls.csv, grounding.csv (+ grounding_rows.csv), sinks.csv: the validity tables, where made",
               "- manifest.json: how this was made, with the time each phase took (timings_s)"]
     return "\n".join(lines) + "\n"

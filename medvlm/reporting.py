@@ -29,9 +29,13 @@ import pandas as pd
 from medvlm.analysis import summarize
 from medvlm.data import load_image
 from medvlm.geometry import Geometry
+from medvlm.maps import MapReader, MapUnavailable
 from medvlm.metrics import intersect_boxes, resample_to_grid
 from medvlm.report_md import RANDOM_NOTE, DrawnFigure, cluster_unit, metric_panels, render_report
+from medvlm.report_validity import grounding_section, reliance_section, sinks_section
+from medvlm.sinks import reader_norms, sink_summary
 from medvlm.store import _safe_name, load_study_maps, map_key, read_results
+from medvlm.validity import run_validity
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -42,10 +46,10 @@ if TYPE_CHECKING:
 __all__ = ["RANDOM_NOTE", "analyze", "is_tool_figure", "provenance_text", "remove_stale_figures"]
 
 COMMON_GRID = (16, 16)
-FORESTS = ("forest_models", "forest_differences")
+FORESTS = ("forest_models", "forest_differences", "forest_grounding", "reliance_text_only", "reliance_blank")
 # the names the figure phase gives its PNGs: <study stem>-<10 hex digest>__<finding>__<model>_paraphrases.png,
 # ...__<finding>__models.png and the FORESTS (see _plan_figures); only these are ever removed as stale
-_TOOL_FIGURE = re.compile(rf"^(?:{'|'.join(FORESTS)}|.+-[0-9a-f]{{10}}__.+__(?:.+_paraphrases|models))\.png$")
+_TOOL_FIGURE = re.compile(rf"^(?:{'|'.join(FORESTS)}|.+-[0-9a-f]{{10}}__.+__(?:.+_paraphrases|.+_maps|models))\.png$")
 _HEADS = {
     "mean": "heads: mean (at capture)",
     "max": "heads: max over heads (at capture)",
@@ -108,8 +112,26 @@ def analyze(cfg: RunConfig, manifest: Manifest) -> int:
         warnings.simplefilter("ignore", RuntimeWarning)
         tables = summarize(df, get_map, n_boot=cfg.n_boot, seed=cfg.bootstrap_seed,
                            get_common_map=get_common_map if len(models) > 1 else None)  # fmt: skip
+    reader = MapReader(out)
+    sink_report = sink_summary(df, reader, reader_norms(reader), n_boot=cfg.n_boot, seed=cfg.bootstrap_seed)
+    exclude = sink_report.sinks if cfg.exclude_sinks else {}
+    if exclude:  # --exclude_sinks: the figures' maps without the detected sink tokens too
+        raw_get_map = get_map
+
+        def get_map(model, study, finding, variant):
+            m = raw_get_map(model, study, finding, variant)
+            if m is not None and exclude.get(model):
+                m = m.copy()
+                m[np.asarray(exclude[model], dtype=int)] = 0.0
+            return m
+
+    validity = run_validity(cfg, df, reader, exclude=exclude)
     for name, table in (("summary", tables.summary), ("per_finding", tables.per_finding),
-                        ("per_study", tables.per_study)):  # fmt: skip
+                        ("per_study", tables.per_study), ("controls", validity.controls),
+                        ("grounding", validity.grounding), ("grounding_rows", validity.units),
+                        ("sinks", sink_report.table)):  # fmt: skip
+        if table is None or table.empty:
+            continue
         if "random_weights" in table.columns:  # every row of a random-weight run says so
             table.pop("random_weights")
         table.insert(0, "random_weights", random_weights)
@@ -119,6 +141,8 @@ def analyze(cfg: RunConfig, manifest: Manifest) -> int:
 
     t1 = time.perf_counter()
     plan = _plan_figures(cfg, df, get_map, geo, tables, random_weights, manifest.data)
+    plan.jobs.extend(validity_jobs(cfg, df, reader, geo, validity, exclude, random_weights,
+                                   cluster_unit(manifest.data.get("cluster_by", cfg.cluster_by))))  # fmt: skip
     figs = _draw(plan.jobs, cfg.output_dir)
     stale = remove_stale_figures(out / "figures", [f.path for f in figs])
     t_figures = time.perf_counter() - t1
@@ -146,9 +170,19 @@ def analyze(cfg: RunConfig, manifest: Manifest) -> int:
         figures=[str(f.path.relative_to(out)) for f in figs],
         stale_figures_removed=[str(p.relative_to(out)) for p in stale],
         timings_s={**manifest.data.get("timings_s", {}), "analyse": t_analyse, "figures": t_figures},
+        sinks={**sink_report.manifest(grids={m: list(g.grid) for (m, _), g in geo.items()}),
+               "excluded_from_maps": bool(cfg.exclude_sinks)},
+        regions=validity.regions,
+        validity_notes=validity.notes,
+        map_kinds=list(cfg.map_kinds),
     )  # fmt: skip
     manifest.write()
-    (out / "report.md").write_text(render_report(out, manifest.data, tables, figs, random_weights))
+    sections = [
+        *reliance_section(validity.controls, validity.quadrants, unit, cfg.image_dependence_threshold),
+        *grounding_section(validity.grounding, validity.units, validity.regions, validity.notes, unit),
+        *sinks_section(manifest.data.get("sinks"), bool(cfg.exclude_sinks)),
+    ]
+    (out / "report.md").write_text(render_report(out, manifest.data, tables, figs, random_weights, sections))
     _say(f"wrote {out / 'report.md'}")
     return 0
 
@@ -394,3 +428,56 @@ def _draw(jobs: list[_Job], output_dir: Path) -> list[DrawnFigure]:
                 figures.save(job.draw(), job.path)
                 bar.update(1)
     return [DrawnFigure(job.path, job.caption) for job in jobs]
+
+
+def validity_jobs(cfg, df, reader, geo, validity, exclude, random_weights, unit) -> list[_Job]:
+    """The validity figures: the reliance scatter per control, the grounding forest plot, and for
+    the figure studies each model's maps of every kind asked for (raw, relative) side by side with
+    the region outlined where one joined."""
+    from medvlm import validity_figures as vf
+
+    out = cfg.output_dir / "figures"
+    jobs = []
+    for control in ("text_only", "blank"):
+        col = f"p_yes_{control}"
+        if col in df and df[col].notna().any():
+            caption = (f"P(yes) with the image against P(yes) {control.replace('_', ' ')}, every answered row; "
+                       "points on the diagonal are answers the image did not move.")
+            jobs.append(_Job(out / f"reliance_{control}.png", caption,
+                             lambda control=control: vf.reliance_scatter(df, control, random_weights=random_weights)))
+    if validity.grounding is not None and not validity.grounding.empty:
+        caption = ("Grounding per model and map kind (all findings and paraphrases pooled) beside the uniform map and "
+                   "the Gaussian prior, with cluster-bootstrap intervals.")
+        jobs.append(_Job(out / "forest_grounding.png", caption,
+                         lambda: vf.grounding_forest(validity.grounding, random_weights=random_weights,
+                                                     cluster_unit=unit)))  # fmt: skip
+    studies, findings, _ = _select(cfg, df)
+    ok = df[(df["status"] == "ok") & (df["variant_id"] == 0)]
+    regions = {(str(ok.loc[i, "study_id"]), ok.loc[i, "finding"], ok.loc[i, "model"]): j
+               for i, j in validity.joined.items() if i in ok.index}  # fmt: skip
+    for r in ok[ok["study_id"].astype(str).isin(studies)].itertuples():
+        if findings is not None and r.finding not in findings or (r.model, str(r.study_id)) not in geo:
+            continue
+        maps = {}
+        for kind in cfg.map_kinds:
+            try:
+                maps[kind] = reader.get(r.model, str(r.study_id), r.finding, 0, kind, exclude=exclude.get(r.model, ()))
+            except MapUnavailable:
+                continue
+        joined = regions.get((str(r.study_id), r.finding, r.model))
+        if not maps or (len(maps) < 2 and joined is None):
+            continue  # one kind and no region: the paraphrase grid shows it already
+        label = "; ".join(sorted({str(j.describe().get("region_source")) for j in joined})) if joined else "no region"
+        caption = (f"Study {r.study_id}, finding {r.finding}, {r.model}, the original wording: the maps of each kind "
+                   f"({', '.join(maps)}) with the region outlined (from {label}).")
+
+        def draw(r=r, maps=maps, joined=joined, label=label):
+            image = load_image(r.image_path).image
+            mask = np.logical_or.reduce([j.mask() for j in joined]) if joined else None
+            return vf.maps_with_region(image, maps, geo[(r.model, str(r.study_id))], mask,
+                                       title=f"Study {r.study_id}, {r.finding}, {r.model}: {r.question}",
+                                       colormap=cfg.attention.colormap, region_label=f"region from {label}",
+                                       random_weights=random_weights)  # fmt: skip
+
+        jobs.append(_Job(out / f"{_safe_name(str(r.study_id))}__{r.finding}__{r.model}_maps.png", caption, draw))
+    return jobs

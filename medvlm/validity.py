@@ -31,6 +31,7 @@ class ValidityResults:
     units: pd.DataFrame = field(default_factory=pd.DataFrame)
     regions: dict | None = None
     notes: list[str] = field(default_factory=list)
+    joined: dict = field(default_factory=dict)  # {record index label: (JoinedRegion, ...)}
 
 
 def _image_sizes(records: pd.DataFrame) -> dict[str, tuple[int, int]]:
@@ -60,6 +61,7 @@ def run_validity(cfg, records: pd.DataFrame, reader: MapReader, *, exclude: dict
         sets = [read_regions(p, cfg.finding_map) for p in cfg.regions]
         ok = records[records["status"] == "ok"]
         joined, report = join_regions(sets, ok, _image_sizes(records), cfg.finding_map)
+        res.joined = joined
         res.regions = report.as_dict()
         res.notes += report.summary()
         for p in cfg.regions:
