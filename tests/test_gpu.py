@@ -68,21 +68,28 @@ def test_siglip_gelu_epilogue_on_cuda_is_the_tanh_mlp():
     assert d <= 1e-5, f"fused MLP differs from SiglipMLP by {d:.3g} (fp32)"
 
 
+@pytest.mark.parametrize("validity", [False, True], ids=["plain", "controls_and_generic"])
 @pytest.mark.parametrize("model", ["medgemma", "llava_rad"])
-def test_a_pass_never_waits_on_the_gpu_before_its_results_are_read(model, tmp_path, rgb_image, monkeypatch):
+def test_a_pass_never_waits_on_the_gpu_before_its_results_are_read(model, validity, tmp_path, rgb_image,
+                                                                   monkeypatch):
     """No host synchronisation from the pass's first launch until the results are read: a
     sync after the vision tower's launches (a blocking copy, a tensor formatted into a
-    message) would leave the GPU idle while the decoder is launched one kernel at a time."""
+    message) would leave the GPU idle while the decoder is launched one kernel at a time.
+    The control passes and the generic prompt are held to the same rule."""
     import llava_rad_medical_only
     import medgemma_enhanced
+    from medvlm.backend import GENERIC
+    from medvlm.config import CONTROLS, GENERIC_PROMPT
 
     module = medgemma_enhanced if model == "medgemma" else llava_rad_medical_only
-    backend = _cuda_backend(model, tmp_path)
+    config = MedicalAttentionConfig(controls=CONTROLS, generic_prompt=GENERIC_PROMPT) if validity else None
+    backend = _cuda_backend(model, tmp_path, config)
     items = [(rgb_image, QUESTIONS, None)] * 2
     expected = backend.score_many(items)  # warm-up: one-time checks and handles may sync
     prep = backend.prepare(items)
     seen = []
-    monkeypatch.setattr(module, "question_scores", lambda out, *a, **kw: seen.append(out))  # the reading-out
+    # the reading-out: keep the question rows (the generic prompts' rows are not questions)
+    monkeypatch.setattr(module, "question_scores", lambda out, items, owners, *a, **kw: seen.append((out, owners)))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -91,8 +98,8 @@ def test_a_pass_never_waits_on_the_gpu_before_its_results_are_read(model, tmp_pa
         backend.score_prepared(prep)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    (out,) = seen
-    got = out.p_yes.tolist()
+    ((out, owners),) = seen
+    got = [p for p, (_, i) in zip(out.p_yes.tolist(), owners, strict=True) if i != GENERIC]
     want = [s.p_yes for study in expected for s in study]
     assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-6
 
