@@ -61,6 +61,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from medvlm.engine import to_device
 from medvlm.tables import metric_table
 
 SUBSTRATES = ("blur", "mean")
@@ -338,13 +339,13 @@ def faithfulness_for_studies(backend, studies: Sequence[tuple], cfg: Faithfulnes
     if not units:
         return [], []
     used = sorted({u.study for u in units})
-    originals = dict(zip(used, model_pixels(backend, [images[s] for s in used]), strict=True))
-    side = next(iter(originals.values())).shape[-1]
+    slot = {s: i for i, s in enumerate(used)}
+    originals = model_pixels(backend, [images[s] for s in used])  # [S, 3, side, side] float32
+    side = originals.shape[-1]
     sigma = blur_sigma(cfg, side)
-    substrates = {}
-    for s, x in originals.items():
-        substrates[(s, "blur")] = gaussian_blur(x[None], sigma)[0]
-        substrates[(s, "mean")] = torch.zeros_like(x)
+    dtype = _model_dtype(backend)  # what the tower reads: selecting before or after the cast is the same
+    substrates = {"blur": gaussian_blur(originals, sigma).to(dtype), "mean": torch.zeros_like(originals, dtype=dtype)}
+    originals = originals.to(dtype)
     counts = step_counts(n_cells, cfg.steps)
     # every unit's images, deduplicated within the unit: key (substrate, removed cells)
     jobs: list[tuple[int, str, np.ndarray]] = []  # (unit index, substrate, removed [n] bool)
@@ -375,19 +376,37 @@ def faithfulness_for_studies(backend, studies: Sequence[tuple], cfg: Faithfulnes
     per_pass = int(cfg.images_per_pass or max(1, getattr(backend, "default_batch_size", 6) // 6))
     for lo in range(0, len(jobs), per_pass):
         chunk = jobs[lo : lo + per_pass]
-        pixels = torch.stack([_job_pixels(originals, substrates, units[u].study, sub, removed, grid)
-                              for u, sub, removed in chunk])  # fmt: skip
         us = [units[u] for u, _, _ in chunk]
+        pixels = _chunk_pixels(originals, substrates, [slot[x.study] for x in us], chunk, grid)
         p_yes[lo : lo + len(chunk)] = score_pixels(backend, [images[x.study] for x in us], [x.question for x in us],
                                                    [x.finding for x in us], pixels)  # fmt: skip
     return _collect(units, plan, jobs, p_yes, counts, model, cfg, sigma, n_cells)
 
 
-def _job_pixels(originals, substrates, study, sub, removed, grid) -> torch.Tensor:
-    x = originals[study]
-    if sub == "none":
-        return x
-    return perturb(x, substrates[(study, sub)], torch.from_numpy(removed)[None], grid)[0]
+def _model_dtype(backend) -> torch.dtype:
+    dtype = getattr(backend, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    model = getattr(backend, "model", None)
+    return next(model.parameters()).dtype if model is not None else torch.float32
+
+
+def _chunk_pixels(originals, substrates, slots, chunk, grid) -> torch.Tensor:
+    """One pass's perturbed images [B, 3, S, S], built on the device in a few kernels: the
+    removed-cell flags of the B jobs sent at once, each image its study's original with its
+    substrate on the removed cells (an unperturbed job removes nothing)."""
+    device = originals.device
+    removed = to_device(torch.from_numpy(np.stack([r for _, _, r in chunk])), device)
+    index = to_device(torch.tensor(slots), device)
+    out = originals.index_select(0, index)
+    for name, sub in substrates.items():
+        rows = [b for b, (_, s, _) in enumerate(chunk) if s == name]
+        if rows:
+            at = to_device(torch.tensor(rows), device)
+            picked = out.index_select(0, at)
+            mask = cell_pixel_mask(removed.index_select(0, at), grid, out.shape[-1])
+            out.index_copy_(0, at, torch.where(mask, sub.index_select(0, index.index_select(0, at)), picked))
+    return out
 
 
 def _collect(units, plan, jobs, p_yes, counts, model, cfg, sigma, n_cells) -> tuple[list[dict], list[dict]]:

@@ -116,7 +116,7 @@ class OneCellModel(VLMBackend):
         self.layers = (0,)
         self.model = None
         self.device = torch.device("cpu")
-        self.calls = []
+        self.calls, self.seen = [], []
 
     @property
     def grid(self):
@@ -136,6 +136,7 @@ class OneCellModel(VLMBackend):
     def score_prepared(self, prep):
         px = prep["pixel_values"]
         self.calls.append(len(px))
+        self.seen.append(px.clone())
         r, c = divmod(self.DECIDER, self._grid[1])
         v = px[:, :, r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8].mean((1, 2, 3))
         p = torch.sigmoid(40 * (v - 0.9)).double()
@@ -199,6 +200,38 @@ def test_the_true_map_is_the_most_faithful_on_a_model_one_cell_decides(substrate
     ins = c[(c["map"] == "attention") & (c["curve"] == "insertion")]["score"].iloc[0]
     assert dele[0] == pytest.approx(p0) and ins[-1] == pytest.approx(p0) and len(dele) == cfg.steps + 1
     assert dele[1] < 1e-3 and ins[1] == pytest.approx(p0)
+
+
+@pytest.mark.parametrize("substrate", ["blur", "mean"])
+def test_the_scored_pixels_are_exactly_the_cells_named(substrate):
+    """Every image the model received, pixel by pixel: each of the map's deletion and insertion
+    steps arrives as the original with exactly the first n_k cells in map order replaced
+    (deletion: by the substrate; insertion: all but them by the blur, made here with scipy)."""
+    model = OneCellModel()
+    image = one_cell_image(7)
+    values = np.random.default_rng(5).permutation(64).astype(float)  # distinct: the order is known
+    order = np.argsort(-values)
+    rows = [{"finding": "effusion", "variant_id": 0, "question": Q, "answer": "yes"}]
+    cfg = FaithfulnessConfig(steps=4, substrate=substrate, n_random=1)
+    faithfulness_for_studies(model, [("s0", image, rows, {"attention": [values]})], cfg)
+    seen = torch.cat(model.seen).double().numpy()
+    orig = model.preprocess(image).double().numpy()
+    sigma = blur_sigma(cfg, 64)
+    blur = np.stack([gaussian_filter(orig[c], sigma, mode="mirror", truncate=4.0) for c in range(3)])
+    fill = blur if substrate == "blur" else np.zeros_like(orig)
+
+    def with_cells(cells, base, sub):
+        out = base.copy()
+        for j in cells:
+            r, c = divmod(int(j), 8)
+            out[:, r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8] = sub[:, r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8]
+        return out
+
+    for n in step_counts(64, cfg.steps):
+        first = order[:n]
+        for want in (with_cells(first, orig, fill), with_cells(np.setdiff1d(np.arange(64), first), orig, blur)):
+            diffs = np.abs(seen - want).reshape(len(seen), -1).max(1)
+            assert diffs.min() <= 1e-6, f"n_k = {n}: no image received equals it (closest {diffs.min():.2e})"
 
 
 def test_unavailable_and_malformed_maps():

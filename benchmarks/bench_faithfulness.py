@@ -1,0 +1,203 @@
+"""Cost of the faithfulness curves and the gradient maps (issue #15 section 3), on one GPU, with
+full-size random-weight models built as benchmarks/bench_speed.py builds them (bf16).
+
+    python benchmarks/bench_faithfulness.py                    # both models (H200)
+    python benchmarks/bench_faithfulness.py --models medgemma --steps 8
+    python benchmarks/bench_faithfulness.py --smoke            # tiny models on the CPU: checks the script
+
+Per model it measures, each after a warm-up at the same shapes, with peak GPU memory:
+- plain scoring: the backend's own pass (prepare / score_prepared, attention captured) at k
+  studies per pass, with the six paraphrases per study and with one question per study;
+  seconds per image (= per study);
+- perturbed images: medvlm.faithfulness.faithfulness_for_studies on studies with one question
+  each and two maps (raw attention from the plain pass, gradient x input) plus 3 random orders,
+  K steps, k perturbed images per pass; seconds per unique perturbed image (wall time over the
+  images scored: blur, masks and deduplication included). Goal: <= 1.25 x the plain pass's
+  per-image cost at the same k;
+- gradient x input: medvlm.attribution.attribution_maps at R questions per pass, seconds per
+  question, against the same rows' forward alone (attribution_margins: one row per question,
+  no graph; goal <= 3x) and against the plain packed pass per question (a packed row shares
+  the prefix between six questions, a gradient row cannot, so this ratio is larger);
+- relevancy: the same at R = 1 and 2 (its memory may exceed the 1.15 x weights goal: reported).
+Writes benchmarks/results/<date>-<device kind>-faithfulness.json (with --smoke: into --out,
+default the temporary folder, so the committed results hold GPU runs only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_speed  # noqa: E402
+from bench_speed import PARAPHRASES, backend_parameters, build, images  # noqa: E402
+
+from medvlm.attribution import attribution_maps, attribution_margins  # noqa: E402
+from medvlm.config import MedicalAttentionConfig  # noqa: E402
+from medvlm.faithfulness import FaithfulnessConfig, faithfulness_for_studies  # noqa: E402
+
+GOALS = {"perturbed_over_plain": 1.25, "gradxinput_over_forward": 3.0, "peak_over_weights": 1.15}
+
+
+def cuda() -> bool:
+    return bench_speed.DEVICE["name"] == "cuda"
+
+
+def measure(fn):
+    """(seconds, peak GiB or nan, result) of fn() after synchronising."""
+    bench_speed.sync()
+    if cuda():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    out = fn()
+    bench_speed.sync()
+    seconds = time.perf_counter() - t0
+    return seconds, (torch.cuda.max_memory_allocated() / 2**30 if cuda() else float("nan")), out
+
+
+def plain_pass(backend, imgs, k: int, questions) -> tuple[float, float]:
+    """(seconds per image, peak GiB) of the backend's own pass, k studies per pass."""
+    items = [(im, questions, None) for im in imgs]
+    backend.score_many(items[:k])  # warm-up at this shape
+    seconds, peak, _ = measure(lambda: [backend.score_prepared(backend.prepare(items[i : i + k]))
+                                        for i in range(0, len(items), k)])  # fmt: skip
+    return seconds / len(items), peak
+
+
+def bench_model(name: str, args) -> dict:
+    attention = MedicalAttentionConfig(attention_head_mode="mean", layers="all", query_mode="answer")
+    backend, _ = build(name, torch.bfloat16, attention)
+    weights = sum(p.numel() * p.element_size() for p in backend_parameters(backend)) / 2**30
+    imgs = images(max(args.n_studies, max(args.per_pass)))
+    question = PARAPHRASES[:1]
+    res: dict = {"weights_gib": weights, "steps": args.steps, "n_random": 3, "n_studies": args.n_studies}
+
+    def ratio(peak):
+        return peak / weights if cuda() else None
+
+    # plain scoring, per image, at each k
+    plain = {}
+    for k in args.per_pass:
+        six, six_peak = plain_pass(backend, imgs[: args.n_studies], k, PARAPHRASES)
+        one, one_peak = plain_pass(backend, imgs[: args.n_studies], k, question)
+        plain[k] = {"s_per_image_six_questions": six, "s_per_image_one_question": one,
+                    "peak_over_weights_six": ratio(six_peak), "peak_over_weights_one": ratio(one_peak)}  # fmt: skip
+        print(f"  {name} plain k={k}: {six * 1e3:.1f} ms/image (6 questions), {one * 1e3:.1f} ms/image (1)", flush=True)
+    res["plain"] = plain
+
+    # the maps the curves rank by: raw attention (plain pass) and gradient x input
+    studies = imgs[: args.faith_studies]
+    scores = backend.score_many([(im, question, None) for im in studies])
+    grad = {}
+    for r in args.grad_rows:
+        items = [(im, PARAPHRASES[: args.grad_questions], None) for im in imgs[: args.grad_studies]]
+        n_q = len(items) * args.grad_questions
+        attribution_maps(backend, items[:1], ("gradxinput",), rows_per_pass=r)  # warm-up
+        t_g, peak_g, _ = measure(
+            lambda items=items, r=r: attribution_maps(backend, items, ("gradxinput",), rows_per_pass=r)
+        )
+        attribution_margins(backend, items[:1], rows_per_pass=r)
+        t_f, peak_f, _ = measure(lambda items=items, r=r: attribution_margins(backend, items, rows_per_pass=r))
+        grad[r] = {"s_per_question": t_g / n_q, "forward_only_s_per_question": t_f / n_q,
+                   "gradxinput_over_forward": t_g / t_f, "peak_over_weights": ratio(peak_g),
+                   "forward_peak_over_weights": ratio(peak_f)}  # fmt: skip
+        print(f"  {name} gradxinput R={r}: {t_g / n_q * 1e3:.1f} ms/question, {t_g / t_f:.2f}x its forward, "
+              f"peak {ratio(peak_g)}", flush=True)  # fmt: skip
+    res["gradxinput"] = grad
+    plain_q = plain[max(args.per_pass)]["s_per_image_six_questions"] / len(PARAPHRASES)
+    res["gradxinput_over_plain_packed_question"] = {r: g["s_per_question"] / plain_q for r, g in grad.items()}
+    rel = {}
+    for r in args.relevancy_rows:
+        items = [(im, question, None) for im in imgs[: max(r, args.relevancy_questions)]]
+        attribution_maps(backend, items[:r], ("relevancy",), rows_per_pass=r)
+        t, peak, _ = measure(lambda items=items, r=r: attribution_maps(backend, items, ("relevancy",), rows_per_pass=r))
+        rel[r] = {"s_per_question": t / len(items), "peak_over_weights": ratio(peak),
+                  "peak_gib": peak if cuda() else None}  # fmt: skip
+        print(f"  {name} relevancy R={r}: {t / len(items) * 1e3:.1f} ms/question, peak {ratio(peak)}", flush=True)
+    res["relevancy"] = rel
+
+    # deletion / insertion
+    att = attribution_maps(backend, [(im, question, None) for im in studies], ("gradxinput",))["gradxinput"]
+    payload = [(f"s{i}", im, [{"finding": "effusion", "variant_id": 0, "question": question[0], "answer": s[0].answer}],
+                {"attention": [s[0].attention.mean(0)], "gradxinput": [att[i, 0]]})
+               for i, (im, s) in enumerate(zip(studies, scores, strict=True))]  # fmt: skip
+    curves = {}
+    for k in args.per_pass:
+        cfg = FaithfulnessConfig(steps=args.steps, images_per_pass=k)
+        faithfulness_for_studies(backend, payload[:1], FaithfulnessConfig(steps=2, images_per_pass=k))  # warm-up
+        t, peak, (records, _) = measure(lambda cfg=cfg: faithfulness_for_studies(backend, payload, cfg))
+        n_images = sum(r["n_images"] for r in records if r["map"] == "random")
+        per = t / n_images
+        curves[k] = {"s_per_perturbed_image": per, "n_images": n_images, "s_per_unit": t / len(payload),
+                     "perturbed_over_plain": per / plain[k]["s_per_image_six_questions"],
+                     "perturbed_over_plain_one_question": per / plain[k]["s_per_image_one_question"],
+                     "peak_over_weights": ratio(peak)}  # fmt: skip
+        print(f"  {name} curves k={k}: {per * 1e3:.1f} ms/perturbed image "
+              f"({curves[k]['perturbed_over_plain']:.2f}x plain), peak {ratio(peak)}", flush=True)  # fmt: skip
+    res["curves"] = curves
+    backend.unload()
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["llava_rad", "medgemma"])
+    p.add_argument("--n_studies", type=int, default=32, help="studies timed in the plain pass")
+    p.add_argument("--per_pass", type=int, nargs="+", default=[1, 2, 4, 8], help="images (studies) per pass")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--faith_studies", type=int, default=4, help="units (one question per study) of the curves")
+    p.add_argument("--grad_rows", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--grad_studies", type=int, default=4)
+    p.add_argument("--grad_questions", type=int, default=2)
+    p.add_argument("--relevancy_rows", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--relevancy_questions", type=int, default=4)
+    p.add_argument("--kind", default="nvidia-h200")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny models on the CPU, few studies: checks the script")
+    args = p.parse_args(argv)
+    if args.smoke:
+        bench_speed.DEVICE.update(name="cpu", full_size=False)
+        args.kind = "smoke-cpu"
+        args.n_studies, args.per_pass, args.steps, args.faith_studies = 2, [2], 2, 2
+        args.grad_rows, args.grad_studies, args.grad_questions = [2], 1, 2
+        args.relevancy_rows, args.relevancy_questions = [1], 1
+        out_dir = args.out or Path(tempfile.gettempdir())
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("this benchmark needs a CUDA GPU (or --smoke)")
+        out_dir = args.out or ROOT / "benchmarks" / "results"
+    import transformers
+
+    result = {
+        "date": dt.date.today().isoformat(),
+        "device_kind": args.kind,
+        "gpu": torch.cuda.get_device_name(0) if cuda() else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "dtype": "bfloat16",
+        "weights": "random, full-size shapes of the real configs" if not args.smoke else "random, tiny shapes",
+        "goals": GOALS,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{result['date']}-{args.kind}-faithfulness.json"
+    for name in args.models:
+        result[name] = bench_model(name, args)
+        path.write_text(json.dumps(result, indent=2, default=str))
+    path.write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
