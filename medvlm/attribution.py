@@ -32,14 +32,15 @@ prefix (text, image embeddings, text) and the question's suffix, under the packe
 own leaf tensor, so the gradient of sum_r m_r splits into each question's own gradient: rows
 never share a leaf (two questions of one study share the prefix, whose gradient differs per
 question, so a packed row of several questions cannot give per-question gradients in one
-backward). Every decoder layer runs under activation checkpointing (non-reentrant
-torch.utils.checkpoint, installed for the pass and removed): the forward keeps each layer's
-input only; the backward recomputes one layer at a time. Model parameters are frozen for the
+backward). Every decoder layer but the last (uncheckpointed=1) runs under activation
+checkpointing (non-reentrant torch.utils.checkpoint, installed for the pass and removed): the
+forward keeps each layer's input only; the backward recomputes one layer at a time. Model parameters are frozen for the
 pass (requires_grad restored after), so no weight gradient is computed or saved for.
 
 Cost per question (T = prefix + suffix tokens, F = one forward of those T tokens):
-    gradxinput  forward F + recompute F + input-only backward (about F: every matmul's
-                weight-gradient half is skipped) = about 3F
+    gradxinput  forward F + recompute (1 - 1/L) F + input-only backward (about F: every
+                matmul's weight-gradient half is skipped; attention's backward costs about
+                2.5x its forward) = about 3F
     relevancy   the same, with eager attention in every layer (the full [H, T, T] probabilities
                 are needed), plus the A_bar product (a row vector times a T x T matrix per layer)
 Memory per row (activations, besides the weights): every layer's input ([T, d] x n_layers, in
@@ -302,12 +303,15 @@ class RelevancyRecorder:
     (stashed by the attention function during the backward), so no layer's [H, T, T] outlives
     its own backward.
 
-    answer_pos [R] long, n_tokens T, n_layers -> after the backward: row [R, T] float32
+    answer_pos [R] long, n_tokens T, n_layers; kept: the layers run without checkpointing
+    (their forward probabilities are the ones the backward uses) -> after the backward:
+    row [R, T] float32
     """
 
-    def __init__(self, answer_pos: torch.Tensor, n_tokens: int, n_layers: int):
+    def __init__(self, answer_pos: torch.Tensor, n_tokens: int, n_layers: int, kept: Sequence[int] = ()):
         self.row = torch.nn.functional.one_hot(answer_pos, n_tokens).float()
         self.phase = "forward"
+        self.kept = set(kept)
         self.stash: dict[int, torch.Tensor] = {}
         self.expected = n_layers - 1
         self.done: list[int] = []
@@ -316,6 +320,8 @@ class RelevancyRecorder:
         if self.phase == "forward":
             if probs.requires_grad:
                 probs.register_hook(functools.partial(self._gradient, layer))
+            if layer in self.kept:
+                self.stash[layer] = probs.detach()
         else:  # the checkpoint recomputing this layer during the backward
             self.stash[layer] = probs.detach()
 
@@ -384,16 +390,20 @@ def _forward_rows(pc: _Pieces, rows: _Rows, leaf: torch.Tensor):
     return answer_margin(logits, pc.answer_tokens), answer, embeds.shape[1]
 
 
-def _gradient_rows(pc: _Pieces, rows: _Rows, kind: str | None, target: torch.Tensor | None = None):
+def _gradient_rows(pc: _Pieces, rows: _Rows, kind: str | None, target: torch.Tensor | None = None,
+                   uncheckpointed: int = 1):  # fmt: skip
     """One pass over R rows. kind None: margins only (no graph); "gradxinput": [R, n_image];
     "relevancy" (target [R] of +-1, or None for the sign of each row's margin): [R, n_image].
+    The last `uncheckpointed` decoder layers keep their activations (no recomputation).
     Returns (margin [R], map or None)."""
     start = len(rows.before)
     if kind is None:
         with torch.no_grad():
             return _forward_rows(pc, rows, rows.image)[0], None
     leaf = rows.image.detach().clone().requires_grad_(True)
-    with frozen_parameters(pc.frozen()), torch.enable_grad(), checkpointed_layers(pc.decoder_layers):
+    n_layers = len(pc.decoder_layers)
+    split = n_layers - min(max(int(uncheckpointed), 0), n_layers)
+    with frozen_parameters(pc.frozen()), torch.enable_grad(), checkpointed_layers(pc.decoder_layers[:split]):
         if kind == "gradxinput":
             m, _, _ = _forward_rows(pc, rows, leaf)
             (grad,) = torch.autograd.grad(m.sum(), leaf)
@@ -404,7 +414,7 @@ def _gradient_rows(pc: _Pieces, rows: _Rows, kind: str | None, target: torch.Ten
         prefix_len = start + pc.n_image + len(rows.after)
         t = prefix_len + max(len(s) for s in rows.suffixes)  # the packed rows' length
         answer = torch.tensor([prefix_len + len(s) - 1 for s in rows.suffixes])
-        recorder = RelevancyRecorder(answer.to(pc.device), t, len(pc.decoder_layers))
+        recorder = RelevancyRecorder(answer.to(pc.device), t, n_layers, kept=range(split, n_layers))
         with relevancy_attention(pc.attention, recorder):
             m, answer_fwd, t_fwd = _forward_rows(pc, rows, leaf)
             if t_fwd != t or not torch.equal(answer_fwd.cpu(), answer):
@@ -424,6 +434,7 @@ def attribution_maps(
     *,
     rows_per_pass: int | dict | None = None,
     answers: Sequence[str] | None = None,
+    uncheckpointed: int = 1,
 ) -> Attribution:
     """Gradient maps for every question of several studies.
 
@@ -437,6 +448,10 @@ def attribution_maps(
                    default DEFAULT_ROWS. Only memory and speed change, never a value.
     answers        the Q answers ("yes"/"no") relevancy explains, e.g. the scoring pass's; by
                    default the sign of this pass's own margin
+    uncheckpointed the last decoder layers run without activation checkpointing (default 1:
+                   the last layer, whose recomputation would follow its forward at once):
+                   each saves one layer's recomputation per pass and costs one layer's
+                   activations per row. Values never change.
     returns        Attribution: maps {kind: [Q, 1, n_image] float32}, margin, p_yes, target
     """
     kinds = tuple(dict.fromkeys(kinds))
@@ -476,7 +491,7 @@ def attribution_maps(
             target = None
             if answers is not None:
                 target = torch.tensor([1.0 if answers[i] == "yes" else -1.0 for i in idx])
-            m, value = _gradient_rows(pc, rows, kind, target)
+            m, value = _gradient_rows(pc, rows, kind, target, uncheckpointed)
             out.append(value.float().cpu())
             ms.append(m.double().cpu())
         maps[kind] = torch.cat(out)[:, None, :].numpy()
