@@ -334,14 +334,17 @@ def test_end_to_end_on_a_tiny_backend(backend):
 
 
 # -- the table ----------------------------------------------------------------------------------------
-def test_table_pools_units_with_paired_differences():
+def synthetic_records():
+    """Records of two models, 8 studies, 2 findings, maps attention and gradxinput (gradxinput
+    the more faithful: lower deletion AUC) and random."""
     rng = np.random.default_rng(0)
     records = []
     for model in ("llava_rad", "medgemma"):
         for s in range(8):
             for f in ("effusion", "cardiomegaly"):
                 base = {"model": model, "study_id": f"s{s}", "finding": f, "variant_id": 0}
-                auc = {"attention": rng.random(), "gradxinput": rng.random(), RANDOM: rng.random()}
+                auc = {"attention": 0.3 + 0.4 * rng.random(), "gradxinput": 0.3 * rng.random(),
+                       RANDOM: 0.3 + 0.4 * rng.random()}  # fmt: skip
                 for name, d in auc.items():
                     rec = {**base, "map": name, "status": "ok", "deletion_auc": d, "insertion_auc": 1 - d}
                     rec["deletion_auc_minus_random"] = d - auc[RANDOM] if name != RANDOM else np.nan
@@ -351,6 +354,11 @@ def test_table_pools_units_with_paired_differences():
                     records.append(rec)
     records.append({**records[0], "map": "relative", "status": "unavailable", "deletion_auc": np.nan,
                     "insertion_auc": np.nan, "deletion_auc_minus_random": np.nan})  # fmt: skip
+    return records
+
+
+def test_table_pools_units_with_paired_differences():
+    records = synthetic_records()
     table = faithfulness_table(records, n_boot=200)
     df = pd.DataFrame(records)
     assert list(dict.fromkeys(table["map"])) == ["attention", "relative", "gradxinput", RANDOM]
@@ -403,3 +411,18 @@ def test_curves_figure_draws_each_map_with_its_band():
         faithfulness_curves_figure(curves, maps=["relevancy"], n_boot=200)
     with pytest.raises(ValueError, match="finding"):
         faithfulness_curves_figure(curves, finding="pneumothorax", n_boot=200)
+
+
+def test_report_section():
+    from medvlm.report_faithfulness import FAITHFULNESS_TERMS, faithfulness_section
+
+    table = faithfulness_table(synthetic_records(), n_boot=200)
+    text = "\n".join(faithfulness_section(table, "studies", {"steps": 16, "substrate": "blur", "n_random": 3,
+                                                             "variants": "0", "blur_sigma": 11.6},
+                                         figure="figures/faithfulness_curves.png"))  # fmt: skip
+    assert text.startswith("## Faithfulness") and "figures/faithfulness_curves.png" in text
+    for name in ("attention", "gradxinput", RANDOM):
+        assert f"Map **{name}**" in text
+    assert "llava_rad (deletion: gradxinput, insertion: gradxinput)" in text
+    assert {t.key for t in FAITHFULNESS_TERMS} >= {"deletion_auc", "insertion_auc", "gradxinput", "relevancy"}
+    assert faithfulness_section(None, "studies", {}) == []
