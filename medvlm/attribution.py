@@ -46,8 +46,10 @@ Cost per question (T = prefix + suffix tokens, F = one forward of those T tokens
 Memory per row (activations, besides the weights): every layer's input ([T, d] x n_layers, in
 the model dtype) + one layer's recomputed activations. Relevancy adds, for the layer being
 differentiated, the [H, T, T] probabilities (model dtype, plus the float32 softmax output
-autograd keeps, plus their gradient and the float32 product): LLaVA-Rad (H 32, T ~1434)
-about 1.2 GiB per row; MedGemma (H 8, T ~300) about 30 MiB per row.
+autograd keeps, plus their gradient and their product): LLaVA-Rad (H 32, T ~1434) about
+0.8 GiB per row; MedGemma (H 8, T ~300) about 20 MiB per row. Gradient x input per row:
+LLaVA-Rad about 0.4 GiB of layer inputs + 0.25 GiB for the layer being differentiated (2 rows
+per pass stay within 1.15 x the weights); MedGemma about 0.07 GiB.
 
     att = attribution_maps(backend, [(image, questions, findings), ...], ("gradxinput", "relevancy"))
     att["gradxinput"]          # [Q, 1, n_image] float32, questions in item order
@@ -75,7 +77,7 @@ from medvlm.store import map_key
 ATTRIBUTION_KINDS = ("attention", "gradxinput", "relevancy")
 GRADIENT_KINDS = ("gradxinput", "relevancy")
 #: rows (questions) per gradient pass when the caller does not say
-DEFAULT_ROWS = {"gradxinput": 4, "relevancy": 1}
+DEFAULT_ROWS = {"gradxinput": 2, "relevancy": 1}
 RELEVANCY_ATTENTION = "medvlm_relevancy"
 _RECORDER_ATTR = "_medvlm_relevancy_recorder"
 
@@ -331,7 +333,8 @@ class RelevancyRecorder:
         probs = self.stash.pop(layer, None)
         if probs is None:
             raise RuntimeError(f"relevancy: layer {layer} was not recomputed before its gradient arrived")
-        a_bar = (grad.float() * probs.float()).clamp_min_(0).mean(1)  # [R, T, T]
+        # the product in the probabilities' dtype (float32 stays float32), the head mean accumulated in float32
+        a_bar = torch.mul(grad, probs).clamp_min_(0).mean(1, dtype=torch.float32)  # [R, T, T]
         self.row = self.row + torch.bmm(self.row[:, None, :], a_bar)[:, 0]
         self.expected -= 1
         self.done.append(layer)

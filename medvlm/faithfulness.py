@@ -206,6 +206,7 @@ def scoring_view(backend):
     Cached per backend while its config and model stay the same."""
     hit = _VIEWS.get(backend)
     if hit is not None and hit[0] is backend.config and hit[1] is backend.model:
+        hit[2].compiled = backend.compiled  # compile() after the view was made: its pass skips the fused norms too
         return hit[2]
     view = copy.copy(backend)
     view.config = dataclasses.replace(backend.config, controls=(), generic_prompt=None, generate=False)
