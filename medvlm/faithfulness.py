@@ -454,6 +454,39 @@ def faithfulness_for_study(backend, study_id, image, rows, maps_by_kind, cfg: Fa
     return faithfulness_for_studies(backend, [(study_id, image, rows, maps_by_kind)], cfg, model)
 
 
+# -- storage: one line per (unit, map), the curves inside --------------------------------------------
+UNIT_KEY = ("model", "study_id", "finding", "variant_id", "map")
+
+
+def merge_curves(records: Sequence[Mapping], curves: Sequence[Mapping], decimals: int = 6) -> list[dict]:
+    """The compact form for the results (e.g. faithfulness_units.jsonl): each record with its
+    "deletion" and "insertion" scores ([K + 1], rounded to `decimals`); the cells per step are
+    step_counts(n_cells, steps), so they are not repeated. An unavailable map has no curves."""
+    by_key = {(*(c[k] for k in UNIT_KEY), c["curve"]): c for c in curves}
+    out = []
+    for r in records:
+        row = dict(r)
+        for curve in ("deletion", "insertion"):
+            c = by_key.get((*(r[k] for k in UNIT_KEY), curve))
+            row[curve] = None if c is None else [round(float(x), decimals) for x in c["score"]]
+        out.append(row)
+    return out
+
+
+def split_curves(rows: Sequence[Mapping] | pd.DataFrame) -> list[dict]:
+    """merge_curves' rows -> the curve dicts faithfulness_figures takes (cells rebuilt)."""
+    rows = rows.to_dict("records") if isinstance(rows, pd.DataFrame) else rows
+    out = []
+    for r in rows:
+        for curve in ("deletion", "insertion"):
+            score = r.get(curve)
+            if score is None or (isinstance(score, float) and np.isnan(score)):
+                continue
+            cells = step_counts(int(r["n_cells"]), int(r["steps"])).tolist()
+            out.append({**{k: r[k] for k in UNIT_KEY}, "curve": curve, "cells": cells, "score": list(score)})
+    return out
+
+
 # -- tables -------------------------------------------------------------------------------------
 def map_sort_key(name: str) -> tuple[int, str]:
     return (MAP_ORDER.index(name) if name in MAP_ORDER else len(MAP_ORDER) - 1, name)

@@ -13,17 +13,20 @@ from medvlm.backend import QuestionScore, VLMBackend
 from medvlm.config import MedicalAttentionConfig
 from medvlm.faithfulness import (
     RANDOM,
+    UNIT_KEY,
     FaithfulnessConfig,
     blur_sigma,
     cell_pixel_mask,
     faithfulness_for_studies,
     faithfulness_table,
     gaussian_blur,
+    merge_curves,
     model_pixels,
     parse_variants,
     perturb,
     rise_auc,
     score_pixels,
+    split_curves,
     step_counts,
 )
 from medvlm.geometry import square_resize_geometry
@@ -195,6 +198,12 @@ def test_the_true_map_is_the_most_faithful_on_a_model_one_cell_decides(substrate
     # every unit's unique images: 2 shared end points + (K - 1) per curve and order
     assert (df["n_images"] == 2 + (cfg.steps - 1) * 2 * (3 + 3) + (substrate == "mean")).all()
     assert max(model.calls) == 4, "images_per_pass defaults to the backend's studies per pass"
+    rows = merge_curves(records, curves)
+    assert len(rows) == len(records) and all(len(r["deletion"]) == cfg.steps + 1 for r in rows)
+    back = pd.DataFrame(split_curves(pd.DataFrame(rows))).set_index([*UNIT_KEY, "curve"]).sort_index()
+    orig = pd.DataFrame(curves).set_index([*UNIT_KEY, "curve"]).sort_index()
+    assert back["cells"].tolist() == orig["cells"].tolist()
+    assert np.allclose(np.stack(back["score"].to_numpy()), np.stack(orig["score"].to_numpy()), atol=1e-6)
     c = pd.DataFrame(curves)
     dele = c[(c["map"] == "attention") & (c["curve"] == "deletion")]["score"].iloc[0]
     ins = c[(c["map"] == "attention") & (c["curve"] == "insertion")]["score"].iloc[0]
@@ -240,12 +249,16 @@ def test_unavailable_and_malformed_maps():
             {"finding": "effusion", "variant_id": 1, "question": Q, "answer": "yes"}]  # fmt: skip
     maps = {"attention": [np.ones(64), np.ones(64)], "relative": ["generic map is 0 at 3 entries", None],
             "gradxinput": [np.full(64, np.nan), np.zeros(64)]}  # fmt: skip
-    records, _ = faithfulness_for_studies(model, [("s0", one_cell_image(), rows, maps)], FaithfulnessConfig(steps=2))
+    study = [("s0", one_cell_image(), rows, maps)]
+    records, curves = faithfulness_for_studies(model, study, FaithfulnessConfig(steps=2))
     df = pd.DataFrame(records).set_index("map")
     assert len(df) == 4, "variant 1 is not chosen by default"
     assert df.loc["relative", "status"] == "unavailable" and "generic" in df.loc["relative", "reason"]
     assert df.loc["gradxinput", "status"] == "unavailable" and "non-finite" in df.loc["gradxinput", "reason"]
     assert np.isnan(df.loc["relative", "deletion_auc"]) and np.isnan(df.loc["relative", "deletion_auc_minus_random"])
+    merged = {r["map"]: r for r in merge_curves(records, curves)}
+    assert merged["relative"]["deletion"] is None and len(merged["attention"]["insertion"]) == 3
+    assert {c["map"] for c in split_curves(list(merged.values()))} == {"attention", RANDOM}
     all_rows, _ = faithfulness_for_studies(model, [("s0", one_cell_image(), rows, maps)],
                                            FaithfulnessConfig(steps=2, variants="all"))  # fmt: skip
     assert len(all_rows) == 8
