@@ -34,8 +34,10 @@ never share a leaf (two questions of one study share the prefix, whose gradient 
 question, so a packed row of several questions cannot give per-question gradients in one
 backward). Every decoder layer but the last (uncheckpointed=1) runs under activation
 checkpointing (non-reentrant torch.utils.checkpoint, installed for the pass and removed): the
-forward keeps each layer's input only; the backward recomputes one layer at a time. Model parameters are frozen for the
-pass (requires_grad restored after), so no weight gradient is computed or saved for.
+forward keeps each layer's input only; the backward recomputes one layer at a time. Model
+parameters are frozen for the pass (requires_grad restored after), so no weight gradient is
+computed or saved for. The answering position is the prompt's last token whatever the
+config's query_mode (which chooses the attention rows, not the answer).
 
 Cost per question (T = prefix + suffix tokens, F = one forward of those T tokens):
     gradxinput  forward F + recompute (1 - 1/L) F + input-only backward (about F: every
@@ -48,8 +50,9 @@ the model dtype) + one layer's recomputed activations. Relevancy adds, for the l
 differentiated, the [H, T, T] probabilities (model dtype, plus the float32 softmax output
 autograd keeps, plus their gradient and their product): LLaVA-Rad (H 32, T ~1434) about
 0.8 GiB per row; MedGemma (H 8, T ~300) about 20 MiB per row. Gradient x input per row:
-LLaVA-Rad about 0.4 GiB of layer inputs + 0.25 GiB for the layer being differentiated (2 rows
-per pass stay within 1.15 x the weights); MedGemma about 0.07 GiB.
+LLaVA-Rad about 0.4 GiB of layer inputs + 0.25 GiB for the layer being differentiated (so 2
+rows per pass should stay within 1.15 x the weights; estimates, benchmarks/bench_faithfulness.py
+measures them); MedGemma about 0.07 GiB.
 
     att = attribution_maps(backend, [(image, questions, findings), ...], ("gradxinput", "relevancy"))
     att["gradxinput"]          # [Q, 1, n_image] float32, questions in item order
