@@ -125,6 +125,13 @@ class Attribution:
     def __getitem__(self, kind: str) -> np.ndarray:
         return self.maps[kind]
 
+    def select(self, questions: Sequence[int] | slice) -> Attribution:
+        """The same for some of the questions (e.g. one study's, to write its maps file)."""
+        idx = np.arange(len(self.margin))[questions]
+        return Attribution(maps={k: m[idx] for k, m in self.maps.items()}, layers=self.layers,
+                           margin=self.margin[idx], p_yes=self.p_yes[idx],
+                           target=tuple(self.target[i] for i in idx) if self.target else ())  # fmt: skip
+
     def store_entries(self, keys: Sequence[tuple[str, int]]) -> dict[str, tuple[tuple[int, ...], np.ndarray]]:
         """{map_key(finding, variant, kind): (layers, map [1, n_image])} for ResultsStore.write_study,
         keys = the Q questions' (finding, variant_id)."""

@@ -168,6 +168,9 @@ def test_store_entries_and_the_flag():
     entries = att.store_entries([("effusion", 0), ("effusion", 1)])
     layers, m = entries[map_key("effusion", 1, "gradxinput")]
     assert layers == (0,) and m.tolist() == [[3.0, 4.0, 5.0]]
+    one = att.select(slice(1, 2))
+    assert one["gradxinput"].tolist() == [[[3.0, 4.0, 5.0]]] and len(one.margin) == 1
+    assert one.store_entries([("effusion", 1)]).keys() == {map_key("effusion", 1, "gradxinput")}
 
 
 def test_refusals(backend):
