@@ -46,10 +46,13 @@ if TYPE_CHECKING:
 __all__ = ["RANDOM_NOTE", "analyze", "is_tool_figure", "provenance_text", "remove_stale_figures"]
 
 COMMON_GRID = (16, 16)
-FORESTS = ("forest_models", "forest_differences", "forest_grounding", "reliance_text_only", "reliance_blank")
+FORESTS = ("forest_models", "forest_differences")
+VALIDITY_FIGURES = ("forest_grounding", "reliance_text_only", "reliance_blank")
 # the names the figure phase gives its PNGs: <study stem>-<10 hex digest>__<finding>__<model>_paraphrases.png,
 # ...__<finding>__models.png and the FORESTS (see _plan_figures); only these are ever removed as stale
-_TOOL_FIGURE = re.compile(rf"^(?:{'|'.join(FORESTS)}|.+-[0-9a-f]{{10}}__.+__(?:.+_paraphrases|.+_maps|models))\.png$")
+_TOOL_FIGURE = re.compile(
+    rf"^(?:{'|'.join(FORESTS + VALIDITY_FIGURES)}|.+-[0-9a-f]{{10}}__.+__(?:.+_paraphrases|.+_maps|models))\.png$"
+)
 _HEADS = {
     "mean": "heads: mean (at capture)",
     "max": "heads: max over heads (at capture)",
