@@ -294,7 +294,7 @@ def parse_args(argv=None) -> RunConfig:
     n_figures = a.n_figure_studies if a.n_figure_studies is not None else (1 if a.demo else 3)
     if a.demo and not a.regions:  # grounding end to end on a box that says it is NOT an expert annotation
         a.regions = [DEMO_REGIONS]
-    if a.demo and not a.figure_studies and a.n_figure_studies is None:
+    if a.demo and not a.figure_studies and a.n_figure_studies is None and not (a.n_studies or a.sample):
         a.figure_studies = [DEMO_FIGURE_STUDY]  # the radiograph with the demo's region
     return RunConfig(
         output_dir=a.output_dir, csv=a.csv, image_root=a.image_root, models=tuple(a.models), n_studies=a.n_studies,

@@ -126,5 +126,10 @@ def test_demo_end_to_end_with_both_models(tmp_path):
     assert "RANDOM WEIGHTS" in (out / "report.md").read_text()
     figs = list((out / "figures").glob("*.png"))
     assert any(f.name.endswith("__models.png") for f in figs) and any("forest" in f.name for f in figs)
+    controls = pd.read_csv(out / "controls.csv")
+    assert {"abs_delta_p_text_only", "abs_delta_p_blank"} <= set(controls.metric) and controls.random_weights.all()
+    assert (res.p_yes_text_only.notna() & res.p_yes_blank.notna()).all(), "every row answered under both controls"
+    assert (out / "sinks.csv").exists() and "positions" in manifest["sinks"]
+    assert "## Image reliance" in (out / "report.md").read_text()
     labels = json.loads((out / "demo_data" / "demo_labels.json").read_text())
     assert labels, "the demo's ground truth comes from the DICOM headers and is recorded"
