@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from medvlm.config import (
+    ATTRIBUTION_KINDS,
     CONTROLS,
     GENERIC_PROMPT,
     HEAD_MODES,
@@ -215,6 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "SIIM RLE, CheXlocalize JSON, or a plain CSV study_id,finding,x,y,w,h (README: Grounding)")
     v.add_argument("--finding_map", type=Path,
                    help="CSV label,finding[,dataset] or JSON overriding how dataset labels map to your findings")
+    v.add_argument("--attribution", default="attention",
+                   help="maps beside attention: gradxinput (gradient of the yes/no margin x the image embeddings), "
+                        "relevancy (Chefer et al. 2021; eager attention per question, memory-hungry); comma-separated")
+    v.add_argument("--faithfulness", action="store_true",
+                   help="deletion and insertion curves (RISE) for every map, while each model is loaded: costs "
+                        "2 + 2 (K - 1)(maps + R) perturbed images per unit")
+    v.add_argument("--faithfulness_steps", type=_positive, default=16, help="K: steps from no cell to all cells")
+    v.add_argument("--faithfulness_variants", default="0", help="paraphrases that get curves: 0, all, or e.g. 0,3")
+    v.add_argument("--substrate", choices=("blur", "mean"), default="blur",
+                   help="what deletion puts in place of a cell: the Gaussian-blurred image, or the normalised mean")
+    v.add_argument("--faithfulness_random", type=_positive, default=3, help="R seeded random orders (the baseline)")
+    v.add_argument("--faithfulness_studies", type=_positive, help="at most this many studies get curves")
     v.add_argument("--exclude_sinks", action="store_true",
                    help="figures and grounding renormalise maps without the detected attention-sink tokens")
     s = p.add_argument_group("statistics")
@@ -271,6 +284,14 @@ def _conflicts(a) -> str | None:
             return "8-/4-bit loading applies to real weights, not to random-weight models"
     if isinstance(a.controls, str):  # the default, not parsed by argparse
         a.controls = _controls(a.controls)
+    kinds = [k.strip() for k in str(a.attribution).split(",") if k.strip()]
+    unknown = sorted(set(kinds) - set(ATTRIBUTION_KINDS))
+    if unknown:
+        return f"--attribution: unknown kind(s) {', '.join(unknown)}; valid: {', '.join(ATTRIBUTION_KINDS)}"
+    a.attribution = tuple(k for k in ATTRIBUTION_KINDS if k in kinds or k == "attention")
+    v = a.faithfulness_variants.strip()
+    if v != "all" and not all(x.strip().isdigit() for x in v.split(",")):
+        return f"--faithfulness_variants must be all or comma-separated variant ids such as 0,3, got {v!r}"
     if not 0.0 < a.image_dependence_threshold < 1.0:
         return f"--image_dependence_threshold must be in (0, 1), got {a.image_dependence_threshold}"
     if not (a.csv or a.demo or a.analyze_only):
@@ -308,6 +329,9 @@ def parse_args(argv=None) -> RunConfig:
         figure_findings=tuple(a.figure_findings) if a.figure_findings else None, debug=a.debug,
         map_kinds=map_kinds, regions=tuple(a.regions), finding_map=a.finding_map,
         image_dependence_threshold=a.image_dependence_threshold, exclude_sinks=a.exclude_sinks,
+        attribution=a.attribution, faithfulness=a.faithfulness, faithfulness_steps=a.faithfulness_steps,
+        faithfulness_variants=a.faithfulness_variants, substrate=a.substrate,
+        faithfulness_random=a.faithfulness_random, faithfulness_studies=a.faithfulness_studies,
         rank=rank, world_size=world, local_rank=local_rank,
     )  # fmt: skip
 

@@ -300,6 +300,13 @@ def run_model(
             nxt, i_next = _next_chunk(groups, i, batch_size)
             future = pool.submit(prepare_studies, backend, nxt, random_weights) if nxt and prefetch else None
             results, batch_size = score_studies(backend, chunk, batch_size, random_weights, pre)
+            gradients = [k for k in cfg.attribution if k != "attention"]
+            if gradients:  # gradient maps of the pass's answered questions, into the same maps files
+                from medvlm.faithfulness_run import add_gradient_maps
+
+                images = ({str(r.iloc[0].study_id): img.image for r, img in pre.ready} if pre is not None else
+                          {str(r.iloc[0].study_id): load_image(r.iloc[0].image_abspath).image for r in chunk})
+                add_gradient_maps(backend, [(str(st), rec, mp) for st, rec, mp in results], images, gradients)
             if written is not None:
                 written.result()  # raises the previous write's error, if any
             written = writer.submit(_write_results, store, model, results)

@@ -51,6 +51,9 @@ TOOL_FILES = (
     "grounding.csv",
     "controls.csv",
     "faithfulness.csv",
+    "faithfulness_units.jsonl",
+    "sinks.csv",
+    "grounding_rows.csv",
     "report.md",
     "analysis_error.log",
 )
@@ -221,6 +224,7 @@ def requested_settings(model: str, cfg: RunConfig) -> dict:
         "max_new_tokens": a.max_new_tokens if a.generate else None,
         "controls": list(a.controls),
         "generic_prompt": a.generic_prompt,
+        "attribution": [k for k in cfg.attribution if k != "attention"],
     }
 
 

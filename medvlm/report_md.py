@@ -155,13 +155,14 @@ def glossary_lines(terms: Sequence[Term] = GLOSSARY) -> list[str]:
 
 def glossary_markdown() -> str:
     """The block README.md's Glossary section holds and report.md ends with."""
+    from medvlm.report_faithfulness import FAITHFULNESS_TERMS
     from medvlm.report_validity import VALIDITY_TERMS
 
     return "\n".join([
         "Every metric, one sentence each (table name in brackets):", "",
         *glossary_lines(GLOSSARY), "",
-        "Validity outputs (controls.csv, grounding.csv, sinks.csv):", "",
-        *glossary_lines(VALIDITY_TERMS), "",
+        "Validity outputs (controls.csv, grounding.csv, sinks.csv, faithfulness.csv):", "",
+        *glossary_lines(VALIDITY_TERMS), *glossary_lines(FAITHFULNESS_TERMS), "",
         "Columns of summary.csv and per_finding.csv (and of the validity tables):", "",
         *glossary_lines(COLUMNS),
     ])  # fmt: skip

@@ -28,9 +28,11 @@ import pandas as pd
 
 from medvlm.analysis import summarize
 from medvlm.data import load_image
+from medvlm.faithfulness_run import read_units
 from medvlm.geometry import Geometry
 from medvlm.maps import MapReader, MapUnavailable
 from medvlm.metrics import intersect_boxes, resample_to_grid
+from medvlm.report_faithfulness import faithfulness_section
 from medvlm.report_md import RANDOM_NOTE, DrawnFigure, cluster_unit, metric_panels, render_report
 from medvlm.report_validity import grounding_section, reliance_section, sinks_section
 from medvlm.sinks import reader_norms, sink_summary
@@ -47,7 +49,7 @@ __all__ = ["RANDOM_NOTE", "analyze", "is_tool_figure", "provenance_text", "remov
 
 COMMON_GRID = (16, 16)
 FORESTS = ("forest_models", "forest_differences")
-VALIDITY_FIGURES = ("forest_grounding", "reliance_text_only", "reliance_blank")
+VALIDITY_FIGURES = ("forest_grounding", "reliance_text_only", "reliance_blank", "faithfulness_curves")
 # the names the figure phase gives its PNGs: <study stem>-<10 hex digest>__<finding>__<model>_paraphrases.png,
 # ...__<finding>__models.png and the FORESTS (see _plan_figures); only these are ever removed as stale
 _TOOL_FIGURE = re.compile(
@@ -129,10 +131,18 @@ def analyze(cfg: RunConfig, manifest: Manifest) -> int:
             return m
 
     validity = run_validity(cfg, df, reader, exclude=exclude)
+    faith_units = read_units(out)
+    clusters = dict(zip(df["study_id"].astype(str), df["cluster_id"].astype(str), strict=False))
+    faith = None
+    if not faith_units.empty:
+        from medvlm.faithfulness import faithfulness_table
+
+        faith_units = faith_units[faith_units["study_id"].astype(str).isin(clusters)]
+        faith = faithfulness_table(faith_units, clusters=clusters, n_boot=cfg.n_boot, seed=cfg.bootstrap_seed)
     for name, table in (("summary", tables.summary), ("per_finding", tables.per_finding),
                         ("per_study", tables.per_study), ("controls", validity.controls),
                         ("grounding", validity.grounding), ("grounding_rows", validity.units),
-                        ("sinks", sink_report.table)):  # fmt: skip
+                        ("sinks", sink_report.table), ("faithfulness", faith)):  # fmt: skip
         if table is None or table.empty:
             continue
         if "random_weights" in table.columns:  # every row of a random-weight run says so
@@ -143,9 +153,21 @@ def analyze(cfg: RunConfig, manifest: Manifest) -> int:
     _say(f"tables written ({t_analyse:.1f} s)")
 
     t1 = time.perf_counter()
+    unit = cluster_unit(manifest.data.get("cluster_by", cfg.cluster_by))
     plan = _plan_figures(cfg, df, get_map, geo, tables, random_weights, manifest.data)
     plan.jobs.extend(validity_jobs(cfg, df, reader, geo, validity, exclude, random_weights,
                                    cluster_unit(manifest.data.get("cluster_by", cfg.cluster_by))))  # fmt: skip
+    if faith is not None and not faith.empty:
+        from medvlm.faithfulness import split_curves
+        from medvlm.faithfulness_figures import faithfulness_curves_figure
+
+        caption = ("Mean deletion and insertion curves per model with per-step cluster-bootstrap bands, one line per "
+                   "map (random orders grey and dashed); the x axis is the share of token cells perturbed.")
+        plan.jobs.append(_Job(cfg.output_dir / "figures" / "faithfulness_curves.png", caption,
+                              lambda: faithfulness_curves_figure(split_curves(faith_units), clusters=clusters,
+                                                                 n_boot=cfg.n_boot, seed=cfg.bootstrap_seed,
+                                                                 random_weights=random_weights,
+                                                                 cluster_unit=unit)))  # fmt: skip
     figs = _draw(plan.jobs, cfg.output_dir)
     stale = remove_stale_figures(out / "figures", [f.path for f in figs])
     t_figures = time.perf_counter() - t1
@@ -184,6 +206,8 @@ def analyze(cfg: RunConfig, manifest: Manifest) -> int:
         *reliance_section(validity.controls, validity.quadrants, unit, cfg.image_dependence_threshold),
         *grounding_section(validity.grounding, validity.units, validity.regions, validity.notes, unit),
         *sinks_section(manifest.data.get("sinks"), bool(cfg.exclude_sinks)),
+        *faithfulness_section(faith, unit, _faith_settings(manifest.data, faith_units),
+                              "figures/faithfulness_curves.png" if faith is not None else None),
     ]
     (out / "report.md").write_text(render_report(out, manifest.data, tables, figs, random_weights, sections))
     _say(f"wrote {out / 'report.md'}")
@@ -484,3 +508,14 @@ def validity_jobs(cfg, df, reader, geo, validity, exclude, random_weights, unit)
 
         jobs.append(_Job(out / f"{_safe_name(str(r.study_id))}__{r.finding}__{r.model}_maps.png", caption, draw))
     return jobs
+
+
+def _faith_settings(manifest: Mapping, units: pd.DataFrame) -> dict:
+    """What the faithfulness section says about how the curves were made (from the units)."""
+    if units is None or units.empty:
+        return {}
+    first = units.iloc[0]
+    sigma = {m: float(g["blur_sigma"].iloc[0]) for m, g in units.groupby("model")} if "blur_sigma" in units else None
+    variants = sorted(units["variant_id"].astype(int).unique().tolist())
+    return {"steps": int(first["steps"]), "substrate": first["substrate"], "n_random": int(first["n_random"]),
+            "blur_sigma": sigma, "variants": ",".join(map(str, variants))}  # fmt: skip

@@ -3,6 +3,7 @@ tables, manifest and report. The science lives in the modules this calls."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -222,6 +223,19 @@ def _load_backend(name: str, loader, cfg: RunConfig):
         raise UsageError(f"{name}: could not load the model ({type(e).__name__}: {first})") from None
 
 
+def _faithfulness(backend, name: str, rows, cfg: RunConfig) -> dict:
+    from medvlm.faithfulness import FaithfulnessConfig
+    from medvlm.faithfulness_run import run_faithfulness
+
+    fcfg = FaithfulnessConfig(steps=cfg.faithfulness_steps, substrate=cfg.substrate, n_random=cfg.faithfulness_random,
+                              variants=cfg.faithfulness_variants)  # fmt: skip
+    kinds = [*cfg.map_kinds, *(k for k in cfg.attribution if k != "attention")]
+    print(f"{name}: faithfulness curves ({fcfg.steps} steps, {fcfg.substrate}, maps {', '.join(kinds)}) ...",
+          file=sys.stderr)  # fmt: skip
+    return {**run_faithfulness(backend, name, cfg.output_dir, rows, fcfg, kinds,
+                               max_studies=cfg.faithfulness_studies), "settings": dataclasses.asdict(fcfg)}
+
+
 def _score(cfg: RunConfig, loaders, manifest: Manifest, plan: _Plan) -> int:
     out = cfg.output_dir
     ds, sel, settings = plan.dataset, plan.selection, plan.settings
@@ -244,6 +258,10 @@ def _score(cfg: RunConfig, loaders, manifest: Manifest, plan: _Plan) -> int:
             store.record_fields = {"settings_hash": settings.record(name, cfg, info)}
             model_info[name] = {**info, "load_seconds": timings["load"][name]}
             c = run_model(backend, rows, store, cfg, bool(info.get("random_weights")))
+            if cfg.faithfulness:  # the curves need the model: while it is loaded
+                t1 = time.perf_counter()
+                c["faithfulness"] = _faithfulness(backend, name, rows, cfg)
+                timings.setdefault("faithfulness", {})[name] = time.perf_counter() - t1
         finally:
             backend.unload()
         timings["score"][name] = c["seconds"]
