@@ -121,24 +121,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
+def _int_at_least(minimum: int, what: str):
+    """An argparse type: an integer >= minimum, refused with a message saying what was expected."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = None
+        if n is None or n < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return n
+
+    return parse
 
 
-def _count_or_all(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer (0 = all), got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 (all) or a positive integer, got {n}")
-    return n
+_positive = _int_at_least(1, "a positive integer")
+_count_or_all = _int_at_least(0, "0 (all) or a positive integer")
 
 
 def _controls(text: str) -> tuple[str, ...]:

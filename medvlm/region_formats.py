@@ -488,14 +488,21 @@ def _read_rsna(p, header, records, fmap, sizes) -> RegionSet:
         except ValueError as e:
             b.error(where, str(e))
             continue
-        if box is None:
-            b.set.entries += 1
-            b.set.negative_entries += 1
-            continue
-        finding = b.finding("Lung Opacity", where)
-        if finding is not None:
-            b.add(pid, finding, "Lung Opacity", where, box=box, size=RSNA_SIZE)
+        _entry(b, pid, "Lung Opacity", where, box=box, size=RSNA_SIZE) if box is not None else _negative(b)
     return b.done()
+
+
+def _negative(b) -> None:
+    """A row that states the finding is absent on its image: counted, no region."""
+    b.set.entries += 1
+    b.set.negative_entries += 1
+
+
+def _entry(b, key: str, label: str, where: str, **region) -> None:
+    """A row with a region: its label mapped to a finding (unmapped labels are counted by b)."""
+    finding = b.finding(label, where)
+    if finding is not None:
+        b.add(key, finding, label, where, **region)
 
 
 def siim_runs(encoded: str, width: int = 1024, height: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -537,13 +544,7 @@ def _read_siim(p, header, records, fmap, sizes) -> RegionSet:
         except ValueError as e:
             b.error(where, str(e))
             continue
-        if runs is None:
-            b.set.entries += 1
-            b.set.negative_entries += 1
-            continue
-        finding = b.finding("Pneumothorax", where)
-        if finding is not None:
-            b.add(image_id, finding, "Pneumothorax", where, runs=runs, size=SIIM_SIZE)
+        _entry(b, image_id, "Pneumothorax", where, runs=runs, size=SIIM_SIZE) if runs is not None else _negative(b)
     return b.done()
 
 
