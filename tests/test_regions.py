@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from medvlm import regions as rg
 
-SHARED_NIH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih-cxr14"
+SHARED_NIH = Path(__file__).resolve().parents[1] / "data" / "nih-cxr14"  # the repo's copy of shared/data
 
 
 def _txv_file(name: str) -> Path:
