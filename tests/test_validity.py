@@ -46,3 +46,26 @@ def test_validity_figures_draw_with_the_banner(tmp_path):
     legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
     groups = {t.get_text() for lg in legends for t in lg.get_texts()}
     assert {"m: raw attention", "m: uniform map", "m: Gaussian prior"} <= groups
+
+
+def test_analyze_only_with_new_regions_grounds_without_scoring(tmp_path, monkeypatch):
+    """--analyze_only --regions FILE: grounding from the stored maps, no model loaded."""
+    import json
+
+    import run_medical_vlm_analysis as cli
+    from tests.test_cli import make_project, tiny_args
+
+    csv = make_project(tmp_path / "proj", n_studies=2)
+    out = tmp_path / "out"
+    assert cli.main(tiny_args(csv, out)) == 0
+    boxes = tmp_path / "boxes_NOT_EXPERT.csv"
+    boxes.write_text("study_id,finding,x,y,w,h\ns0,effusion,0,0,24,20\ns1,effusion,24,20,24,20\n")
+    for name in cli.BACKENDS:
+        monkeypatch.setitem(cli.BACKENDS, name, lambda cfg: (_ for _ in ()).throw(AssertionError("loaded")))
+    assert cli.main(["--output_dir", str(out), "--analyze_only", "--n_boot", "50", "--regions", str(boxes)]) == 0
+    units = pd.read_csv(out / "grounding_rows.csv")
+    assert len(units) == 2 * 6 * 2 and set(units["map_kind"]) == {"attention", "relative"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["regions"]["question_rows"] == 12 and any("NOT expert" in n for n in manifest["validity_notes"])
+    report = (out / "report.md").read_text()
+    assert "## Grounding" in report and "## Attention sinks" in report
