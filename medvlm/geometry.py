@@ -31,6 +31,17 @@ class Geometry:
     def n_tokens(self) -> int:
         return self.grid[0] * self.grid[1]
 
+    def to_record(self) -> dict:
+        """The JSON form stored with each result record (lists, not tuples)."""
+        return {"image_size": list(self.image_size), "crop_box": list(self.crop_box), "grid": list(self.grid),
+                "input_size": self.input_size}  # fmt: skip
+
+    @classmethod
+    def from_record(cls, record) -> Geometry:
+        """The Geometry a result record's "geometry" field holds (to_record's inverse)."""
+        return cls(tuple(record["image_size"]), tuple(record["crop_box"]), tuple(record["grid"]),
+                   int(record["input_size"]))  # fmt: skip
+
     def cell_box(self, row: int, col: int) -> tuple[float, float, float, float]:
         """The original-image box (x0, y0, x1, y1) that grid cell (row, col) covers."""
         rows, cols = self.grid

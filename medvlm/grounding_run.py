@@ -36,10 +36,6 @@ TABLE_METRICS = (
 DEFAULT_MAX_SIDE = 1024  # grounding is computed on a copy whose long side is at most this (recorded)
 
 
-def _geometry(g: Mapping) -> Geometry:
-    return Geometry(tuple(g["image_size"]), tuple(g["crop_box"]), tuple(g["grid"]), int(g["input_size"]))
-
-
 def finding_present(records: pd.DataFrame) -> pd.Series:
     """True where the record's finding is present: answer_gt yes on a direct wording, no on a
     negated one (polarity absent: direct)."""
@@ -63,14 +59,18 @@ def grounding_units(
     Returns a DataFrame; rows whose map is unavailable get status "no map" and a reason."""
     ok = records[(records["status"] == "ok") & finding_present(records)]
     out = []
+    masks: dict[tuple, np.ndarray] = {}  # the (study, finding)'s region: the same for every paraphrase and model
     baselines: dict[tuple, dict] = {}
     for label, rec in ok.iterrows():
         joined = regions_by_row.get(label)
         if not joined:
             continue
-        geometry = _geometry(rec["geometry"])
-        mask = np.logical_or.reduce([j.mask() for j in joined])
-        key = (rec["model"], rec["study_id"], rec["finding"])
+        geometry = Geometry.from_record(rec["geometry"])
+        region = (rec["study_id"], rec["finding"])
+        if region not in masks:
+            masks[region] = np.logical_or.reduce([j.mask() for j in joined])
+        mask = masks[region]
+        key = (rec["model"], *region)
         if key not in baselines:
             baselines[key] = baseline_values(geometry, mask, max_side=max_side)
         base = {"model": rec["model"], "finding": rec["finding"], "cluster_id": rec["cluster_id"],

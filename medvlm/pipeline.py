@@ -33,9 +33,7 @@ def is_oom(err: BaseException) -> bool:
 
 
 def _geometry_record(backend: VLMBackend, size: tuple[int, int]) -> dict:
-    g = backend.geometry(*size)
-    return {"image_size": list(g.image_size), "crop_box": list(g.crop_box), "grid": list(g.grid),
-            "input_size": g.input_size}  # fmt: skip
+    return backend.geometry(*size).to_record()
 
 
 def _base_record(model: str, row, random_weights: bool) -> dict:

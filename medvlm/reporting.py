@@ -36,7 +36,7 @@ from medvlm.report_faithfulness import faithfulness_section
 from medvlm.report_md import RANDOM_NOTE, DrawnFigure, cluster_unit, metric_panels, render_report
 from medvlm.report_validity import grounding_section, reliance_section, sinks_section
 from medvlm.sinks import reader_norms, sink_summary
-from medvlm.store import _safe_name, load_study_maps, map_key, read_results
+from medvlm.store import _safe_name, read_results
 from medvlm.validity import run_validity
 
 if TYPE_CHECKING:
@@ -68,11 +68,6 @@ _QUERIES = {
 }
 
 
-def _geometry(rec) -> Geometry:
-    g = rec["geometry"]
-    return Geometry(tuple(g["image_size"]), tuple(g["crop_box"]), tuple(g["grid"]), int(g["input_size"]))
-
-
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -87,20 +82,11 @@ def analyze(cfg: RunConfig, manifest: Manifest) -> int:
     random_weights = bool(df.get("random_weights", pd.Series([False])).fillna(False).any())
     _say(f"analysing {len(df)} records: statistics with {cfg.n_boot} bootstrap resamples ...")
 
-    study_maps = functools.lru_cache(maxsize=64)(functools.partial(load_study_maps, out))
-
-    def get_map(model, study, finding, variant):
-        z = study_maps(model, str(study))
-        key = map_key(finding, variant)
-        if key not in z:
-            return None
-        att = z[key].astype(np.float64)
-        while att.ndim > 1:  # layers (and heads, when stored per head): mean
-            att = att.mean(axis=0)
-        return att
+    reader = MapReader(out)  # every map of the analysis, any kind, read through one cache
+    get_map = reader.getter("attention")  # the layer (and head) mean of the raw maps; None where absent
 
     ok = df[df["status"] == "ok"]
-    geo = {(r.model, r.study_id): _geometry(r._asdict()) for r in ok[["model", "study_id", "geometry"]]
+    geo = {(r.model, r.study_id): Geometry.from_record(r.geometry) for r in ok[["model", "study_id", "geometry"]]
            .drop_duplicates(["model", "study_id"]).itertuples(index=False)}  # fmt: skip
 
     def get_common_map(model, study, finding, variant):
@@ -117,18 +103,9 @@ def analyze(cfg: RunConfig, manifest: Manifest) -> int:
         warnings.simplefilter("ignore", RuntimeWarning)
         tables = summarize(df, get_map, n_boot=cfg.n_boot, seed=cfg.bootstrap_seed,
                            get_common_map=get_common_map if len(models) > 1 else None)  # fmt: skip
-    reader = MapReader(out)
     sink_report = sink_summary(df, reader, reader_norms(reader), n_boot=cfg.n_boot, seed=cfg.bootstrap_seed)
     exclude = sink_report.sinks if cfg.exclude_sinks else {}
-    if exclude:  # --exclude_sinks: the figures' maps without the detected sink tokens too
-        raw_get_map = get_map
-
-        def get_map(model, study, finding, variant):
-            m = raw_get_map(model, study, finding, variant)
-            if m is not None and exclude.get(model):
-                m = m.copy()
-                m[np.asarray(exclude[model], dtype=int)] = 0.0
-            return m
+    figure_map = reader.getter("attention", exclude=exclude)  # --exclude_sinks: the figures' maps without sinks
 
     validity = run_validity(cfg, df, reader, exclude=exclude)
     faith_units = read_units(out)
@@ -154,9 +131,8 @@ def analyze(cfg: RunConfig, manifest: Manifest) -> int:
 
     t1 = time.perf_counter()
     unit = cluster_unit(manifest.data.get("cluster_by", cfg.cluster_by))
-    plan = _plan_figures(cfg, df, get_map, geo, tables, random_weights, manifest.data)
-    plan.jobs.extend(validity_jobs(cfg, df, reader, geo, validity, exclude, random_weights,
-                                   cluster_unit(manifest.data.get("cluster_by", cfg.cluster_by))))  # fmt: skip
+    plan = _plan_figures(cfg, df, figure_map, geo, tables, random_weights, manifest.data)
+    plan.jobs.extend(validity_jobs(cfg, df, reader, geo, validity, exclude, random_weights, unit))
     if faith is not None and not faith.empty:
         from medvlm.faithfulness import split_curves
         from medvlm.faithfulness_figures import faithfulness_curves_figure
@@ -175,7 +151,6 @@ def analyze(cfg: RunConfig, manifest: Manifest) -> int:
          + (f"; {len(stale)} stale figure(s) of an earlier run removed" if stale else ""))  # fmt: skip
 
     failed = df[df["status"] == "failed"]
-    unit = cluster_unit(manifest.data.get("cluster_by", cfg.cluster_by))
     manifest.update(
         analysis={
             "n_boot": cfg.n_boot,

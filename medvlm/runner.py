@@ -139,8 +139,10 @@ def _wait_for_shards(out: Path, world: int, timeout_s: float = 24 * 3600) -> Non
         time.sleep(2)
 
 
-def _validation_report(ds) -> list[str]:
-    lines = [f"{len(ds.bad_rows)} bad row(s) skipped (see manifest.json):"] if ds.bad_rows else []
+def _validation_report(ds, refused: bool = False) -> list[str]:
+    """The bad rows, at most 20 of them (all are in the manifest of a run that goes on)."""
+    head = f"{len(ds.bad_rows)} bad row(s)" + (":" if refused else " skipped (see manifest.json):")
+    lines = [head] if ds.bad_rows else []
     lines += ["  " + b.format(ds.source) for b in ds.bad_rows[:20]]
     if len(ds.bad_rows) > 20:
         lines.append(f"  ... and {len(ds.bad_rows) - 20} more")
@@ -169,7 +171,7 @@ def _preflight(cfg: RunConfig, loaders) -> _Plan:
         csv = cfg.csv
     ds = load_dataset(csv, image_root=cfg.image_root, cluster_by=cfg.cluster_by, strict=cfg.strict)
     if ds.rows.empty:
-        report = "\n".join(_validation_report(ds))
+        report = "\n".join(_validation_report(ds, refused=True))
         raise DatasetError(f"{report}\n{ds.source}: all {ds.n_rows_read} data row(s) are bad: nothing to score",
                            ds.source, ds.bad_rows)  # fmt: skip
     for w in ds.warnings:
