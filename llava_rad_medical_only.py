@@ -51,7 +51,7 @@ import torch
 from PIL import Image
 
 from medvlm.aggregate import resolve_layers
-from medvlm.backend import GENERIC, QuestionScore, VLMBackend, blank_image, common_prefix_len, question_scores
+from medvlm.backend import GENERIC, QuestionScore, VLMBackend, question_scores
 from medvlm.capture import attention_modules_of
 from medvlm.config import MedicalAttentionConfig
 from medvlm.engine import cache_kwargs, new_cache, score_packed, select_cache, to_device
@@ -751,13 +751,7 @@ class LLaVARadMedical(VLMBackend):
             pixel_values = pixel_values.pin_memory()
         prep = {"items": items, "toks": toks, "queries": queries, "rows": rows, "owners": owners,
                 "pixel_values": pixel_values}  # fmt: skip
-        if "text_only" in self.config.controls:
-            ids = [self.text_only_ids(q) for _, questions, _ in items for q in questions]
-            c = common_prefix_len(ids)
-            prep["text_only"] = {"prefix": ids[0][:c], "suffixes": [x[c:] for x in ids]}
-        if "blank" in self.config.controls:
-            prep["blank_pixels"] = self.pixel_values([blank_image(items[0][0].size)])
-        return prep
+        return {**prep, **self.prepare_controls(items)}
 
     @torch.no_grad()
     def score_prepared(self, prep: dict) -> list[list[QuestionScore]]:

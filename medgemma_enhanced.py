@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from medvlm.aggregate import resolve_layers
-from medvlm.backend import GENERIC, QuestionScore, VLMBackend, blank_image, common_prefix_len, question_scores
+from medvlm.backend import GENERIC, QuestionScore, VLMBackend, question_scores
 from medvlm.capture import attention_modules_of
 from medvlm.config import MedicalAttentionConfig
 from medvlm.engine import score_packed, to_device
@@ -543,13 +543,7 @@ class MedGemmaMedical(VLMBackend):
             pixel_values = pixel_values.pin_memory()
         prep = {"items": items, "entries": entries, "suffixes": suffixes, "queries": queries, "rows": rows,
                 "owners": owners, "pixel_values": pixel_values}  # fmt: skip
-        if "text_only" in self.config.controls:
-            ids = [self.text_only_ids(q) for _, questions, _ in items for q in questions]
-            c = common_prefix_len(ids)
-            prep["text_only"] = {"prefix": ids[0][:c], "suffixes": [x[c:] for x in ids]}
-        if "blank" in self.config.controls:
-            prep["blank_pixels"] = self.pixel_values([blank_image(images[0].size)])
-        return prep
+        return {**prep, **self.prepare_controls(items)}
 
     @torch.no_grad()
     def score_prepared(self, prep: dict) -> list[list[QuestionScore]]:

@@ -393,7 +393,9 @@ class _SliceSpecs:
     n_rows: int
 
 
-def _ratio_spec(values: np.ndarray, idx: np.ndarray, g: int) -> tuple[st.SumsSpec, int]:
+def ratio_spec(values: np.ndarray, idx: np.ndarray, g: int) -> tuple[st.SumsSpec, int]:
+    """(the pooled mean of the defined values as a cluster-sums spec, how many were defined):
+    values [n] float (NaN: undefined, left out), idx [n] each value's cluster in [0, g)."""
     v = np.asarray(values, dtype=np.float64)
     defined = ~np.isnan(v)
     units = np.stack([np.where(defined, v, 0.0), defined.astype(np.float64)], axis=-1)
@@ -442,7 +444,7 @@ def _model_specs(rows: pd.DataFrame, clusters: list[str]) -> _SliceSpecs:
     n_units["fleiss_kappa"] = n_complete
 
     for metric, col in _ATTN_ROW_COLUMNS.items():
-        specs[metric], n_units[metric] = _ratio_spec(rows[col].to_numpy(dtype=np.float64), idx, g)
+        specs[metric], n_units[metric] = ratio_spec(rows[col].to_numpy(dtype=np.float64), idx, g)
     return _SliceSpecs(specs, n_units, len(rows))
 
 
@@ -453,7 +455,7 @@ def _between_specs(rows: pd.DataFrame, clusters: list[str]) -> _SliceSpecs:
     specs: dict[str, st.Spec] = {}
     n_units: dict[str, int] = {}
     for metric, col in _BETWEEN_ROW_COLUMNS.items():
-        specs[metric], n_units[metric] = _ratio_spec(rows[col].to_numpy(dtype=np.float64), idx, g)
+        specs[metric], n_units[metric] = ratio_spec(rows[col].to_numpy(dtype=np.float64), idx, g)
     return _SliceSpecs(specs, n_units, len(rows))
 
 

@@ -260,6 +260,24 @@ class VLMBackend(ABC):
         backend's device half runs."""
         raise NotImplementedError(f"backend {self.name!r} has no image preprocessing")
 
+    def text_only_ids(self, question: str) -> list[int]:
+        """The text-only control's full prompt ids: the same conversation without the image."""
+        raise NotImplementedError(f"backend {self.name!r} has no text-only prompt")
+
+    def prepare_controls(self, items: Sequence[tuple]) -> dict:
+        """The host-side part of the controls (config.controls) for a pass of checked items:
+        "text_only": {"prefix": ids every question's text-only prompt starts with, "suffixes":
+        the rest of each, in question order}; "blank_pixels": [1, 3, S, S] of the grey image
+        (one for the pass: a uniform image preprocesses to the same pixels at every size)."""
+        out = {}
+        if "text_only" in self.config.controls:
+            ids = [self.text_only_ids(q) for _, questions, _ in items for q in questions]
+            c = common_prefix_len(ids)
+            out["text_only"] = {"prefix": ids[0][:c], "suffixes": [x[c:] for x in ids]}
+        if "blank" in self.config.controls:
+            out["blank_pixels"] = self.pixel_values([blank_image(items[0][0].size)])
+        return out
+
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """[K, 3, S, S]: preprocess() on K images, in threads (the resize releases the
         interpreter)."""

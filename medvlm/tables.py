@@ -20,18 +20,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-import numpy as np
 import pandas as pd
 
 from medvlm import stats as st
-from medvlm.analysis import ALL, SUMMARY_COLUMNS, summary_record
-
-
-def _spec(values: np.ndarray, idx: np.ndarray, g: int) -> tuple[st.SumsSpec, int]:
-    v = np.asarray(values, dtype=np.float64)
-    defined = ~np.isnan(v)
-    units = np.stack([np.where(defined, v, 0.0), defined.astype(np.float64)], axis=-1)
-    return st.sums_spec(st.sum_by_cluster(units, idx, g), st.ratio_statistic), int(defined.sum())
+from medvlm.analysis import ALL, SUMMARY_COLUMNS, ratio_spec, summary_record
 
 
 def metric_table(
@@ -81,7 +73,7 @@ def _slice(part, metrics, proportions, finding, n_boot, seed, level, pairs) -> l
         idx = pd.Categorical(rows["cluster_id"].astype(str), categories=clusters).codes
         specs, n_units = {}, {}
         for metric in metrics:
-            specs[metric], n_units[metric] = _spec(rows[metric].to_numpy(float), idx, len(clusters))
+            specs[metric], n_units[metric] = ratio_spec(rows[metric].to_numpy(float), idx, len(clusters))
         specs_by_model[m] = (rows, clusters)
         ci = st.bootstrap_many(specs, n_boot=n_boot, seed=seed, level=level,
                                proportions=[p for p in proportions if p in specs])  # fmt: skip
@@ -102,8 +94,8 @@ def _slice(part, metrics, proportions, finding, n_boot, seed, level, pairs) -> l
         ib = pd.Categorical(rb["cluster_id"].astype(str), categories=common).codes
         specs, n_units = {}, {}
         for metric in metrics:
-            sa, na = _spec(ra[metric].to_numpy(float), ia, len(common))
-            sb, nb = _spec(rb[metric].to_numpy(float), ib, len(common))
+            sa, na = ratio_spec(ra[metric].to_numpy(float), ia, len(common))
+            sb, nb = ratio_spec(rb[metric].to_numpy(float), ib, len(common))
             specs[metric], n_units[metric] = st.DifferenceSpec(sa, sb), na + nb
         ci = st.bootstrap_many(specs, n_boot=n_boot, seed=seed, level=level,
                                proportions=[p for p in proportions if p in specs])  # fmt: skip
