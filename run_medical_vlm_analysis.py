@@ -150,6 +150,31 @@ def _controls(text: str) -> tuple[str, ...]:
     return names
 
 
+def _attribution(text: str) -> tuple[str, ...]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = sorted(set(kinds) - set(ATTRIBUTION_KINDS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown kind(s) {', '.join(unknown)}; valid: {', '.join(ATTRIBUTION_KINDS)}")
+    return tuple(k for k in ATTRIBUTION_KINDS if k in kinds or k == "attention")
+
+
+def _variants(text: str) -> str:
+    v = text.strip()
+    if v != "all" and not all(x.strip().isdigit() for x in v.split(",")):
+        raise argparse.ArgumentTypeError(f"expected all or comma-separated variant ids such as 0,3, got {v!r}")
+    return v
+
+
+def _open_unit(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = float("nan")
+    if not 0.0 < x < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return x
+
+
 def _layers(text: str) -> str | tuple[int, ...]:
     if text in LAYER_SPECS:
         return text
@@ -207,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="maps the figures and grounding use: raw attention, relative attention (Zhang et al. 2025: "
                         "divided by the attention of the generic prompt 'Write a general description of the image.', "
                         "asked once per study in the same pass), or both")
-    v.add_argument("--image_dependence_threshold", type=float, default=0.1,
+    v.add_argument("--image_dependence_threshold", type=_open_unit, default=0.1,
                    help="a (study, finding) is image-dependent when the mean over its paraphrases of |P(yes | image) - "
                         "P(yes | text only)| reaches this")
     v.add_argument("--regions", type=Path, action="append", default=[], metavar="FILE",
@@ -215,14 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "SIIM RLE, CheXlocalize JSON, or a plain CSV study_id,finding,x,y,w,h (README: Grounding)")
     v.add_argument("--finding_map", type=Path,
                    help="CSV label,finding[,dataset] or JSON overriding how dataset labels map to your findings")
-    v.add_argument("--attribution", default="attention",
+    v.add_argument("--attribution", type=_attribution, default="attention",
                    help="maps beside attention: gradxinput (gradient of the yes/no margin x the image embeddings), "
                         "relevancy (Chefer et al. 2021; eager attention per question, memory-hungry); comma-separated")
     v.add_argument("--faithfulness", action="store_true",
                    help="deletion and insertion curves (RISE) for every map, while each model is loaded: costs "
                         "2 + 2 (K - 1)(maps + R) perturbed images per unit")
     v.add_argument("--faithfulness_steps", type=_positive, default=16, help="K: steps from no cell to all cells")
-    v.add_argument("--faithfulness_variants", default="0", help="paraphrases that get curves: 0, all, or e.g. 0,3")
+    v.add_argument("--faithfulness_variants", type=_variants, default="0",
+                   help="paraphrases that get curves: 0, all, or e.g. 0,3")
     v.add_argument("--substrate", choices=("blur", "mean"), default="blur",
                    help="what deletion puts in place of a cell: the Gaussian-blurred image, or the normalised mean")
     v.add_argument("--faithfulness_random", type=_positive, default=3, help="R seeded random orders (the baseline)")
@@ -261,41 +287,25 @@ def _conflicts(a) -> str | None:
     """The first pair of flags that contradict each other, as an error message."""
     defaults = {"llava_rad_model": "microsoft/llava-rad", "llava_rad_base": "lmsys/vicuna-7b-v1.5",
                 "medgemma_model": "google/medgemma-4b-it"}  # fmt: skip
-    if a.demo and a.csv:
-        return "--demo runs its own data: drop --csv (or drop --demo to run your CSV)"
-    if a.demo and a.random_full_size_models:
-        return "--demo uses tiny random models: drop --random_full_size_models"
-    if a.tiny_random_models and a.random_full_size_models:
-        return "choose one of --tiny_random_models and --random_full_size_models"
-    if a.analyze_only and (a.csv or a.demo):
-        return "--analyze_only reads the stored results of --output_dir: drop --csv / --demo"
-    if a.analyze_only and a.overwrite:
-        return "--analyze_only keeps the stored results: drop --overwrite"
-    if a.load_in_8bit and a.load_in_4bit:
-        return "choose one of --load_in_8bit and --load_in_4bit"
-    if a.n_studies and a.sample:
-        return "choose one of --n_studies and --sample"
-    if a.demo or a.tiny_random_models or a.random_full_size_models:
-        changed = [f"--{k}" for k, v in defaults.items() if getattr(a, k) != v]
-        if changed:
-            return f"{', '.join(changed)} name real weights, but random-weight models were asked for"
-        if a.load_in_8bit or a.load_in_4bit:
-            return "8-/4-bit loading applies to real weights, not to random-weight models"
-    if isinstance(a.controls, str):  # the default, not parsed by argparse
-        a.controls = _controls(a.controls)
-    kinds = [k.strip() for k in str(a.attribution).split(",") if k.strip()]
-    unknown = sorted(set(kinds) - set(ATTRIBUTION_KINDS))
-    if unknown:
-        return f"--attribution: unknown kind(s) {', '.join(unknown)}; valid: {', '.join(ATTRIBUTION_KINDS)}"
-    a.attribution = tuple(k for k in ATTRIBUTION_KINDS if k in kinds or k == "attention")
-    v = a.faithfulness_variants.strip()
-    if v != "all" and not all(x.strip().isdigit() for x in v.split(",")):
-        return f"--faithfulness_variants must be all or comma-separated variant ids such as 0,3, got {v!r}"
-    if not 0.0 < a.image_dependence_threshold < 1.0:
-        return f"--image_dependence_threshold must be in (0, 1), got {a.image_dependence_threshold}"
-    if not (a.csv or a.demo or a.analyze_only):
-        return "give --csv (or --demo, or --analyze_only on an existing --output_dir)"
-    return None
+    random = a.demo or a.tiny_random_models or a.random_full_size_models
+    real = [f"--{k}" for k, v in defaults.items() if getattr(a, k) != v]
+    rules = (
+        (a.demo and a.csv, "--demo runs its own data: drop --csv (or drop --demo to run your CSV)"),
+        (a.demo and a.random_full_size_models, "--demo uses tiny random models: drop --random_full_size_models"),
+        (a.tiny_random_models and a.random_full_size_models,
+         "choose one of --tiny_random_models and --random_full_size_models"),
+        (a.analyze_only and (a.csv or a.demo),
+         "--analyze_only reads the stored results of --output_dir: drop --csv / --demo"),
+        (a.analyze_only and a.overwrite, "--analyze_only keeps the stored results: drop --overwrite"),
+        (a.load_in_8bit and a.load_in_4bit, "choose one of --load_in_8bit and --load_in_4bit"),
+        (a.n_studies and a.sample, "choose one of --n_studies and --sample"),
+        (random and real, f"{', '.join(real)} name real weights, but random-weight models were asked for"),
+        (random and (a.load_in_8bit or a.load_in_4bit),
+         "8-/4-bit loading applies to real weights, not to random-weight models"),
+        (not (a.csv or a.demo or a.analyze_only),
+         "give --csv (or --demo, or --analyze_only on an existing --output_dir)"),
+    )  # fmt: skip
+    return next((message for broken, message in rules if broken), None)
 
 
 def parse_args(argv=None) -> RunConfig:
