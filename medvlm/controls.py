@@ -99,9 +99,11 @@ def controls_table(
     n_boot: int = 10_000,
     seed: int = 0,
     level: float = 0.95,
+    quadrants: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """controls.csv: per model (and model pair) and finding, every control metric and the
-    quadrant shares with cluster-bootstrap intervals (medvlm.tables.metric_table rows)."""
+    quadrant shares with cluster-bootstrap intervals (medvlm.tables.metric_table rows).
+    quadrants: quadrant_units(records, threshold) when the caller has them already."""
     present = [c for c in controls if control_column(c) in records and records[control_column(c)].notna().any()]
     if not present:
         return pd.DataFrame()
@@ -110,7 +112,7 @@ def controls_table(
     proportions = [f"answer_change_{c}" for c in present]
     parts = [metric_table(units, metrics, proportions=proportions, n_boot=n_boot, seed=seed, level=level)]
     if "text_only" in present:
-        quads = quadrant_units(records, threshold)
+        quads = quadrant_units(records, threshold) if quadrants is None else quadrants
         if len(quads):
             parts.append(metric_table(quads, QUADRANTS, proportions=QUADRANTS, n_boot=n_boot, seed=seed, level=level))
     return pd.concat(parts, ignore_index=True)

@@ -51,10 +51,11 @@ def run_validity(cfg, records: pd.DataFrame, reader: MapReader, *, exclude: dict
     res = ValidityResults()
     has_controls = [c for c in CONTROLS if f"p_yes_{c}" in records and records[f"p_yes_{c}"].notna().any()]
     if has_controls:
-        res.controls = controls_table(records, has_controls, threshold=cfg.image_dependence_threshold,
-                                      n_boot=cfg.n_boot, seed=cfg.bootstrap_seed)  # fmt: skip
         if "text_only" in has_controls:
             res.quadrants = quadrant_units(records, cfg.image_dependence_threshold)
+        res.controls = controls_table(records, has_controls, threshold=cfg.image_dependence_threshold,
+                                      n_boot=cfg.n_boot, seed=cfg.bootstrap_seed,
+                                      quadrants=res.quadrants if "text_only" in has_controls else None)  # fmt: skip
     if cfg.regions:
         from medvlm.regions import join_regions, read_regions
 
@@ -67,7 +68,6 @@ def run_validity(cfg, records: pd.DataFrame, reader: MapReader, *, exclude: dict
         for p in cfg.regions:
             if "NOT_EXPERT" in str(p).upper():
                 res.notes.append(f"regions from {p} are NOT expert annotations (see the file's source column)")
-        kinds = [k for k in cfg.map_kinds]
-        res.units = grounding_units(ok, joined, reader, kinds, exclude=exclude)
+        res.units = grounding_units(ok, joined, reader, list(cfg.map_kinds), exclude=exclude)
         res.grounding = grounding_table(res.units, n_boot=cfg.n_boot, seed=cfg.bootstrap_seed)
     return res
