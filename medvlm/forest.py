@@ -180,7 +180,10 @@ def forest_plot(
             for j, g in enumerate(groups)
         ]
         # above the first panel, right-aligned (its title is on the left); inside the layout
-        axes[0].legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=min(n_groups, 4),
+        # as many columns as fit the plot's width (about 6 in for the entries at 8.5 pt)
+        per_entry_in = 0.5 + 0.07 * max(len(str(g)) for g in groups)
+        ncols = max(1, min(n_groups, 4, int(6.0 // per_entry_in)))
+        axes[0].legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=ncols,
                        frameon=False, fontsize=8.5, borderaxespad=0.2)  # fmt: skip
     note = ci_footnote(df, cluster_unit) if ci_note is None else ci_note
     if marks:
