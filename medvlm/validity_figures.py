@@ -93,7 +93,8 @@ def maps_with_region(
             ys = (np.arange(small.shape[0]) + 0.5) * step
             xs = (np.arange(small.shape[1]) + 0.5) * step
             ax.contour(xs, ys, small, levels=[0.5], colors=["#00e5ff"], linewidths=1.2)
-    fig.suptitle(f"{title}\ncyan outline: {region_label}", fontsize=8)
+    outline = f"cyan outline: {region_label}; " if mask is not None and mask.any() else ""
+    fig.suptitle(f"{title}\n{outline}each panel on its own colour scale (0 to its largest share)", fontsize=8)
     if random_weights:
         random_weights_banner(fig)
     return fig
