@@ -45,9 +45,9 @@ def _load_llava_rad(cfg: RunConfig):
         return full_size_llava_rad(cfg.attention, device=cfg.device, dtype=cfg.dtype or "bfloat16")
     backend = LLaVARadMedical(config=cfg.attention)
     if cfg.random_models == "tiny":
-        from medvlm.tiny_llava_rad import write_tiny_llava_rad
+        from medvlm.tiny_llava_rad import cached_tiny_llava_rad
 
-        model_path, model_base = write_tiny_llava_rad(cfg.output_dir / "tiny_models" / "llava_rad")
+        model_path, model_base = cached_tiny_llava_rad()  # written once into the tool's cache, then reused
         return backend.load_model(model_path, model_base, device=cfg.device, dtype=cfg.dtype or "float32")
     return backend.load_model(cfg.llava_rad_model, cfg.llava_rad_base, load_8bit=cfg.load_in_8bit,
                               load_4bit=cfg.load_in_4bit, device=cfg.device, dtype=cfg.dtype)  # fmt: skip

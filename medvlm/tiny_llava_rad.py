@@ -30,8 +30,12 @@ Deterministic for a given seed; takes about a second.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -153,6 +157,32 @@ def _vision_json() -> dict:
             "context_length": 256,
         },
     }
+
+
+def cache_root() -> Path:
+    """Where the tool keeps what it can rebuild: $MEDVLM_CACHE, else ~/.cache/medvlm."""
+    return Path(os.environ.get("MEDVLM_CACHE") or Path.home() / ".cache" / "medvlm")
+
+
+def cached_tiny_llava_rad(seed: int = 0) -> tuple[str, str]:
+    """write_tiny_llava_rad's checkpoint, written once into the cache (cache_root()) and reused:
+    the folder is named by a hash of this module's source, the seed and the versions of the
+    packages that write it, so any change writes a new one. Returns (model_path, model_base)."""
+    from importlib.metadata import version
+
+    pkgs = "|".join(f"{n}={version(n)}" for n in ("torch", "transformers", "peft", "timm", "sentencepiece"))
+    key = hashlib.sha1(Path(__file__).read_bytes() + f"|seed={seed}|{pkgs}".encode()).hexdigest()[:16]
+    folder = cache_root() / f"tiny_llava_rad-{key}"
+    if not (folder / "COMPLETE").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".writing-", dir=folder.parent))
+        write_tiny_llava_rad(tmp, seed)
+        (tmp / "COMPLETE").write_text(pkgs + "\n")
+        try:
+            os.replace(tmp, folder)  # atomic; a concurrent writer that won leaves an equal folder
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder / MODEL_DIRNAME), str(folder / BASE_DIRNAME)
 
 
 def write_tiny_llava_rad(folder, seed: int = 0) -> tuple[str, str]:

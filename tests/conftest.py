@@ -10,6 +10,22 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tool_cache(tmp_path_factory):
+    """The tool's cache (medvlm.tiny_llava_rad.cache_root) in a folder of this test session,
+    for every test and the processes they start."""
+    import os
+
+    folder = tmp_path_factory.mktemp("medvlm-cache")
+    old = os.environ.get("MEDVLM_CACHE")
+    os.environ["MEDVLM_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("MEDVLM_CACHE", None)
+    else:
+        os.environ["MEDVLM_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def rgb_image() -> Image.Image:
     """A non-square random RGB image (300 x 200)."""

@@ -557,3 +557,23 @@ def test_compiled_regions_equal_the_eager_reference(tiny, rgb_image):
         maps, _ = _ref_maps(ref, [s.extra["prefix_len"] + p for p in s.extra["query_positions"]], "none")
         d = max_diff(s.attention, maps)
         assert d <= TOL, f"{q!r}: rows differ by {d:.3g}"
+
+
+def test_the_cached_tiny_checkpoint_is_written_once_and_equals_a_fresh_one(tmp_path):
+    """--tiny_random_models / --demo take the tiny checkpoint from the tool's cache: the same
+    files a fresh write_tiny_llava_rad makes, written once, found again by the next call."""
+    from medvlm.tiny_llava_rad import cache_root, cached_tiny_llava_rad, write_tiny_llava_rad
+
+    first = cached_tiny_llava_rad()
+    marker = Path(first[0]).parent / "COMPLETE"
+    stamp = marker.stat().st_mtime_ns
+    assert cached_tiny_llava_rad() == first and marker.stat().st_mtime_ns == stamp, "written a second time"
+    assert Path(first[0]).is_relative_to(cache_root())
+    fresh = write_tiny_llava_rad(tmp_path / "fresh")
+    for cached_dir, fresh_dir in zip(first, fresh, strict=True):
+        names = sorted(p.name for p in Path(fresh_dir).iterdir())
+        assert sorted(p.name for p in Path(cached_dir).iterdir()) == names
+        for name in names:
+            if name.endswith(".json"):
+                continue  # may name their own folder
+            assert (Path(cached_dir) / name).read_bytes() == (Path(fresh_dir) / name).read_bytes(), name
