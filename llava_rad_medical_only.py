@@ -634,6 +634,7 @@ class LLaVARadMedical(VLMBackend):
         on_cuda = self.model is not None and self.device.type == "cuda"
         self.model = self.vision = self.projector = None
         self._attention = self._norms = None
+        self.control_memo.clear()
         gc.collect()
         if on_cuda:
             torch.cuda.empty_cache()
@@ -820,38 +821,53 @@ class LLaVARadMedical(VLMBackend):
                                     use_cache=False).last_hidden_state  # fmt: skip
 
     def _controls(self, prep: dict, text: torch.Tensor, prefix_len: int) -> dict:
-        """{control: P(yes) [n_questions]}: each control is one extra single-row pass holding a
-        shared prefix (the grey image's, or the template's text without the image) and every
-        question of the pass packed after it; logits only."""
+        """{control: P(yes) [n_questions] float64}: each control's prompts not yet in
+        self.control_memo are scored in one extra single-row pass holding a shared prefix (the
+        grey image's, or the template's text without the image) and those questions packed
+        after it; logits only. The rest are read from the memo (a control names no study)."""
         decoder = self.model.model
         questions = [r for r, (_, i) in enumerate(prep["owners"]) if i != GENERIC]
         common = {"head": self.model.lm_head, "attention_modules": self._attention, "config": self.model.config,
                   "n_studies": 1, "pad_id": self.pad_id, "image_span": None, "layers": (),
                   "head_mode": self.config.attention_head_mode, "answer_tokens": self.answer_tokens,
                   "device": self.device}  # fmt: skip
+        memo, context = self.control_memo, (str(self.model.lm_head.weight.dtype),)
         out = {}
         if "blank_pixels" in prep:
-            grey = torch.cat([text[:1], self.image_embeddings(prep["blank_pixels"])], dim=1)
             sfx = [prep["toks"][r].suffix_ids for r in questions]
+            system = list(prep["toks"][0].prefix_ids)
 
-            def forward_blank(suffix_ids, position_ids, mask):
-                return self._decode(torch.cat([grey, decoder.embed_tokens(suffix_ids)], dim=1), mask, position_ids)
+            def blank(idx):
+                grey = torch.cat([text[:1], self.image_embeddings(prep["blank_pixels"])], dim=1)
 
-            out["blank"] = score_packed(
-                forward=forward_blank, prefix_len=prefix_len, suffixes=sfx, query_positions=[[len(x) - 1] for x in sfx],
-                prefix_rows=[0] * len(sfx), **common,
-            ).p_yes  # fmt: skip
-        if "text_only" in prep:
-            t = prep["text_only"]
-            prefix = self._text_embeddings(t["prefix"], 1)
+                def forward_blank(suffix_ids, position_ids, mask):
+                    return self._decode(torch.cat([grey, decoder.embed_tokens(suffix_ids)], dim=1), mask, position_ids)
 
-            def forward_text(suffix_ids, position_ids, mask):
-                return self._decode(torch.cat([prefix, decoder.embed_tokens(suffix_ids)], dim=1), mask, position_ids)
+                part = [sfx[i] for i in idx]
+                return score_packed(
+                    forward=forward_blank, prefix_len=prefix_len, suffixes=part,
+                    query_positions=[[len(x) - 1] for x in part], prefix_rows=[0] * len(part), **common,
+                ).p_yes.double().cpu().numpy()  # fmt: skip
 
-            out["text_only"] = score_packed(
-                forward=forward_text, prefix_len=len(t["prefix"]), suffixes=t["suffixes"],
-                query_positions=[[len(x) - 1] for x in t["suffixes"]], prefix_rows=[0] * len(t["suffixes"]), **common,
-            ).p_yes  # fmt: skip
+            # the grey image sits between the system ids and each suffix (-1 marks it in the key)
+            out["blank"] = memo.resolve("blank", context, [[*system, -1, *x] for x in sfx], blank)
+        if "text_only_ids" in prep:
+            ids = prep["text_only_ids"]
+
+            def text_only(idx):
+                head, rests = self.split_common_prefix([ids[i] for i in idx])
+                prefix = self._text_embeddings(head, 1)
+
+                def forward_text(suffix_ids, position_ids, mask):
+                    return self._decode(torch.cat([prefix, decoder.embed_tokens(suffix_ids)], dim=1), mask,
+                                        position_ids)  # fmt: skip
+
+                return score_packed(
+                    forward=forward_text, prefix_len=len(head), suffixes=rests,
+                    query_positions=[[len(x) - 1] for x in rests], prefix_rows=[0] * len(rests), **common,
+                ).p_yes.double().cpu().numpy()  # fmt: skip
+
+            out["text_only"] = memo.resolve("text_only", context, ids, text_only)
         return out
 
     @torch.no_grad()

@@ -384,6 +384,7 @@ class MedGemmaMedical(VLMBackend):
     def unload(self) -> None:
         device = next(self.model.parameters()).device
         del self.model, self._decoder, self._attention, self._vision_model, self._norms
+        self.control_memo.clear()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -620,9 +621,10 @@ class MedGemmaMedical(VLMBackend):
         ).last_hidden_state
 
     def _controls(self, prep: dict, forward_with, device, dtype, span, prefix_len) -> dict:
-        """{control: P(yes) [n_questions]}: each control is one extra single-row pass holding a
-        shared prefix (the grey image's, or the template's text without the image) and every
-        question of the pass packed after it; logits only."""
+        """{control: P(yes) [n_questions] float64}: each control's prompts not yet in
+        self.control_memo are scored in one extra single-row pass holding a shared prefix (the
+        grey image's, or the template's text without the image) and those questions packed
+        after it; logits only. The rest are read from the memo (a control names no study)."""
         owners, suffixes = prep["owners"], prep["suffixes"]
         questions = [r for r, (_, i) in enumerate(owners) if i != GENERIC]
         common = {"head": self._head, "attention_modules": self._attention,
@@ -630,31 +632,43 @@ class MedGemmaMedical(VLMBackend):
                   "pad_id": self.processor.tokenizer.pad_token_id, "image_span": None, "layers": (),
                   "head_mode": self.config.attention_head_mode, "answer_tokens": self.answer_tokens,
                   "device": device}  # fmt: skip
+        memo, context = self.control_memo, (str(dtype),)
         out = {}
         if "blank_pixels" in prep:
-            pixels = prep["blank_pixels"].to(device=device, non_blocking=True)
-            if pixels.dtype == torch.uint8:
-                pixels = normalize_pixels(self.processor.image_processor, pixels)
             sfx = [suffixes[r] for r in questions]
-            out["blank"] = score_packed(
-                forward=forward_with(pixels.to(dtype), 1), prefix_len=prefix_len, suffixes=sfx,
-                query_positions=[[len(x) - 1] for x in sfx], prefix_rows=[0] * len(sfx), bidirectional_span=span,
-                **common,
-            ).p_yes  # fmt: skip
-        if "text_only" in prep:
-            t = prep["text_only"]
+
+            def blank(idx):
+                pixels = prep["blank_pixels"].to(device=device, non_blocking=True)
+                if pixels.dtype == torch.uint8:
+                    pixels = normalize_pixels(self.processor.image_processor, pixels)
+                part = [sfx[i] for i in idx]
+                return score_packed(
+                    forward=forward_with(pixels.to(dtype), 1), prefix_len=prefix_len, suffixes=part,
+                    query_positions=[[len(x) - 1] for x in part], prefix_rows=[0] * len(part),
+                    bidirectional_span=span, **common,
+                ).p_yes.double().cpu().numpy()  # fmt: skip
+
+            prefix = list(prep["entries"][0]["prefix"])  # the image's placeholder ids included
+            out["blank"] = memo.resolve("blank", context, [[*prefix, *x] for x in sfx], blank)
+        if "text_only_ids" in prep:
+            ids = prep["text_only_ids"]
             embed = self.model.model.get_input_embeddings()
-            prefix = to_device(torch.tensor([t["prefix"]]), device)
 
-            def forward_text(suffix_ids, position_ids, mask):
-                with fused_rms_norms(() if self.compiled else self._norms):
-                    return self._language(torch.cat([embed(prefix), embed(suffix_ids)], dim=1), mask, position_ids)
+            def text_only(idx):
+                head, rests = self.split_common_prefix([ids[i] for i in idx])
+                prefix = to_device(torch.tensor([head]), device)
 
-            out["text_only"] = score_packed(
-                forward=forward_text, prefix_len=len(t["prefix"]), suffixes=t["suffixes"],
-                query_positions=[[len(x) - 1] for x in t["suffixes"]], prefix_rows=[0] * len(t["suffixes"]),
-                **common,
-            ).p_yes  # fmt: skip
+                def forward_text(suffix_ids, position_ids, mask):
+                    with fused_rms_norms(() if self.compiled else self._norms):
+                        return self._language(torch.cat([embed(prefix), embed(suffix_ids)], dim=1), mask,
+                                              position_ids)  # fmt: skip
+
+                return score_packed(
+                    forward=forward_text, prefix_len=len(head), suffixes=rests,
+                    query_positions=[[len(x) - 1] for x in rests], prefix_rows=[0] * len(rests), **common,
+                ).p_yes.double().cpu().numpy()  # fmt: skip
+
+            out["text_only"] = memo.resolve("text_only", context, ids, text_only)
         return out
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -107,6 +107,54 @@ def blank_image(size: tuple[int, int]) -> Image.Image:
     return Image.new("RGB", tuple(int(v) for v in size), (BLANK_GRAY,) * 3)
 
 
+class ControlMemo:
+    """P(yes) under each control, computed once per unique prompt of a loaded model.
+
+    A control's prompt names no study: text_only has no image, and blank's grey image
+    preprocesses to the same pixels at every size (tests/test_controls_backends.py). So a
+    control's P(yes) is a function of its prompt's token ids alone, and a run that asks the
+    same paraphrases of many studies (a question bank) scores each once per control, in the
+    first pass that meets it; later passes read it here. Keys: (control, context, ids), where
+    context names what else the value depends on (the model's dtype). Bounded: at `limit`
+    entries it starts over. Cleared when the model is unloaded.
+    """
+
+    def __init__(self, limit: int = 1 << 16):
+        self.limit = int(limit)
+        self._p: dict[tuple, float] = {}
+        self.computed = 0  # prompts scored (unique misses), for the manifest and the benchmark
+        self.reused = 0  # prompts answered from the memo or from a duplicate in the same call
+
+    def __len__(self) -> int:
+        return len(self._p)
+
+    def clear(self) -> None:
+        self._p.clear()
+
+    def resolve(self, control: str, context: tuple, ids: Sequence[Sequence[int]], compute) -> np.ndarray:
+        """[n] float64: P(yes) of n control prompts (their token ids).
+
+        compute(indices) -> P(yes) of ids[i] for each i in indices ([m] array-like, same order):
+        called once, with the first index of every prompt not yet known (none: not called)."""
+        keys = [(control, context, tuple(int(t) for t in x)) for x in ids]
+        known = {k: self._p[k] for k in keys if k in self._p}
+        first: dict[tuple, int] = {}
+        for i, k in enumerate(keys):
+            if k not in known:
+                first.setdefault(k, i)
+        if first:
+            values = np.asarray(compute(list(first.values())), dtype=np.float64).reshape(-1)
+            if values.shape != (len(first),):
+                raise RuntimeError(f"control {control}: expected {len(first)} P(yes) values, got {values.shape[0]}")
+            known.update(zip(first, values.tolist(), strict=True))
+            if len(self._p) + len(first) > self.limit:
+                self._p.clear()
+            self._p.update((k, known[k]) for k in first)
+        self.computed += len(first)
+        self.reused += len(keys) - len(first)
+        return np.array([known[k] for k in keys], dtype=np.float64)
+
+
 def question_scores(
     out,
     items: Sequence[tuple],
@@ -133,7 +181,8 @@ def question_scores(
     image_norms = getattr(out, "image_norms", None)  # [K, L, n_image]: one array per study, shared by its questions
     norms = list(image_norms.float().cpu().numpy()) if image_norms is not None else None
     generic = {k: attention[r] for r, (k, i) in enumerate(owners) if i == GENERIC}
-    control_p = {name: [float(x) for x in p.tolist()] for name, p in (controls or {}).items()}
+    control_p = {name: [float(x) for x in np.asarray(p, dtype=np.float64).reshape(-1)]
+                 for name, p in (controls or {}).items()}
     results: list[list[QuestionScore]] = [[] for _ in items]
     j = -1  # index among the questions (generic prompts left out)
     for r, (k, i) in enumerate(owners):
@@ -266,17 +315,30 @@ class VLMBackend(ABC):
 
     def prepare_controls(self, items: Sequence[tuple]) -> dict:
         """The host-side part of the controls (config.controls) for a pass of checked items:
-        "text_only": {"prefix": ids every question's text-only prompt starts with, "suffixes":
-        the rest of each, in question order}; "blank_pixels": [1, 3, S, S] of the grey image
-        (one for the pass: a uniform image preprocesses to the same pixels at every size)."""
+        "text_only_ids": each question's full text-only prompt ids, in question order;
+        "blank_pixels": [1, 3, S, S] of the grey image (one for the pass: a uniform image
+        preprocesses to the same pixels at every size)."""
         out = {}
         if "text_only" in self.config.controls:
-            ids = [self.text_only_ids(q) for _, questions, _ in items for q in questions]
-            c = common_prefix_len(ids)
-            out["text_only"] = {"prefix": ids[0][:c], "suffixes": [x[c:] for x in ids]}
+            out["text_only_ids"] = [self.text_only_ids(q) for _, questions, _ in items for q in questions]
         if "blank" in self.config.controls:
             out["blank_pixels"] = self.pixel_values([blank_image(items[0][0].size)])
         return out
+
+    @property
+    def control_memo(self) -> ControlMemo:
+        """The controls' P(yes) by prompt (ControlMemo), made on first use."""
+        memo = self.__dict__.get("_control_memo")
+        if memo is None:
+            memo = self.__dict__["_control_memo"] = ControlMemo()
+        return memo
+
+    @staticmethod
+    def split_common_prefix(ids: Sequence[Sequence[int]]) -> tuple[list[int], list[list[int]]]:
+        """(the prefix every sequence shares, the rest of each): a control pass packs the rests
+        after one copy of the prefix."""
+        c = common_prefix_len(ids)
+        return list(ids[0][:c]), [list(x[c:]) for x in ids]
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """[K, 3, S, S]: preprocess() on K images, in threads (the resize releases the

@@ -113,3 +113,58 @@ def test_uniform_grey_preprocesses_the_same_at_every_size(backends):
     ref = on.preprocess(blank_image((64, 48)))
     for size in ((300, 200), (48, 64), (1024, 1024), (37, 519)):
         assert np.array_equal(on.preprocess(blank_image(size)).numpy(), ref.numpy()), size
+
+
+def test_the_memo_scores_each_control_prompt_once_and_reads_it_back(backends):
+    """A control names no study, so a second pass asking the same questions computes no control
+    prompt, and what it reads back equals a fresh computation, question by question."""
+    on, _ = backends
+    on.control_memo.clear()
+    imgs = images()
+    on.score_many([(imgs[0], QUESTIONS[:2], None), (imgs[1], QUESTIONS[:2], None)])
+    assert on.control_memo.computed >= 4  # 2 unique prompts x 2 controls (the copies counted as reused)
+    before = on.control_memo.computed
+    read = on.score_many([(imgs[1], QUESTIONS, None)])[0]
+    assert on.control_memo.computed - before == 2, "only the new question's two control prompts are computed"
+    on.control_memo.clear()
+    fresh = on.score_many([(imgs[1], QUESTIONS, None)])[0]
+    for control in ("text_only", "blank"):
+        a, b = (np.array([s.controls[control] for s in x]) for x in (read, fresh))
+        assert np.abs(a - b).max() <= TOL, f"{control}: memo vs fresh differ by {np.abs(a - b).max():.2e}"
+        assert np.ptp(b) > 1e-4, f"{control}: the questions' values are too close to tell a mix-up"
+
+
+def test_the_memo_key_is_the_whole_prompt(backends):
+    """A backend sharing the memo but with another answer suffix builds other prompts: it must
+    compute them, not read the first template's values."""
+    on, _ = backends
+    imgs = images()
+    on.score_many([(imgs[0], QUESTIONS[:1], None)])
+    other = copy.copy(on)  # shares the memo (and the weights)
+    other.config = dataclasses.replace(on.config, answer_suffix="Reply with one word.")
+    other._token_cache, other._prompt_cache = {}, {}
+    before = other.control_memo.computed
+    s = other.score_many([(imgs[0], QUESTIONS[:1], None)])[0][0]
+    assert other.control_memo.computed - before == 2
+    assert abs(s.controls["text_only"] - _text_only_ref(other, s.question)) <= TOL
+    assert abs(s.controls["text_only"] - on.score(imgs[0], QUESTIONS[:1])[0].controls["text_only"]) > 1e-6
+
+
+def test_control_memo_resolve():
+    from medvlm.backend import ControlMemo
+
+    memo, calls = ControlMemo(limit=3), []
+
+    def compute(idx):
+        calls.append(list(idx))
+        return [0.1 * (i + 1) for i in idx]
+
+    got = memo.resolve("blank", ("f32",), [[1, 2], [3], [1, 2], [4]], compute)
+    assert calls == [[0, 1, 3]], "each unknown prompt once, at its first index"
+    assert got.tolist() == [0.1, 0.2, 0.1, 0.4]
+    assert memo.resolve("blank", ("f32",), [[3], [1, 2]], compute).tolist() == [0.2, 0.1] and len(calls) == 1
+    memo.resolve("text_only", ("f32",), [[3]], compute)  # another control: another key
+    assert calls[-1] == [0] and len(memo) == 1, "past the limit the memo starts over"
+    assert (memo.computed, memo.reused) == (4, 3)
+    with pytest.raises(RuntimeError, match="expected 1 P\\(yes\\) values, got 2"):
+        memo.resolve("blank", ("bf16",), [[9]], lambda idx: [0.5, 0.5])
