@@ -129,7 +129,9 @@ class ControlMemo:
         return len(self._p)
 
     def clear(self) -> None:
+        """Forget every value, and zero the counts."""
         self._p.clear()
+        self.computed = self.reused = 0
 
     def resolve(self, control: str, context: tuple, ids: Sequence[Sequence[int]], compute) -> np.ndarray:
         """[n] float64: P(yes) of n control prompts (their token ids).
