@@ -260,6 +260,9 @@ def _score(cfg: RunConfig, loaders, manifest: Manifest, plan: _Plan) -> int:
             store.record_fields = {"settings_hash": settings.record(name, cfg, info)}
             model_info[name] = {**info, "load_seconds": timings["load"][name]}
             c = run_model(backend, rows, store, cfg, bool(info.get("random_weights")))
+            if cfg.attention.controls:  # each control prompt is scored once (VLMBackend.control_memo)
+                memo = backend.control_memo
+                c["control_prompts"] = {"computed": memo.computed, "reused": memo.reused}
             if cfg.faithfulness:  # the curves need the model: while it is loaded
                 t1 = time.perf_counter()
                 c["faithfulness"] = _faithfulness(backend, name, rows, cfg)

@@ -133,3 +133,18 @@ def test_demo_end_to_end_with_both_models(tmp_path):
     assert "## Image reliance" in (out / "report.md").read_text()
     labels = json.loads((out / "demo_data" / "demo_labels.json").read_text())
     assert labels, "the demo's ground truth comes from the DICOM headers and is recorded"
+
+
+def test_control_prompts_are_scored_once_per_run(tmp_path):
+    """Four studies ask the same six paraphrases: each control prompt is computed once (12 =
+    6 x 2 controls), the other studies read it, and the manifest says so."""
+    csv = write_csv(tmp_path, 4)
+    out = tmp_path / "out"
+    assert cli.main(args(csv, out, "--controls", "text_only,blank", "--batch_size", "6")) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["medgemma"]["control_prompts"] == {"computed": 12, "reused": 36}
+    records = pd.read_json(out / "results.jsonl", lines=True)
+    for control in ("p_yes_text_only", "p_yes_blank"):
+        per_variant = records.groupby("variant_id")[control].nunique()
+        assert (per_variant == 1).all(), f"{control}: one value per question across studies"
+        assert records.groupby("variant_id")[control].first().nunique() > 1
