@@ -3,6 +3,8 @@ full-size random-weight models built as benchmarks/bench_speed.py builds them (b
 
     python benchmarks/bench_faithfulness.py                    # both models (H200)
     python benchmarks/bench_faithfulness.py --models medgemma --steps 8
+    python benchmarks/bench_faithfulness.py --only gradxinput \
+        --grad_rows llava_rad:1,2 medgemma:2,8,16 --grad_uncheckpointed llava_rad:1,4,8 medgemma:1,8,34
     python benchmarks/bench_faithfulness.py --smoke            # tiny models on the CPU: checks the script
 
 Per model it measures, each after a warm-up at the same shapes, with peak GPU memory:
@@ -14,11 +16,18 @@ Per model it measures, each after a warm-up at the same shapes, with peak GPU me
   K steps, k perturbed images per pass; seconds per unique perturbed image (wall time over the
   images scored: blur, masks and deduplication included). Goal: <= 1.25 x the plain pass's
   per-image cost at the same k;
-- gradient x input: medvlm.attribution.attribution_maps at R questions per pass, seconds per
-  question, against the same rows' forward alone (attribution_margins: one row per question,
-  no graph; goal <= 3x) and against the plain packed pass per question (a packed row shares
-  the prefix between six questions, a gradient row cannot, so this ratio is larger);
+- gradient x input: medvlm.attribution.attribution_maps at R questions per pass and u decoder
+  layers left uncheckpointed, every (R, u) of --grad_rows x --grad_uncheckpointed (each list
+  per model: "2" is for every model, "medgemma:8,16" for one), seconds per question, against
+  the same rows' forward alone (attribution_margins: one row per question, no graph; goal
+  <= 3x) and against the plain packed pass per question (a packed row shares the prefix
+  between six questions, a gradient row cannot, so this ratio is larger). Every combination
+  goes into "gradxinput_sweep" (an out-of-memory one is recorded as such), the one to make the
+  default into "gradxinput_choice" (within the memory goal: the fastest per question among
+  those within the 3x goal, else the lowest ratio), the library's defaults into
+  "gradxinput_defaults"; "gradxinput" keeps one entry per R (at the default u when swept);
 - relevancy: the same at R = 1 and 2 (its memory may exceed the 1.15 x weights goal: reported).
+--only picks the parts (plain, gradxinput, relevancy, curves; the curves need the plain pass).
 Writes benchmarks/results/<date>-<device kind>-faithfulness.json (with --smoke: into --out,
 default the temporary folder, so the committed results hold GPU runs only).
 """
@@ -42,11 +51,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_speed  # noqa: E402
 from bench_speed import PARAPHRASES, backend_parameters, build, images  # noqa: E402
 
-from medvlm.attribution import attribution_maps, attribution_margins  # noqa: E402
+from medvlm.attribution import (  # noqa: E402
+    DEFAULT_ROWS,
+    DEFAULT_UNCHECKPOINTED,
+    attribution_maps,
+    attribution_margins,
+)
 from medvlm.config import MedicalAttentionConfig  # noqa: E402
 from medvlm.faithfulness import FaithfulnessConfig, faithfulness_for_studies  # noqa: E402
 
 GOALS = {"perturbed_over_plain": 1.25, "gradxinput_over_forward": 3.0, "peak_over_weights": 1.15}
+PARTS = ("plain", "gradxinput", "relevancy", "curves")
 
 
 def cuda() -> bool:
@@ -63,6 +78,12 @@ def measure(fn):
     bench_speed.sync()
     seconds = time.perf_counter() - t0
     return seconds, (torch.cuda.max_memory_allocated() / 2**30 if cuda() else float("nan")), out
+
+
+def measure_best(fn, repeats: int):
+    """measure(fn) repeats times: (the least seconds, the largest peak, the last result)."""
+    runs = [measure(fn) for _ in range(max(1, repeats))]
+    return min(r[0] for r in runs), max(r[1] for r in runs), runs[-1][2]
 
 
 def plain_pass(backend, imgs, k: int, questions) -> tuple[float, float]:
@@ -87,35 +108,97 @@ def bench_model(name: str, args) -> dict:
 
     # plain scoring, per image, at each k
     plain = {}
-    for k in args.per_pass:
+    for k in args.per_pass if "plain" in args.only else ():
         six, six_peak = plain_pass(backend, imgs[: args.n_studies], k, PARAPHRASES)
         one, one_peak = plain_pass(backend, imgs[: args.n_studies], k, question)
         plain[k] = {"s_per_image_six_questions": six, "s_per_image_one_question": one,
                     "peak_over_weights_six": ratio(six_peak), "peak_over_weights_one": ratio(one_peak)}  # fmt: skip
         print(f"  {name} plain k={k}: {six * 1e3:.1f} ms/image (6 questions), {one * 1e3:.1f} ms/image (1)", flush=True)
-    res["plain"] = plain
+    if plain:
+        res["plain"] = plain
+    if "gradxinput" in args.only:
+        res.update(gradxinput_sweep(name, backend, args, ratio))
+        if plain:
+            plain_q = plain[max(args.per_pass)]["s_per_image_six_questions"] / len(PARAPHRASES)
+            res["gradxinput_over_plain_packed_question"] = {
+                r: g["s_per_question"] / plain_q for r, g in res["gradxinput"].items()
+            }
+    if "relevancy" in args.only:
+        res["relevancy"] = relevancy(name, backend, args, imgs, ratio)
+    if "curves" in args.only:
+        res["curves"] = curves(name, backend, args, imgs, plain, ratio)
+    backend.unload()
+    return res
 
-    # the maps the curves rank by: raw attention (plain pass) and gradient x input
-    studies = imgs[: args.faith_studies]
-    scores = backend.score_many([(im, question, None) for im in studies])
-    grad = {}
-    for r in args.grad_rows:
-        items = [(im, PARAPHRASES[: args.grad_questions], None) for im in imgs[: args.grad_studies]]
-        n_q = len(items) * args.grad_questions
-        attribution_maps(backend, items[:1], ("gradxinput",), rows_per_pass=r)  # warm-up
-        t_g, peak_g, _ = measure(
-            lambda items=items, r=r: attribution_maps(backend, items, ("gradxinput",), rows_per_pass=r)
-        )
-        attribution_margins(backend, items[:1], rows_per_pass=r)
-        t_f, peak_f, _ = measure(lambda items=items, r=r: attribution_margins(backend, items, rows_per_pass=r))
-        grad[r] = {"s_per_question": t_g / n_q, "forward_only_s_per_question": t_f / n_q,
-                   "gradxinput_over_forward": t_g / t_f, "peak_over_weights": ratio(peak_g),
-                   "forward_peak_over_weights": ratio(peak_f)}  # fmt: skip
-        print(f"  {name} gradxinput R={r}: {t_g / n_q * 1e3:.1f} ms/question, {t_g / t_f:.2f}x its forward, "
-              f"peak {ratio(peak_g)}", flush=True)  # fmt: skip
-    res["gradxinput"] = grad
-    plain_q = plain[max(args.per_pass)]["s_per_image_six_questions"] / len(PARAPHRASES)
-    res["gradxinput_over_plain_packed_question"] = {r: g["s_per_question"] / plain_q for r, g in grad.items()}
+
+def _oom_types() -> tuple:
+    return (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (torch.cuda.OutOfMemoryError,)
+
+
+def gradxinput_sweep(name: str, backend, args, ratio) -> dict:
+    """Every (R, u) of this model's --grad_rows x --grad_uncheckpointed: gradient x input per
+    question (at least --grad_studies x --grad_questions questions, and two full passes; the
+    least of --repeats runs), against the same R rows' forward alone. -> {"gradxinput_sweep":
+    [entry, ...], "gradxinput": {R: its entry at the default u (else the first u)},
+    "gradxinput_choice": choose(sweep), "gradxinput_defaults": the library's R and u}."""
+    rows, unck = per_model(args.grad_rows, name), per_model(args.grad_uncheckpointed, name)
+    defaults = {"rows": DEFAULT_ROWS[name]["gradxinput"], "uncheckpointed": DEFAULT_UNCHECKPOINTED[name]}
+    n_layers = len(backend._attention)
+    q = args.grad_questions
+    sweep, forward = [], {}
+    for r in rows:
+        n_q = max(args.grad_studies * q, 2 * r)
+        items = [(im, PARAPHRASES[:q], None) for im in images(-(-n_q // q))]
+        n_q = len(items) * q
+        first = items[: -(-r // q)]  # one full pass of r rows, for the warm-ups
+        for u in unck:
+            entry = {"rows": r, "uncheckpointed": min(u, n_layers), "n_questions": n_q}
+            try:
+                attribution_maps(backend, first, ("gradxinput",), rows_per_pass=r, uncheckpointed=u)
+                t_g, peak_g, _ = measure_best(lambda items=items, r=r, u=u: attribution_maps(
+                    backend, items, ("gradxinput",), rows_per_pass=r, uncheckpointed=u), args.repeats)  # fmt: skip
+                if r not in forward:
+                    attribution_margins(backend, first, rows_per_pass=r)
+                    forward[r] = measure_best(lambda items=items, r=r: attribution_margins(
+                        backend, items, rows_per_pass=r), args.repeats)  # fmt: skip
+                t_f, peak_f, _ = forward[r]
+            except _oom_types():
+                torch.cuda.empty_cache()
+                entry["oom"] = True
+                sweep.append(entry)
+                print(f"  {name} gradxinput R={r} u={u}: out of memory", flush=True)
+                continue
+            entry.update(s_per_question=t_g / n_q, forward_only_s_per_question=t_f / n_q,
+                         gradxinput_over_forward=t_g / t_f, peak_over_weights=ratio(peak_g),
+                         forward_peak_over_weights=ratio(peak_f))  # fmt: skip
+            sweep.append(entry)
+            print(f"  {name} gradxinput R={r} u={u}: {t_g / n_q * 1e3:.1f} ms/question, {t_g / t_f:.2f}x its forward "
+                  f"({t_f / n_q * 1e3:.1f} ms/question), peak {ratio(peak_g)}", flush=True)  # fmt: skip
+    by_rows = {}
+    for e in sweep:
+        if "oom" not in e and (e["rows"] not in by_rows or e["uncheckpointed"] == defaults["uncheckpointed"]):
+            by_rows[e["rows"]] = e
+    choice = choose(sweep)
+    print(f"  {name} gradxinput choice: {choice and (choice['rows'], choice['uncheckpointed'])} "
+          f"(defaults now R={defaults['rows']}, u={defaults['uncheckpointed']})", flush=True)  # fmt: skip
+    return {"gradxinput_sweep": sweep, "gradxinput": by_rows, "gradxinput_choice": choice,
+            "gradxinput_defaults": defaults}  # fmt: skip
+
+
+def choose(sweep: list[dict]) -> dict | None:
+    """Among the combinations within the memory goal (every one off the GPU): the fastest per
+    question of those within the 3x goal, else the one of lowest ratio. None if none ran."""
+    ok = [e for e in sweep if "oom" not in e
+          and (e["peak_over_weights"] is None or e["peak_over_weights"] <= GOALS["peak_over_weights"])]  # fmt: skip
+    fast = [e for e in ok if e["gradxinput_over_forward"] <= GOALS["gradxinput_over_forward"]]
+    if fast:
+        return {**min(fast, key=lambda e: e["s_per_question"]), "meets_goals": True}
+    return {**min(ok, key=lambda e: e["gradxinput_over_forward"]), "meets_goals": False} if ok else None
+
+
+def relevancy(name: str, backend, args, imgs, ratio) -> dict:
+    """Relevancy at each --relevancy_rows R: seconds per question and peak memory."""
+    question = PARAPHRASES[:1]
     rel = {}
     for r in args.relevancy_rows:
         items = [(im, question, None) for im in imgs[: max(r, args.relevancy_questions)]]
@@ -124,29 +207,44 @@ def bench_model(name: str, args) -> dict:
         rel[r] = {"s_per_question": t / len(items), "peak_over_weights": ratio(peak),
                   "peak_gib": peak if cuda() else None}  # fmt: skip
         print(f"  {name} relevancy R={r}: {t / len(items) * 1e3:.1f} ms/question, peak {ratio(peak)}", flush=True)
-    res["relevancy"] = rel
+    return rel
 
-    # deletion / insertion
+
+def curves(name: str, backend, args, imgs, plain: dict, ratio) -> dict:
+    """Deletion / insertion curves (raw attention and gradient x input, 3 random orders) at each
+    k of --per_pass: seconds per unique perturbed image, against the plain pass."""
+    question = PARAPHRASES[:1]
+    studies = imgs[: args.faith_studies]
+    scores = backend.score_many([(im, question, None) for im in studies])
     att = attribution_maps(backend, [(im, question, None) for im in studies], ("gradxinput",))["gradxinput"]
     payload = [(f"s{i}", im, [{"finding": "effusion", "variant_id": 0, "question": question[0], "answer": s[0].answer}],
                 {"attention": [s[0].attention.mean(0)], "gradxinput": [att[i, 0]]})
                for i, (im, s) in enumerate(zip(studies, scores, strict=True))]  # fmt: skip
-    curves = {}
+    out = {}
     for k in args.per_pass:
         cfg = FaithfulnessConfig(steps=args.steps, images_per_pass=k)
         faithfulness_for_studies(backend, payload[:1], FaithfulnessConfig(steps=2, images_per_pass=k))  # warm-up
         t, peak, (records, _) = measure(lambda cfg=cfg: faithfulness_for_studies(backend, payload, cfg))
         n_images = sum(r["n_images"] for r in records if r["map"] == "random")
         per = t / n_images
-        curves[k] = {"s_per_perturbed_image": per, "n_images": n_images, "s_per_unit": t / len(payload),
-                     "perturbed_over_plain": per / plain[k]["s_per_image_six_questions"],
-                     "perturbed_over_plain_one_question": per / plain[k]["s_per_image_one_question"],
-                     "peak_over_weights": ratio(peak)}  # fmt: skip
+        out[k] = {"s_per_perturbed_image": per, "n_images": n_images, "s_per_unit": t / len(payload),
+                  "perturbed_over_plain": per / plain[k]["s_per_image_six_questions"],
+                  "perturbed_over_plain_one_question": per / plain[k]["s_per_image_one_question"],
+                  "peak_over_weights": ratio(peak)}  # fmt: skip
         print(f"  {name} curves k={k}: {per * 1e3:.1f} ms/perturbed image "
-              f"({curves[k]['perturbed_over_plain']:.2f}x plain), peak {ratio(peak)}", flush=True)  # fmt: skip
-    res["curves"] = curves
-    backend.unload()
-    return res
+              f"({out[k]['perturbed_over_plain']:.2f}x plain), peak {ratio(peak)}", flush=True)  # fmt: skip
+    return out
+
+
+def per_model(specs, name: str) -> list[int]:
+    """--grad_rows / --grad_uncheckpointed values for one model: "2" or "1,2" for every model,
+    "medgemma:8,16" for one; in the order given, without repeats."""
+    out = []
+    for spec in specs:
+        model, _, values = str(spec).rpartition(":")
+        if model in ("", name):
+            out += [int(v) for v in values.split(",") if v.strip()]
+    return list(dict.fromkeys(out))
 
 
 def main(argv=None) -> int:
@@ -156,8 +254,18 @@ def main(argv=None) -> int:
     p.add_argument("--per_pass", type=int, nargs="+", default=[1, 2, 4, 8], help="images (studies) per pass")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--faith_studies", type=int, default=4, help="units (one question per study) of the curves")
-    p.add_argument("--grad_rows", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="the parts to run (curves need plain, which is added)")  # fmt: skip
+    p.add_argument(
+        "--grad_rows",
+        nargs="+",
+        default=["llava_rad:1,2", "medgemma:2,8,16"],
+        help='gradient x input rows per pass: "2" or "1,2" for every model, "medgemma:8,16" for one',
+    )
+    p.add_argument("--grad_uncheckpointed", nargs="+", default=["1"],
+                   help="decoder layers left uncheckpointed, the same syntax; every (rows, u) pair is run")  # fmt: skip
     p.add_argument("--grad_studies", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2, help="gradient x input timings: the least of this many runs")
     p.add_argument("--grad_questions", type=int, default=2)
     p.add_argument("--relevancy_rows", type=int, nargs="+", default=[1, 2])
     p.add_argument("--relevancy_questions", type=int, default=4)
@@ -165,11 +273,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--smoke", action="store_true", help="tiny models on the CPU, few studies: checks the script")
     args = p.parse_args(argv)
+    args.only = [part for part in PARTS if part in args.only or (part == "plain" and "curves" in args.only)]
     if args.smoke:
         bench_speed.DEVICE.update(name="cpu", full_size=False)
         args.kind = "smoke-cpu"
         args.n_studies, args.per_pass, args.steps, args.faith_studies = 2, [2], 2, 2
-        args.grad_rows, args.grad_studies, args.grad_questions = [2], 1, 2
+        args.grad_rows, args.grad_uncheckpointed, args.grad_studies, args.grad_questions = ["2"], ["1,2"], 1, 2
+        args.repeats = 1
         args.relevancy_rows, args.relevancy_questions = [1], 1
         out_dir = args.out or Path(tempfile.gettempdir())
     else:

@@ -28,31 +28,50 @@ layer index 0 (it is taken at the input of decoder layer 0), relevancy with n_la
 
 How it is computed (exact, not sampled): one batch row per question, each row its study's
 prefix (text, image embeddings, text) and the question's suffix, under the packed pass's masks
-(medvlm.engine.packed_masks: one question per row). The image embeddings of each row are their
+(medvlm.engine.pass_masks: one question per row). The image embeddings of each row are their
 own leaf tensor, so the gradient of sum_r m_r splits into each question's own gradient: rows
 never share a leaf (two questions of one study share the prefix, whose gradient differs per
 question, so a packed row of several questions cannot give per-question gradients in one
-backward). Every decoder layer but the last (uncheckpointed=1) runs under activation
+backward). Every decoder layer but the last `uncheckpointed` runs under activation
 checkpointing (non-reentrant torch.utils.checkpoint, installed for the pass and removed): the
 forward keeps each layer's input only; the backward recomputes one layer at a time. Model
 parameters are frozen for the pass (requires_grad restored after), so no weight gradient is
 computed or saved for. The answering position is the prompt's last token whatever the
-config's query_mode (which chooses the attention rows, not the answer).
+config's query_mode (which chooses the attention rows, not the answer). Two exact speed-ups,
+as in the backend's own scoring pass: LLaVA-Rad's rows (one question each, a causal decoder
+without sliding layers) need no mask, so gradient x input and the forward-only margins run on
+SDPA's is_causal kernels (flash / cuDNN, forward and backward; engine.pass_masks; never
+MedGemma's, whose image block attends both ways, nor relevancy's eager attention); and the
+decoder's RMS norms run fused (medvlm.fused_norms; not for a compiled or float64 model).
+
+Defaults by backend (backend.name), chosen by benchmarks/bench_faithfulness.py's sweep on an
+H200 (bf16, full-size random weights; goals: gradient x input <= 3x the same rows' forward
+alone, peak memory <= 1.15 x the weights):
+    DEFAULT_ROWS             questions per pass: LLaVA-Rad 2 (T ~1434: compute-bound already at
+                             one row, memory-bound beyond two); MedGemma 8 (T ~300: its forward
+                             is host/launch-bound, about 57 ms a pass whatever the rows, so more
+                             rows per pass are what brings the gradient pass to compute-bound)
+    DEFAULT_UNCHECKPOINTED   layers at the end run without checkpointing: 1 for both (each
+                             further layer saves 1/L of a forward per pass, for one layer's
+                             activations per row)
+Only speed and memory depend on them; every value is the same whatever they are.
 
 Cost per question (T = prefix + suffix tokens, F = one forward of those T tokens):
-    gradxinput  forward F + recompute (1 - 1/L) F + input-only backward (about F: every
-                matmul's weight-gradient half is skipped; attention's backward costs about
-                2.5x its forward) = about 3F
+    gradxinput  forward F + recompute (1 - u/L) F (u = uncheckpointed) + input-only backward
+                (about F: every matmul's weight-gradient half is skipped; attention's backward
+                costs about 2.5x its forward) = about 3F
     relevancy   the same, with eager attention in every layer (the full [H, T, T] probabilities
                 are needed), plus the A_bar product (a row vector times a T x T matrix per layer)
-Memory per row (activations, besides the weights): every layer's input ([T, d] x n_layers, in
-the model dtype) + one layer's recomputed activations. Relevancy adds, for the layer being
-differentiated, the [H, T, T] probabilities (model dtype, plus the float32 softmax output
-autograd keeps, plus their gradient and their product): LLaVA-Rad (H 32, T ~1434) about
-0.8 GiB per row; MedGemma (H 8, T ~300) about 20 MiB per row. Gradient x input per row:
-LLaVA-Rad about 0.4 GiB of layer inputs + 0.25 GiB for the layer being differentiated (so 2
-rows per pass should stay within 1.15 x the weights; estimates, benchmarks/bench_faithfulness.py
-measures them); MedGemma about 0.07 GiB.
+Memory per row (activations, besides the weights): every checkpointed layer's input ([T, d],
+in the model dtype) + each uncheckpointed layer's activations + one layer's recomputed
+activations (a layer's activations for one row, bf16: LLaVA-Rad about 185 MiB, MedGemma about
+38 MiB). Relevancy adds, for the layer being differentiated, the [H, T, T] probabilities (model
+dtype, plus the float32 softmax output autograd keeps, plus their gradient and their product):
+LLaVA-Rad (H 32, T ~1434) about 0.8 GiB per row; MedGemma (H 8, T ~300) about 20 MiB per row.
+Gradient x input per row: LLaVA-Rad about 0.4 GiB of layer inputs + 0.2 GiB per layer not
+checkpointed or being recomputed (so 2 rows per pass stay within 1.15 x the weights; estimates,
+benchmarks/bench_faithfulness.py measures them); MedGemma about 0.05 GiB of layer inputs +
+0.04 GiB per such layer. Images go through the vision tower IMAGE_CHUNK at a time.
 
     att = attribution_maps(backend, [(image, questions, findings), ...], ("gradxinput", "relevancy"))
     att["gradxinput"]          # [Q, 1, n_image] float32, questions in item order
@@ -72,15 +91,19 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from medvlm.engine import pack_suffixes, packed_masks, to_device
-from medvlm.fused_norms import patched_forwards
+from medvlm.engine import PackedLayout, pack_suffixes, pass_masks, to_device
+from medvlm.fused_norms import fused_rms_norms, patched_forwards
 from medvlm.store import map_key
 
 #: what --attribution accepts: the scoring pass's own attention plus the gradient maps
 ATTRIBUTION_KINDS = ("attention", "gradxinput", "relevancy")
 GRADIENT_KINDS = ("gradxinput", "relevancy")
-#: rows (questions) per gradient pass when the caller does not say
-DEFAULT_ROWS = {"gradxinput": 2, "relevancy": 1}
+#: rows (questions) per gradient pass when the caller does not say, by backend name
+DEFAULT_ROWS = {"llava_rad": {"gradxinput": 2, "relevancy": 1}, "medgemma": {"gradxinput": 8, "relevancy": 1}}
+#: decoder layers run without activation checkpointing when the caller does not say, by backend name
+DEFAULT_UNCHECKPOINTED = {"llava_rad": 1, "medgemma": 1}
+#: images through the vision tower at once (its activations are the pass's other memory peak)
+IMAGE_CHUNK = 8
 RELEVANCY_ATTENTION = "medvlm_relevancy"
 _RECORDER_ATTR = "_medvlm_relevancy_recorder"
 
@@ -149,6 +172,16 @@ class _Pieces:
     def __init__(self, backend):
         self.backend = backend
         self.answer_tokens = backend.answer_tokens
+
+    @property
+    def norms(self) -> Sequence[torch.nn.Module]:
+        """The decoder's RMS norms to run fused (medvlm.fused_norms), as the backend's own
+        scoring pass does: none for a compiled backend (compile fuses them) or a float64 model
+        (the fused forwards compute in float32)."""
+        b = self.backend
+        if getattr(b, "compiled", False) or self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return ()
+        return getattr(b, "_norms", None) or ()
 
     def prompt(self, question: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """(ids before the image, ids after the image within the prefix, suffix ids)."""
@@ -382,15 +415,35 @@ class _Rows:
     image: torch.Tensor  # [R, n_image, d]
 
 
-def _forward_rows(pc: _Pieces, rows: _Rows, leaf: torch.Tensor):
-    """Logits margin of each row: the decoder over [before, image (leaf), after, suffix] under
-    the packed pass's masks (one question per row). -> (margin [R], answer positions [R], T)."""
+@dataclass(frozen=True)
+class _RowPass:
+    """The packed pass's inputs for R rows (one question per row) and the context the
+    decoder runs in (forward and backward): the pure-causal fast path's, or a null one."""
+
+    layout: PackedLayout
+    prefix_len: int
+    mask: object  # [R, 1, T, T] bool, {layer type: mask}, or None (pure causal)
+    position_ids: torch.Tensor  # [R, T]
+    context: contextlib.AbstractContextManager
+
+
+def _row_pass(pc: _Pieces, rows: _Rows, fast: bool = True) -> _RowPass:
+    """The masks of R rows (engine.pass_masks: with fast, plain causal attention when the
+    rows' mask is provably that, e.g. LLaVA-Rad's rows; never for MedGemma's image block)."""
     n_rows = len(rows.suffixes)
     start = len(rows.before)
     prefix_len = start + pc.n_image + len(rows.after)
     layout = pack_suffixes(rows.suffixes, list(range(n_rows)), n_rows, pc.pad_id)
     span = (start, start + pc.n_image) if pc.bidirectional else None
-    mask, position_ids = packed_masks(pc.config, layout, prefix_len, pc.device, span)
+    mask, pos, context = pass_masks(pc.config, layout, prefix_len, pc.device, span, pc.attention if fast else ())
+    return _RowPass(layout, prefix_len, mask, pos, context)
+
+
+def _forward_rows(pc: _Pieces, rows: _Rows, leaf: torch.Tensor, rp: _RowPass):
+    """Logits margin of each row: the decoder over [before, image (leaf), after, suffix] under
+    the row pass's masks (run inside rp.context). -> (margin [R], answer positions [R], T)."""
+    n_rows = len(rows.suffixes)
+    layout, prefix_len, mask, position_ids = rp.layout, rp.prefix_len, rp.mask, rp.position_ids
     ids = lambda x: to_device(torch.tensor([list(x)], dtype=torch.long), pc.device)  # noqa: E731
     parts = [pc.embed(ids(rows.before)).expand(n_rows, -1, -1), leaf.to(pc.dtype)]
     if rows.after:
@@ -411,14 +464,17 @@ def _gradient_rows(pc: _Pieces, rows: _Rows, kind: str | None, target: torch.Ten
     Returns (margin [R], map or None)."""
     start = len(rows.before)
     if kind is None:
-        with torch.no_grad():
-            return _forward_rows(pc, rows, rows.image)[0], None
+        rp = _row_pass(pc, rows)
+        with torch.no_grad(), rp.context, fused_rms_norms(pc.norms):
+            return _forward_rows(pc, rows, rows.image, rp)[0], None
     leaf = rows.image.detach().clone().requires_grad_(True)
     n_layers = len(pc.decoder_layers)
     split = n_layers - min(max(int(uncheckpointed), 0), n_layers)
-    with frozen_parameters(pc.frozen()), torch.enable_grad(), checkpointed_layers(pc.decoder_layers[:split]):
+    rp = _row_pass(pc, rows, fast=kind == "gradxinput")  # relevancy's eager attention needs the mask
+    with (frozen_parameters(pc.frozen()), torch.enable_grad(), rp.context, fused_rms_norms(pc.norms),
+          checkpointed_layers(pc.decoder_layers[:split])):  # fmt: skip
         if kind == "gradxinput":
-            m, _, _ = _forward_rows(pc, rows, leaf)
+            m, _, _ = _forward_rows(pc, rows, leaf, rp)
             (grad,) = torch.autograd.grad(m.sum(), leaf)
             acc = torch.promote_types(leaf.dtype, torch.float32)
             return m.detach(), (grad.to(acc) * leaf.detach().to(acc)).sum(-1)
@@ -429,7 +485,7 @@ def _gradient_rows(pc: _Pieces, rows: _Rows, kind: str | None, target: torch.Ten
         answer = torch.tensor([prefix_len + len(s) - 1 for s in rows.suffixes])
         recorder = RelevancyRecorder(answer.to(pc.device), t, n_layers, kept=range(split, n_layers))
         with relevancy_attention(pc.attention, recorder):
-            m, answer_fwd, t_fwd = _forward_rows(pc, rows, leaf)
+            m, answer_fwd, t_fwd = _forward_rows(pc, rows, leaf, rp)
             if t_fwd != t or not torch.equal(answer_fwd.cpu(), answer):
                 raise RuntimeError("relevancy: the answer positions differ from the forward's layout")
             sign = target.to(m.device, m.dtype) if target is not None else torch.where(m >= 0, 1.0, -1.0).to(m.dtype)
@@ -440,6 +496,14 @@ def _gradient_rows(pc: _Pieces, rows: _Rows, kind: str | None, target: torch.Ten
         return m.detach(), recorder.row[:, start : start + pc.n_image]
 
 
+def _image_embeddings(pc: _Pieces, images) -> torch.Tensor:
+    """[K, n_image, d] of K images, IMAGE_CHUNK at a time through the vision tower."""
+    image = torch.cat([pc.image_embeddings(images[i : i + IMAGE_CHUNK]) for i in range(0, len(images), IMAGE_CHUNK)])
+    if image.shape[1] != pc.n_image:
+        raise RuntimeError(f"expected {pc.n_image} image embeddings per image, found {image.shape[1]}")
+    return image
+
+
 def attribution_maps(
     backend,
     items: Sequence[tuple],
@@ -447,7 +511,7 @@ def attribution_maps(
     *,
     rows_per_pass: int | dict | None = None,
     answers: Sequence[str] | None = None,
-    uncheckpointed: int = 1,
+    uncheckpointed: int | None = None,
 ) -> Attribution:
     """Gradient maps for every question of several studies.
 
@@ -458,13 +522,14 @@ def attribution_maps(
     kinds          a non-empty subset of GRADIENT_KINDS (each computed in its own passes, so a
                    map never depends on which other kinds were asked for)
     rows_per_pass  questions per gradient pass (an int for every kind, or {kind: int});
-                   default DEFAULT_ROWS. Only memory and speed change, never a value.
+                   default DEFAULT_ROWS[backend.name]. Only memory and speed change, never a value.
     answers        the Q answers ("yes"/"no") relevancy explains, e.g. the scoring pass's; by
                    default the sign of this pass's own margin
-    uncheckpointed the last decoder layers run without activation checkpointing (default 1:
-                   the last layer, whose recomputation would follow its forward at once):
-                   each saves one layer's recomputation per pass and costs one layer's
-                   activations per row. Values never change.
+    uncheckpointed the last decoder layers run without activation checkpointing (default
+                   DEFAULT_UNCHECKPOINTED[backend.name]; at least the last layer, whose
+                   recomputation would follow its forward at once): each saves one layer's
+                   recomputation per pass and costs one layer's activations per row. Values
+                   never change.
     returns        Attribution: maps {kind: [Q, 1, n_image] float32}, margin, p_yes, target
     """
     kinds = tuple(dict.fromkeys(kinds))
@@ -487,14 +552,14 @@ def attribution_maps(
     for (_, q), p in zip(questions, prompts, strict=True):
         if p[:2] != (before, after):
             raise ValueError(f"question {q!r} does not share the image prefix of the first question")
-    image = pc.image_embeddings([im for im, _, _ in items])
-    if image.shape[1] != pc.n_image:
-        raise RuntimeError(f"expected {pc.n_image} image embeddings per image, found {image.shape[1]}")
+    image = _image_embeddings(pc, [im for im, _, _ in items])
     study = torch.tensor([k for k, _ in questions], device=image.device)
+    if uncheckpointed is None:
+        uncheckpointed = DEFAULT_UNCHECKPOINTED[backend.name]
     maps, margin = {}, None
     for kind in kinds:
         size = rows_per_pass.get(kind) if isinstance(rows_per_pass, dict) else rows_per_pass
-        size = int(size or DEFAULT_ROWS[kind])
+        size = int(size or DEFAULT_ROWS[backend.name][kind])
         if size < 1:
             raise ValueError(f"rows_per_pass must be >= 1, got {size}")
         out, ms = [], []
@@ -523,7 +588,7 @@ def attribution_margins(backend, items: Sequence[tuple], rows_per_pass: int = 4)
     items = backend.checked_items(items)
     questions = [(k, q) for k, (_, qs, _) in enumerate(items) for q in qs]
     prompts = [pc.prompt(q) for _, q in questions]
-    image = pc.image_embeddings([im for im, _, _ in items])
+    image = _image_embeddings(pc, [im for im, _, _ in items])
     study = torch.tensor([k for k, _ in questions], device=image.device)
     out = []
     for lo in range(0, len(questions), rows_per_pass):

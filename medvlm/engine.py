@@ -9,12 +9,20 @@ Both backends feed this the pieces of their own model:
     forward            (suffix_ids [K, W], position_ids [K, P + W], mask) -> hidden [K, P + W, d]:
                        the backend puts the prefix (image included) in front of the suffixes
     head               hidden [n, d] -> logits [n, vocab] (lm_head, plus any final softcap)
-    attention_modules  decoder.layers[i].self_attn, for the row capture
+    attention_modules  decoder.layers[i].self_attn, for the row capture (and the causal fast path)
     decoder_layers     decoder.layers, for the image tokens' residual norms (optional)
 From that one forward it reads the next-token logits at the last token of each question, the
 attention rows of the chosen query tokens over the image span and, given the decoder layers,
 the norm of each image token's hidden state entering each layer read (one per study: the
 image sits in the prefix, which no question changes).
+
+When every row holds one question (pads after it), no prefix span is bidirectional and no
+layer slides (LLaVA-Rad's Llama decoder; not MedGemma), the block mask is plain causal
+attention at every real token: pass_masks then hands no mask, position ids 0 .. T - 1 and a
+context running the decoder on SDPA's is_causal kernels (flash / cuDNN, forward and
+backward) instead of the masked memory-efficient kernel. score_packed takes it for control
+passes (no rows captured: the faithfulness curves' one-question passes), medvlm.attribution
+for its gradient rows.
 """
 
 from __future__ import annotations
@@ -22,10 +30,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from medvlm.capture import CaptureSpec, capture_resid_norms, capture_rows
 from medvlm.scoring import AnswerTokens, yes_probability
@@ -190,6 +201,77 @@ def packed_masks(config, layout: PackedLayout, prefix_len: int, device, bidirect
     return masks, pos
 
 
+#: take the pure-causal fast path (pass_masks) whenever it is provably exact; tests switch
+#: it off to compare with the masked path
+CAUSAL_FAST_PATH = True
+CAUSAL_ATTENTION = "medvlm_causal"
+
+
+def pure_causal(config, layout: PackedLayout, bidirectional_span=None) -> bool:
+    """True when packed_masks' mask equals plain causal attention at every real (non-pad)
+    token: every row holds at most one question, its pads after its last real token (so
+    under causal attention no real token sees a pad, and the prefix + question are positions
+    0 .. n - 1 as the mask has them), no bidirectional span and every layer full attention
+    (no sliding window, no other layer type). Host-side, no device work."""
+    types = list(getattr(config, "layer_types", None) or [])
+    if bidirectional_span is not None or getattr(config, "sliding_window", None) or set(types) - {"full_attention"}:
+        return False
+    owner = layout.owner  # [K, W], -1 for pads
+    real = owner >= 0
+    one_question = ((owner == owner[:, :1]) | ~real).all()
+    pads_last = (real[:, 1:] <= real[:, :-1]).all()  # no real token after a pad
+    return bool(one_question and pads_last)
+
+
+def _causal_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' SDPA attention with is_causal=True (flash / cuDNN kernels, forward and
+    backward). No mask function is registered under CAUSAL_ATTENTION, so transformers builds
+    no mask (nor inspects the position ids: no host sync) and hands None. query [b, h, T, d],
+    key/value [b, kv_h, T, d] -> ([b, T, h, d], None)."""
+    if attention_mask is not None or key.shape[2] != query.shape[2]:
+        raise RuntimeError("the causal fast path received a mask or a cache: it is not a pure-causal pass")
+    return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True,
+                                  **kwargs)  # fmt: skip
+
+
+@contextlib.contextmanager
+def causal_attention(configs: Sequence) -> Iterator[None]:
+    """Every config's attention on _causal_attention for the block (each restored after)."""
+    AttentionInterface.register(CAUSAL_ATTENTION, _causal_attention)
+    if CAUSAL_ATTENTION in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        raise RuntimeError(f"a mask function is registered under {CAUSAL_ATTENTION!r}: masks would be built")
+    unique = list({id(c): c for c in configs}.values())
+    saved = [c._attn_implementation for c in unique]
+    try:
+        for c in unique:
+            c._attn_implementation = CAUSAL_ATTENTION
+        yield
+    finally:
+        for c, impl in zip(unique, saved, strict=True):
+            c._attn_implementation = impl
+
+
+def pass_masks(config, layout: PackedLayout, prefix_len: int, device, bidirectional_span=None,
+               attention_modules: Sequence[torch.nn.Module] = ()):  # fmt: skip
+    """packed_masks, or its pure-causal fast path. -> (mask, position_ids [K, T], context):
+    run the decoder (its backward too, where checkpointed layers recompute) inside context.
+
+    The fast path is taken when CAUSAL_FAST_PATH, pure_causal(...), and config and every
+    module of attention_modules (the decoder's self-attention; none given: never) run on
+    "sdpa": then mask is None, the position ids are 0 .. T - 1 in every row (the pads' own
+    positions change; no real token sees a pad) and context puts the decoder on
+    _causal_attention. Otherwise packed_masks' (mask, position_ids) and a null context."""
+    configs = [config, *(m.config for m in attention_modules)]
+    fast = (CAUSAL_FAST_PATH and len(configs) > 1 and all(c._attn_implementation == "sdpa" for c in configs)
+            and pure_causal(config, layout, bidirectional_span))  # fmt: skip
+    if not fast:
+        mask, pos = packed_masks(config, layout, prefix_len, device, bidirectional_span)
+        return mask, pos, contextlib.nullcontext()
+    k_studies, width = layout.owner.shape
+    pos = to_device(torch.arange(prefix_len + width).repeat(k_studies, 1), device)
+    return None, pos, causal_attention(configs)
+
+
 def score_packed(
     *,
     forward: Callable,
@@ -214,7 +296,10 @@ def score_packed(
 
     forward          (suffix_ids [K, W], position_ids [K, T], mask) -> hidden [K, T, d], T = P + W:
                      runs the decoder on each study's prefix (P tokens, image included)
-                     followed by its packed suffixes (see the module docstring)
+                     followed by its packed suffixes (see the module docstring). mask is None
+                     in a control pass (layers ()) that pass_masks finds pure causal (one
+                     question per study, no image block, no sliding layer): the decoder then
+                     runs under pass_masks' context (plain causal SDPA)
     config           the text config (layer_types, sliding_window)
     suffixes         Q token lists that follow the prefix
     query_positions  Q lists of positions within each suffix whose attention rows are kept
@@ -243,7 +328,9 @@ def score_packed(
         raise ValueError(f"prefix row {max(rows)} outside a pass of {n_studies} studies")
     layout = pack_suffixes(suffixes, rows, n_studies, pad_id)
     width = layout.suffix_ids.shape[1]
-    mask, position_ids = packed_masks(config, layout, prefix_len, device, bidirectional_span)
+    # a control pass (no rows captured) of one question per study may run plain causal attention
+    modules = () if layers else attention_modules
+    mask, position_ids, causal = pass_masks(config, layout, prefix_len, device, bidirectional_span, modules)
     # capture: every question's query tokens, gathered per study row (absolute positions)
     per_study_q: list[list[int]] = [[] for _ in range(n_studies)]
     q_owner: list[list[int]] = [[] for _ in range(n_studies)]
@@ -256,7 +343,9 @@ def score_packed(
     last_t = to_device(torch.tensor([prefix_len + layout.start_of[r] + len(suffixes[r]) - 1 for r in range(n)]), device)
     suffix_ids = to_device(layout.suffix_ids, device)
     if not layers:  # a control pass: the answers' logits only
-        logits = head(forward(suffix_ids, position_ids, mask)[last_k, last_t]).float()
+        with causal:
+            hidden = forward(suffix_ids, position_ids, mask)
+        logits = head(hidden[last_k, last_t]).float()
         p_yes, coverage = yes_probability(logits, answer_tokens)
         none = torch.zeros((n, 0), device=logits.device)
         return PackedScores(logits, p_yes, coverage, none[:, :, None], none, (), torch.zeros(n, dtype=torch.long))

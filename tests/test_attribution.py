@@ -13,6 +13,7 @@ from PIL import Image
 from archive.reference_attribution import margin_with_image_embeddings, reference_attribution
 from llava_rad_medical_only import LLaVARadMedical
 from medgemma_enhanced import MedGemmaMedical
+from medvlm import engine
 from medvlm.attribution import (
     GRADIENT_KINDS,
     attribution_maps,
@@ -85,6 +86,44 @@ def test_batching_questions_and_studies_changes_no_map(backend, batched):
         assert diff <= 1e-6 * max(1.0, np.abs(one[kind]).max()), f"{kind}: batched vs one at a time {diff:.3e}"
     # the three questions' maps differ (rows never share a gradient)
     assert np.abs(batched["gradxinput"][0] - batched["gradxinput"][1]).max() > 1e-6
+
+
+@pytest.fixture
+def causal_calls(monkeypatch):
+    """How many attention calls ran on medvlm.engine's pure-causal fast path."""
+    calls = []
+    real = engine._causal_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_causal_attention", counted)
+    return calls
+
+
+def test_causal_fast_path_equals_the_masked_path(backend, causal_calls, monkeypatch):
+    """LLaVA-Rad's rows (one question each, a causal decoder) run on plain causal SDPA, forward
+    and backward (checkpointed layers recompute on it): the same maps and margins as under the
+    packed mask (float32). MedGemma's rows (image block, sliding layers) never take it, nor
+    relevancy (its eager attention needs the mask)."""
+    n_layers = len(backend._attention)
+    fast = attribution_maps(backend, items(), ("gradxinput",), rows_per_pass=2, uncheckpointed=1)
+    margins = attribution_margins(backend, items(), rows_per_pass=2)
+    taken = len(causal_calls)
+    # 2 passes: each layer forward once, checkpointed layers again in the backward; 2 margin passes
+    expected = 2 * (2 * n_layers - 1) + 2 * n_layers if backend.name == "llava_rad" else 0
+    assert taken == expected, f"{backend.name}: {taken} attention calls on the causal path, expected {expected}"
+    attribution_maps(backend, items()[1:], ("relevancy",))
+    assert len(causal_calls) == taken, "relevancy took the causal fast path"
+    monkeypatch.setattr(engine, "CAUSAL_FAST_PATH", False)
+    masked = attribution_maps(backend, items(), ("gradxinput",), rows_per_pass=2, uncheckpointed=1)
+    assert len(causal_calls) == taken
+    _close(fast["gradxinput"], masked["gradxinput"], f"{backend.name} gradxinput, fast path vs masked")
+    diff = float(np.abs(fast.margin - masked.margin).max())
+    assert diff <= TOL, f"{backend.name}: margins, fast path vs masked, max diff {diff:.3e}"
+    diff = float(np.abs(margins - attribution_margins(backend, items(), rows_per_pass=2)).max())
+    assert diff <= TOL, f"{backend.name}: forward-only margins, fast path vs masked, max diff {diff:.3e}"
 
 
 def test_margins_reproduce_the_scorers_p_yes(backend, batched):

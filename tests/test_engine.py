@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from medvlm import engine
 from medvlm.engine import pack_suffixes, packed_masks
 
 PLAIN = SimpleNamespace(layer_types=None, sliding_window=None)
@@ -72,3 +73,119 @@ def test_sliding_model_without_layer_types_is_refused():
     layout = pack_suffixes([[7]], rows=[0], n_studies=1, pad_id=0)
     with pytest.raises(ValueError, match="without layer_types"):
         packed_masks(cfg, layout, 3, "cpu")
+
+
+# -- the pure-causal fast path ------------------------------------------------------------------
+def test_pure_causal_only_when_the_mask_is_plain_causal():
+    one_each = pack_suffixes([[7, 8, 9], [5]], rows=[0, 1], n_studies=2, pad_id=0)  # row 1: 5, pad, pad
+    assert engine.pure_causal(PLAIN, one_each)
+    assert not engine.pure_causal(PLAIN, pack_suffixes([[7, 8], [5]], rows=[0, 0], n_studies=1, pad_id=0))
+    assert not engine.pure_causal(PLAIN, one_each, bidirectional_span=(0, 2))
+    sliding = SimpleNamespace(layer_types=["full_attention", "sliding_attention"], sliding_window=4)
+    assert not engine.pure_causal(sliding, one_each)
+    assert not engine.pure_causal(SimpleNamespace(layer_types=None, sliding_window=4), one_each)
+    chunked = SimpleNamespace(layer_types=["chunked_attention"], sliding_window=None)
+    assert not engine.pure_causal(chunked, one_each)
+    gap = engine.PackedLayout(one_each.suffix_ids, torch.tensor([[0, -1, 0]]), one_each.offset[:1], (0,))
+    assert not engine.pure_causal(PLAIN, gap), "a real token after a pad would see the pad"
+
+
+def _tiny_llama(seed=0):
+    """A two-layer float32 Llama (SDPA) and a three-token prefix embedding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    return model, model.model.embed_tokens(torch.tensor([[1, 2, 3]])).detach()
+
+
+def _control_pass(model, prefix, suffixes, rows, n_studies, masks_seen):
+    """score_packed's control pass (layers ()) of the tiny Llama, recording each mask the
+    forward is handed. -> P(yes) [Q] float64."""
+    from medvlm.scoring import AnswerTokens
+
+    def forward(suffix_ids, position_ids, mask):
+        masks_seen.append(mask)
+        embeds = torch.cat([prefix.expand(suffix_ids.shape[0], -1, -1), model.model.embed_tokens(suffix_ids)], dim=1)
+        return model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state
+
+    out = engine.score_packed(
+        forward=forward, head=model.lm_head, attention_modules=[layer.self_attn for layer in model.model.layers],
+        config=model.config, n_studies=n_studies, prefix_len=prefix.shape[1], suffixes=suffixes,
+        query_positions=[[len(s) - 1] for s in suffixes], prefix_rows=rows, pad_id=0, image_span=None, layers=(),
+        head_mode="mean", answer_tokens=AnswerTokens((5, 6), (7,), ("yes", "Yes"), ("no",)),
+    )  # fmt: skip
+    return out.p_yes
+
+
+@pytest.fixture
+def causal_calls(monkeypatch):
+    """How many attention calls ran on the causal fast path."""
+    calls = []
+    real = engine._causal_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_causal_attention", counted)
+    return calls
+
+
+def test_control_pass_of_one_question_per_row_runs_plain_causal(causal_calls, monkeypatch):
+    """One question per study (different lengths: pads): mask None, causal SDPA in every
+    layer, the same P(yes) as the masked pass (float32)."""
+    model, prefix = _tiny_llama()
+    suffixes, seen = [[9, 10, 11, 12], [13, 14], [15, 16, 17]], []
+    fast = _control_pass(model, prefix, suffixes, [0, 1, 2], 3, seen)
+    assert seen == [None] and len(causal_calls) == len(model.model.layers)
+    monkeypatch.setattr(engine, "CAUSAL_FAST_PATH", False)
+    masked = _control_pass(model, prefix, suffixes, [0, 1, 2], 3, seen)
+    assert seen[1] is not None and len(causal_calls) == len(model.model.layers)
+    diff = (fast - masked).abs().max().item()
+    assert diff <= 1e-6, f"fast path vs masked pass: max diff {diff:.3e}"
+    assert model.config._attn_implementation == "sdpa", "the attention implementation is restored"
+
+
+def test_control_pass_of_several_questions_per_row_keeps_the_mask(causal_calls, monkeypatch):
+    """Two questions in one row: the block mask (the second question must not see the first),
+    never the fast path, which would change the second question's P(yes)."""
+    model, prefix = _tiny_llama()
+    suffixes, seen = [[9, 10, 11], [13, 14]], []
+    masked = _control_pass(model, prefix, suffixes, [0, 0], 1, seen)
+    assert seen[0] is not None and causal_calls == [], "the fast path was taken for a packed row"
+    separate = torch.cat([_control_pass(model, prefix, [s], [0], 1, seen) for s in suffixes])
+    assert (masked - separate).abs().max().item() <= 1e-6
+    monkeypatch.setattr(engine, "pure_causal", lambda *a, **k: True)  # what taking it would do
+    wrong = _control_pass(model, prefix, suffixes, [0, 0], 1, seen)
+    assert abs(wrong[1] - masked[1]).item() > 1e-4, "this case cannot tell the fast path from the mask"
+
+
+@pytest.mark.parametrize("model", ["llava_rad", "medgemma"])
+def test_faithfulness_passes_run_plain_causal_for_llava_rad_only(model, causal_calls, monkeypatch):
+    """The curves' passes (medvlm.faithfulness.score_pixels: one question per image, no rows
+    captured) of three perturbed images: LLaVA-Rad's run on the fast path with the masked
+    pass's P(yes) (float32); MedGemma's (image block, sliding layers) keep the mask."""
+    import numpy as np
+    from PIL import Image
+
+    from llava_rad_medical_only import LLaVARadMedical
+    from medgemma_enhanced import MedGemmaMedical
+    from medvlm.faithfulness import model_pixels, score_pixels
+
+    backend = LLaVARadMedical.tiny() if model == "llava_rad" else MedGemmaMedical.tiny()
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray((rng.random((40, 50, 3)) * 255).astype("uint8")) for _ in range(3)]
+    questions = ["Is there a pleural effusion?", "Is the heart enlarged?", "Is there a pneumothorax?"]
+    pixels = model_pixels(backend, images)
+    pixels = pixels + 0.1 * torch.randn(pixels.shape, generator=torch.Generator().manual_seed(0))
+    fast = score_pixels(backend, images, questions, [None] * 3, pixels)
+    n_layers = len(backend._attention)
+    assert len(causal_calls) == (n_layers if model == "llava_rad" else 0), f"{model}: {len(causal_calls)} causal calls"
+    monkeypatch.setattr(engine, "CAUSAL_FAST_PATH", False)
+    masked = score_pixels(backend, images, questions, [None] * 3, pixels)
+    diff = float(np.abs(fast - masked).max())
+    assert diff <= 1e-6, f"{model}: fast path vs masked pass, P(yes) max diff {diff:.3e}"
+    assert np.ptp(masked) > 1e-6, "the three passes' P(yes) are all equal: the comparison could not fail"
