@@ -4,7 +4,7 @@ full-size random-weight models built as benchmarks/bench_speed.py builds them (b
     python benchmarks/bench_faithfulness.py                    # both models (H200)
     python benchmarks/bench_faithfulness.py --models medgemma --steps 8
     python benchmarks/bench_faithfulness.py --only gradxinput \
-        --grad_rows llava_rad:1,2 medgemma:2,8,16 --grad_uncheckpointed llava_rad:1,4,8 medgemma:1,8,34
+        --grad_rows llava_rad:1,2 medgemma:1,2,4,8,16 --grad_uncheckpointed llava_rad:1,3,6 medgemma:1,8,24
     python benchmarks/bench_faithfulness.py --smoke            # tiny models on the CPU: checks the script
 
 Per model it measures, each after a warm-up at the same shapes, with peak GPU memory:
