@@ -126,6 +126,28 @@ def test_causal_fast_path_equals_the_masked_path(backend, causal_calls, monkeypa
     assert diff <= TOL, f"{backend.name}: forward-only margins, fast path vs masked, max diff {diff:.3e}"
 
 
+def test_rows_and_checkpointing_default_by_backend(backend, monkeypatch):
+    """rows_per_pass and uncheckpointed left out: the backend's DEFAULT_ROWS and
+    DEFAULT_UNCHECKPOINTED entries decide the passes."""
+    from medvlm import attribution
+
+    for table in (attribution.DEFAULT_ROWS, attribution.DEFAULT_UNCHECKPOINTED):
+        assert set(table) == {"llava_rad", "medgemma"}
+    assert all(set(rows) == set(GRADIENT_KINDS) for rows in attribution.DEFAULT_ROWS.values())
+    passes = []
+    real = attribution._gradient_rows
+
+    def recorded(pc, rows, kind, target=None, uncheckpointed=1):
+        passes.append((kind, len(rows.suffixes), uncheckpointed))
+        return real(pc, rows, kind, target, uncheckpointed)
+
+    monkeypatch.setattr(attribution, "_gradient_rows", recorded)
+    monkeypatch.setitem(attribution.DEFAULT_ROWS, backend.name, {"gradxinput": 2, "relevancy": 3})
+    monkeypatch.setitem(attribution.DEFAULT_UNCHECKPOINTED, backend.name, 2)
+    attribution_maps(backend, items(), GRADIENT_KINDS)
+    assert passes == [("gradxinput", 2, 2), ("gradxinput", 1, 2), ("relevancy", 3, 2)]
+
+
 def test_margins_reproduce_the_scorers_p_yes(backend, batched):
     p = [s.p_yes for study in backend.score_many(items()) for s in study]
     assert np.abs(batched.p_yes - np.array(p)).max() <= 1e-5
