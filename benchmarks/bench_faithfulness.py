@@ -142,7 +142,7 @@ def gradxinput_sweep(name: str, backend, args, ratio) -> dict:
     [entry, ...], "gradxinput": {R: its entry at the default u (else the first u)},
     "gradxinput_choice": choose(sweep), "gradxinput_defaults": the library's R and u}."""
     rows, unck = per_model(args.grad_rows, name), per_model(args.grad_uncheckpointed, name)
-    defaults = {"rows": DEFAULT_ROWS[name]["gradxinput"], "uncheckpointed": DEFAULT_UNCHECKPOINTED[name]}
+    defaults = {"rows": DEFAULT_ROWS[name]["gradxinput"], "uncheckpointed": DEFAULT_UNCHECKPOINTED[name]["gradxinput"]}
     n_layers = len(backend._attention)
     q = args.grad_questions
     sweep, forward = [], {}

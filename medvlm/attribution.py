@@ -47,13 +47,17 @@ decoder's RMS norms run fused (medvlm.fused_norms; not for a compiled or float64
 Defaults by backend (backend.name), chosen by benchmarks/bench_faithfulness.py's sweep on an
 H200 (bf16, full-size random weights; goals: gradient x input <= 3x the same rows' forward
 alone, peak memory <= 1.15 x the weights):
-    DEFAULT_ROWS             questions per pass: LLaVA-Rad 2 (T ~1434: compute-bound already at
-                             one row, memory-bound beyond two); MedGemma 8 (T ~300: its forward
-                             is host/launch-bound, about 57 ms a pass whatever the rows, so more
-                             rows per pass are what brings the gradient pass to compute-bound)
-    DEFAULT_UNCHECKPOINTED   layers at the end run without checkpointing: 1 for both (each
-                             further layer saves 1/L of a forward per pass, for one layer's
-                             activations per row)
+    DEFAULT_ROWS             questions per pass: LLaVA-Rad gradient x input 1 (T ~1434:
+                             compute-bound already at one row; the memory goes to uncheckpointed
+                             layers instead); MedGemma 8 (T ~300: its forward is host/launch-
+                             bound, so more rows per pass bring the gradient pass to
+                             compute-bound; 16 rows exceed the memory goal); relevancy 1
+    DEFAULT_UNCHECKPOINTED   layers at the end run without checkpointing, per kind: LLaVA-Rad
+                             gradient x input 6, everything else 1 (each further layer saves
+                             1/L of a forward per pass, for one layer's activations per row)
+    Measured 2026-11-30 (benchmarks/results/2026-11-30-nvidia-h200-faithfulness.json, sweep):
+    LLaVA-Rad (R 1, u 6) 2.97x its forward, peak 1.13x the weights ((2, 1): 3.00x, 1.12x);
+    MedGemma (8, 1) 2.91x, 1.12x ((16, 1): 2.20x but 1.22x).
 Only speed and memory depend on them; every value is the same whatever they are.
 
 Cost per question (T = prefix + suffix tokens, F = one forward of those T tokens):
@@ -99,9 +103,9 @@ from medvlm.store import map_key
 ATTRIBUTION_KINDS = ("attention", "gradxinput", "relevancy")
 GRADIENT_KINDS = ("gradxinput", "relevancy")
 #: rows (questions) per gradient pass when the caller does not say, by backend name
-DEFAULT_ROWS = {"llava_rad": {"gradxinput": 2, "relevancy": 1}, "medgemma": {"gradxinput": 8, "relevancy": 1}}
+DEFAULT_ROWS = {"llava_rad": {"gradxinput": 1, "relevancy": 1}, "medgemma": {"gradxinput": 8, "relevancy": 1}}
 #: decoder layers run without activation checkpointing when the caller does not say, by backend name
-DEFAULT_UNCHECKPOINTED = {"llava_rad": 1, "medgemma": 1}
+DEFAULT_UNCHECKPOINTED = {"llava_rad": {"gradxinput": 6, "relevancy": 1}, "medgemma": {"gradxinput": 1, "relevancy": 1}}
 #: images through the vision tower at once (its activations are the pass's other memory peak)
 IMAGE_CHUNK = 8
 RELEVANCY_ATTENTION = "medvlm_relevancy"
@@ -526,7 +530,7 @@ def attribution_maps(
     answers        the Q answers ("yes"/"no") relevancy explains, e.g. the scoring pass's; by
                    default the sign of this pass's own margin
     uncheckpointed the last decoder layers run without activation checkpointing (default
-                   DEFAULT_UNCHECKPOINTED[backend.name]; at least the last layer, whose
+                   DEFAULT_UNCHECKPOINTED[backend.name][kind]; at least the last layer, whose
                    recomputation would follow its forward at once): each saves one layer's
                    recomputation per pass and costs one layer's activations per row. Values
                    never change.
@@ -554,10 +558,9 @@ def attribution_maps(
             raise ValueError(f"question {q!r} does not share the image prefix of the first question")
     image = _image_embeddings(pc, [im for im, _, _ in items])
     study = torch.tensor([k for k, _ in questions], device=image.device)
-    if uncheckpointed is None:
-        uncheckpointed = DEFAULT_UNCHECKPOINTED[backend.name]
     maps, margin = {}, None
     for kind in kinds:
+        u = DEFAULT_UNCHECKPOINTED[backend.name][kind] if uncheckpointed is None else uncheckpointed
         size = rows_per_pass.get(kind) if isinstance(rows_per_pass, dict) else rows_per_pass
         size = int(size or DEFAULT_ROWS[backend.name][kind])
         if size < 1:
@@ -569,7 +572,7 @@ def attribution_maps(
             target = None
             if answers is not None:
                 target = torch.tensor([1.0 if answers[i] == "yes" else -1.0 for i in idx])
-            m, value = _gradient_rows(pc, rows, kind, target, uncheckpointed)
+            m, value = _gradient_rows(pc, rows, kind, target, u)
             out.append(value.float().cpu())
             ms.append(m.double().cpu())
         maps[kind] = torch.cat(out)[:, None, :].numpy()

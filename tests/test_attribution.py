@@ -133,7 +133,8 @@ def test_rows_and_checkpointing_default_by_backend(backend, monkeypatch):
 
     for table in (attribution.DEFAULT_ROWS, attribution.DEFAULT_UNCHECKPOINTED):
         assert set(table) == {"llava_rad", "medgemma"}
-    assert all(set(rows) == set(GRADIENT_KINDS) for rows in attribution.DEFAULT_ROWS.values())
+    for table in (attribution.DEFAULT_ROWS, attribution.DEFAULT_UNCHECKPOINTED):
+        assert all(set(rows) == set(GRADIENT_KINDS) for rows in table.values())
     passes = []
     real = attribution._gradient_rows
 
@@ -143,9 +144,9 @@ def test_rows_and_checkpointing_default_by_backend(backend, monkeypatch):
 
     monkeypatch.setattr(attribution, "_gradient_rows", recorded)
     monkeypatch.setitem(attribution.DEFAULT_ROWS, backend.name, {"gradxinput": 2, "relevancy": 3})
-    monkeypatch.setitem(attribution.DEFAULT_UNCHECKPOINTED, backend.name, 2)
+    monkeypatch.setitem(attribution.DEFAULT_UNCHECKPOINTED, backend.name, {"gradxinput": 2, "relevancy": 4})
     attribution_maps(backend, items(), GRADIENT_KINDS)
-    assert passes == [("gradxinput", 2, 2), ("gradxinput", 1, 2), ("relevancy", 3, 2)]
+    assert passes == [("gradxinput", 2, 2), ("gradxinput", 1, 2), ("relevancy", 3, 4)]
 
 
 def test_margins_reproduce_the_scorers_p_yes(backend, batched):
