@@ -47,17 +47,19 @@ decoder's RMS norms run fused (medvlm.fused_norms; not for a compiled or float64
 Defaults by backend (backend.name), chosen by benchmarks/bench_faithfulness.py's sweep on an
 H200 (bf16, full-size random weights; goals: gradient x input <= 3x the same rows' forward
 alone, peak memory <= 1.15 x the weights):
-    DEFAULT_ROWS             questions per pass: LLaVA-Rad gradient x input 1 (T ~1434:
-                             compute-bound already at one row; the memory goes to uncheckpointed
-                             layers instead); MedGemma 8 (T ~300: its forward is host/launch-
-                             bound, so more rows per pass bring the gradient pass to
-                             compute-bound; 16 rows exceed the memory goal); relevancy 1
-    DEFAULT_UNCHECKPOINTED   layers at the end run without checkpointing, per kind: LLaVA-Rad
-                             gradient x input 6, everything else 1 (each further layer saves
-                             1/L of a forward per pass, for one layer's activations per row)
-    Measured 2026-11-30 (benchmarks/results/2026-11-30-nvidia-h200-faithfulness.json, sweep):
-    LLaVA-Rad (R 1, u 6) 2.97x its forward, peak 1.13x the weights ((2, 1): 3.00x, 1.12x);
-    MedGemma (8, 1) 2.91x, 1.12x ((16, 1): 2.20x but 1.22x).
+    DEFAULT_ROWS             questions per pass: LLaVA-Rad gradient x input 2 (T ~1434:
+                             compute-bound already at one row, memory-bound beyond two);
+                             MedGemma 8 (T ~300: its forward is host/launch-bound, so more rows
+                             per pass bring the gradient pass to compute-bound; 16 rows exceed
+                             the memory goal); relevancy 1
+    DEFAULT_UNCHECKPOINTED   layers at the end run without checkpointing, per kind: 1 (each
+                             further layer saves 1/L of a forward per pass, for one layer's
+                             activations per row; the memory goal leaves no room for more at
+                             two rows)
+    Measured in two runs on 2026-11-30 (benchmarks/results/2026-11-30-nvidia-h200-faithfulness
+    .json and -faithfulness-sweep.json): LLaVA-Rad (R 2, u 1) 3.00x and 3.01x its forward, peak
+    1.12x the weights ((1, 6): 2.97x and 3.70x, too unsteady to choose; (2, 6): 2.88x but
+    1.26x); MedGemma (8, 1) 2.91x and 2.53x, 1.12x ((16, 1): 2.20x / 2.36x but 1.22x).
 Only speed and memory depend on them; every value is the same whatever they are.
 
 Cost per question (T = prefix + suffix tokens, F = one forward of those T tokens):
@@ -103,9 +105,9 @@ from medvlm.store import map_key
 ATTRIBUTION_KINDS = ("attention", "gradxinput", "relevancy")
 GRADIENT_KINDS = ("gradxinput", "relevancy")
 #: rows (questions) per gradient pass when the caller does not say, by backend name
-DEFAULT_ROWS = {"llava_rad": {"gradxinput": 1, "relevancy": 1}, "medgemma": {"gradxinput": 8, "relevancy": 1}}
+DEFAULT_ROWS = {"llava_rad": {"gradxinput": 2, "relevancy": 1}, "medgemma": {"gradxinput": 8, "relevancy": 1}}
 #: decoder layers run without activation checkpointing when the caller does not say, by backend name
-DEFAULT_UNCHECKPOINTED = {"llava_rad": {"gradxinput": 6, "relevancy": 1}, "medgemma": {"gradxinput": 1, "relevancy": 1}}
+DEFAULT_UNCHECKPOINTED = {"llava_rad": {"gradxinput": 1, "relevancy": 1}, "medgemma": {"gradxinput": 1, "relevancy": 1}}
 #: images through the vision tower at once (its activations are the pass's other memory peak)
 IMAGE_CHUNK = 8
 RELEVANCY_ATTENTION = "medvlm_relevancy"
