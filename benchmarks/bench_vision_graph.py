@@ -99,6 +99,9 @@ def main() -> int:
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--kind", default="nvidia-h200")
+    p.add_argument("--torch_threads", type=int, nargs="*", default=[],
+                   help="also time the graphed pass under each torch.set_num_threads value (the preparation's "
+                        "CPU work in a thread competes with the pass's launches)")  # fmt: skip
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -133,6 +136,12 @@ def main() -> int:
             sync()
             r["graph_peak_over_weights"] = torch.cuda.max_memory_allocated() / 2**30 / weights
             r["graph_reserved_over_weights"] = torch.cuda.memory_reserved() / 2**30 / weights
+            default_threads = torch.get_num_threads()
+            for n in a.torch_threads:
+                torch.set_num_threads(n)
+                print(f"{name}: graphed tower, torch threads {n}: ", end="", flush=True)
+                three_ways(backend, args, a.k)
+            torch.set_num_threads(default_threads)
         except Exception as e:  # recorded: the experiment's answer may be that it cannot be captured
             r["error"] = f"{type(e).__name__}: {e}"[:2000]
             print(f"{name}: {r['error']}", flush=True)
