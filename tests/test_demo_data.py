@@ -4,6 +4,7 @@ Data_Entry_2017_v2020 (torchxrayvision's copy, or the extract committed beside t
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import numpy as np
@@ -23,6 +24,7 @@ from medvlm.demo_data import (
     NIH_EXTRACT,
     DemoStudy,
     build_demo_dataset,
+    demo_label_rows,
     pydicom_data_file,
 )
 from medvlm.questions import wordings
@@ -108,6 +110,7 @@ def test_nih_radiographs_with_their_real_labels(demo):
     assert (ds.rows.loc[~ds.rows["study_id"].isin(NIH_IDS), "label_source"].str.contains("DICOM")).all()
     info = labels["nih"]
     assert "NLP" in info["label_source"] and "NIH Clinical Center" in info["credit"] and "Wang X" in info["credit"]
+    assert not any("BBox" in n for n in info["builder_notes"]), "the demo reads no box file: no note on one"
     assert {s["study_id"]: s["finding_labels"] for s in info["studies"]} == {
         "00000001_000": "Cardiomegaly", "00027426_000": "No Finding"}
     notes = " ".join(labels["notes"])
@@ -125,6 +128,32 @@ def test_nih_labels_fall_back_to_the_committed_extract(tmp_path, monkeypatch):
     ds = load_dataset(csv_path, strict=True)
     nih = ds.rows[ds.rows["study_id"].isin(NIH_IDS)]
     assert nih.groupby(["study_id", "finding"])["answer_gt"].first().to_dict() == _nih_truth(NIH_EXTRACT)
+
+
+def test_demo_label_rows_are_the_label_files_rows_for_the_demo_images(tmp_path):
+    """demo_label_rows reads only the lines whose Image Index names a demo image (gzipped or not),
+    equal to reading the whole file and selecting them; a file whose first column is another
+    comes back whole."""
+    extract = NIH_EXTRACT.read_text().splitlines()
+    header, rows = extract[0], extract[1:]
+    decoys = ["00000001_0001.png,Cardiomegaly,0,1,57,M,PA,1,1,0.1,0.1",  # a longer name with a demo prefix
+              "00000002_000.png,00000001_000.png,0,2,50,F,AP,1,1,0.1,0.1"]  # a demo name in a later field
+    body = [decoys[0], rows[0], decoys[1], f'"{rows[1].split(",", 1)[0]}",{rows[1].split(",", 1)[1]}']
+    gz = tmp_path / "Data_Entry_2017_v2020.csv.gz"
+    with gzip.open(gz, "wt", encoding="utf-8") as fh:
+        fh.write("\n".join([header, *body]) + "\n")
+    got = demo_label_rows(gz)
+    whole = pd.read_csv(gz, dtype=str, keep_default_na=False)
+    want = whole[whole["Image Index"].isin(NIH_DEMO_IMAGES)].reset_index(drop=True)
+    assert len(want) == 2 and got.equals(want)
+    assert demo_label_rows(NIH_EXTRACT).equals(pd.read_csv(NIH_EXTRACT, dtype=str, keep_default_na=False))
+    moved = tmp_path / "moved.csv"
+    whole[["Finding Labels", "Image Index", "Patient ID", "View Position"]].to_csv(moved, index=False)
+    assert len(demo_label_rows(moved)) == len(body)
+    packaged = medvlm.findings.torchxrayvision_data_file("Data_Entry_2017_v2020.csv.gz")
+    if packaged is not None:  # the 112,120-row file the demo reads
+        full = pd.read_csv(packaged, dtype=str, keep_default_na=False)
+        assert demo_label_rows(packaged).equals(full[full["Image Index"].isin(NIH_DEMO_IMAGES)].reset_index(drop=True))
 
 
 def test_known_answers(demo):
