@@ -61,7 +61,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medvlm.engine import to_device
 from medvlm.tables import metric_table
 
 SUBSTRATES = ("blur", "mean")
@@ -396,6 +395,8 @@ def _chunk_pixels(originals, substrates, slots, chunk, grid) -> torch.Tensor:
     """One pass's perturbed images [B, 3, S, S], built on the device in a few kernels: the
     removed-cell flags of the B jobs sent at once, each image its study's original with its
     substrate on the removed cells (an unperturbed job removes nothing)."""
+    from medvlm.engine import to_device  # here: the table and report need no transformers
+
     device = originals.device
     removed = to_device(torch.from_numpy(np.stack([r for _, _, r in chunk])), device)
     index = to_device(torch.tensor(slots), device)

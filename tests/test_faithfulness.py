@@ -439,3 +439,17 @@ def test_report_section():
     assert "llava_rad (deletion: gradxinput, insertion: gradxinput)" in text
     assert {t.key for t in FAITHFULNESS_TERMS} >= {"deletion_auc", "insertion_auc", "gradxinput", "relevancy"}
     assert faithfulness_section(None, "studies", {}) == []
+
+
+def test_the_analysis_side_needs_no_transformers():
+    """--analyze_only's faithfulness table, figure and report section import no transformers
+    (the perturbation's device helper comes from medvlm.engine only when images are scored)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, medvlm.faithfulness, medvlm.faithfulness_run, medvlm.report_faithfulness, medvlm.reporting; "
+            "assert 'transformers' not in sys.modules, 'transformers imported'")  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
