@@ -59,11 +59,11 @@ def _load_medgemma(cfg: RunConfig):
     if cfg.random_models is not None:
         import torch
 
-        from medvlm.tiny_medgemma import MEDGEMMA_4B_SHAPES, TINY_SHAPES, tiny_medgemma
+        from medvlm.tiny_medgemma import DEMO_SHAPES, MEDGEMMA_4B_SHAPES, tiny_medgemma
 
         full = cfg.random_models == "full"
         model, processor = tiny_medgemma(
-            shapes=MEDGEMMA_4B_SHAPES if full else TINY_SHAPES, sliding_window=1024 if full else 512,
+            shapes=MEDGEMMA_4B_SHAPES if full else DEMO_SHAPES, sliding_window=1024 if full else 512,
             device=cfg.device, dtype=getattr(torch, cfg.dtype or ("bfloat16" if full else "float32")),
         )  # fmt: skip
         name = "random-medgemma-4b-shapes" if full else "tiny-random-medgemma"
@@ -109,6 +109,10 @@ QUERY_HELP = ("whose attention is read: answer (the last prompt token, whose nex
 
 DEMO_REGIONS = Path(__file__).resolve().parent / "data" / "nih-cxr14" / "demo_regions_NOT_EXPERT.csv"
 DEMO_FIGURE_STUDY = "00000001_000"  # NIH ChestX-ray14, cardiomegaly: the demo's per-study figures
+#: the demo's faithfulness curves (#15: "a small version, K = 8, variant 0"): on its figure study only
+#: (the NIH radiograph with the demo region: 2 units per model), K = 8 steps, R random orders
+DEMO_FAITHFULNESS = {"steps": 8, "random": 1, "studies": (DEMO_FIGURE_STUDY,)}
+FAITHFULNESS_STEPS, FAITHFULNESS_RANDOM = 16, 3  # the defaults elsewhere
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -243,16 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--attribution", type=_attribution, default="attention",
                    help="maps beside attention: gradxinput (gradient of the yes/no margin x the image embeddings), "
                         "relevancy (Chefer et al. 2021; eager attention per question, memory-hungry); comma-separated")
-    v.add_argument("--faithfulness", action="store_true",
+    v.add_argument("--faithfulness", action="store_true", default=None,
                    help="deletion and insertion curves (RISE) for every map, while each model is loaded: costs "
-                        "2 + 2 (K - 1)(maps + R) perturbed images per unit")
-    v.add_argument("--faithfulness_steps", type=_positive, default=16, help="K: steps from no cell to all cells")
+                        "2 + 2 (K - 1)(maps + R) perturbed images per unit. Off by default; the demo (every study) "
+                        f"turns it on for its figure study {DEMO_FIGURE_STUDY} with K = {DEMO_FAITHFULNESS['steps']}, "
+                        f"R = {DEMO_FAITHFULNESS['random']}")
+    v.add_argument("--no_faithfulness", action="store_true", help="the demo without its faithfulness curves")
+    v.add_argument("--faithfulness_steps", type=_positive,
+                   help=f"K: steps from no cell to all cells (default {FAITHFULNESS_STEPS}; the demo "
+                        f"{DEMO_FAITHFULNESS['steps']})")
     v.add_argument("--faithfulness_variants", type=_variants, default="0",
                    help="paraphrases that get curves: 0, all, or e.g. 0,3")
     v.add_argument("--substrate", choices=("blur", "mean"), default="blur",
                    help="what deletion puts in place of a cell: the Gaussian-blurred image, or the normalised mean")
-    v.add_argument("--faithfulness_random", type=_positive, default=3, help="R seeded random orders (the baseline)")
-    v.add_argument("--faithfulness_studies", type=_positive, help="at most this many studies get curves")
+    v.add_argument("--faithfulness_random", type=_positive,
+                   help=f"R seeded random orders, the baseline (default {FAITHFULNESS_RANDOM}; the demo "
+                        f"{DEMO_FAITHFULNESS['random']})")
+    v.add_argument("--faithfulness_studies", type=_positive,
+                   help="at most this many studies get curves, the first in the run's order (default: all; the "
+                        f"demo: its figure study {DEMO_FIGURE_STUDY} when it runs every study)")
     v.add_argument("--exclude_sinks", action="store_true",
                    help="figures and grounding renormalise maps without the detected attention-sink tokens")
     s = p.add_argument_group("statistics")
@@ -298,6 +311,7 @@ def _conflicts(a) -> str | None:
          "--analyze_only reads the stored results of --output_dir: drop --csv / --demo"),
         (a.analyze_only and a.overwrite, "--analyze_only keeps the stored results: drop --overwrite"),
         (a.load_in_8bit and a.load_in_4bit, "choose one of --load_in_8bit and --load_in_4bit"),
+        (a.faithfulness and a.no_faithfulness, "choose one of --faithfulness and --no_faithfulness"),
         (a.n_studies and a.sample, "choose one of --n_studies and --sample"),
         (random and real, f"{', '.join(real)} name real weights, but random-weight models were asked for"),
         (random and (a.load_in_8bit or a.load_in_4bit),
@@ -324,8 +338,11 @@ def parse_args(argv=None) -> RunConfig:
     n_figures = a.n_figure_studies if a.n_figure_studies is not None else (1 if a.demo else 3)
     if a.demo and not a.regions:  # grounding end to end on a box that says it is NOT an expert annotation
         a.regions = [DEMO_REGIONS]
-    if a.demo and not a.figure_studies and a.n_figure_studies is None and not (a.n_studies or a.sample):
+    demo_all = a.demo and not (a.n_studies or a.sample)  # the demo's figure study is in the run
+    if demo_all and not a.figure_studies and a.n_figure_studies is None:
         a.figure_studies = [DEMO_FIGURE_STUDY]  # the radiograph with the demo's region
+    faithfulness = bool(a.faithfulness) or (demo_all and not a.no_faithfulness)
+    faith_studies = a.faithfulness_studies or (DEMO_FAITHFULNESS["studies"] if demo_all else None)
     return RunConfig(
         output_dir=a.output_dir, csv=a.csv, image_root=a.image_root, models=tuple(a.models), n_studies=a.n_studies,
         sample=a.sample, seed=a.seed, cluster_by=a.cluster_by, llava_rad_model=a.llava_rad_model,
@@ -338,9 +355,11 @@ def parse_args(argv=None) -> RunConfig:
         figure_findings=tuple(a.figure_findings) if a.figure_findings else None, debug=a.debug,
         map_kinds=map_kinds, regions=tuple(a.regions), finding_map=a.finding_map,
         image_dependence_threshold=a.image_dependence_threshold, exclude_sinks=a.exclude_sinks,
-        attribution=a.attribution, faithfulness=a.faithfulness, faithfulness_steps=a.faithfulness_steps,
+        attribution=a.attribution, faithfulness=faithfulness,
+        faithfulness_steps=a.faithfulness_steps or (DEMO_FAITHFULNESS["steps"] if a.demo else FAITHFULNESS_STEPS),
         faithfulness_variants=a.faithfulness_variants, substrate=a.substrate,
-        faithfulness_random=a.faithfulness_random, faithfulness_studies=a.faithfulness_studies,
+        faithfulness_random=a.faithfulness_random or (DEMO_FAITHFULNESS["random"] if a.demo else FAITHFULNESS_RANDOM),
+        faithfulness_studies=faith_studies,
         rank=rank, world_size=world, local_rank=local_rank,
     )  # fmt: skip
 

@@ -56,9 +56,12 @@ def _settings(row) -> tuple:
 
 
 def run_faithfulness(backend, model: str, output_dir: Path, rows: pd.DataFrame, fcfg, kinds: Sequence[str],
-                     *, max_studies: int | None = None, batch: int = 8) -> dict:  # fmt: skip
-    """Curves for the ok records of `model` among `rows`' studies (the first max_studies of
-    them), maps of `kinds` read from the store. Returns counts for the manifest."""
+                     *, max_studies: int | Sequence[str] | None = None, batch: int = 8) -> dict:  # fmt: skip
+    """Curves for the ok records of `model` among `rows`' studies, maps of `kinds` read from
+    the store. max_studies: None (every study), N (the first N studies in the results' order,
+    done ones included: a rerun completes them, never adds N more), or study ids (those of
+    them in the run: the demo's subset). Returns counts for the manifest, the ids of the
+    studies curved now among them."""
     from medvlm.faithfulness import faithfulness_for_studies, merge_curves, parse_variants
     from medvlm.preflight import UsageError
 
@@ -79,9 +82,15 @@ def run_faithfulness(backend, model: str, output_dir: Path, rows: pd.DataFrame, 
     variants = parse_variants(fcfg.variants)
     if variants is not None:
         ok = ok[ok["variant_id"].isin(variants)]
-    studies = [s for s in dict.fromkeys(ok["study_id"]) if s not in done][: max_studies]
+    chosen = list(dict.fromkeys(ok["study_id"]))
+    if isinstance(max_studies, int):
+        chosen = chosen[:max_studies]
+    elif max_studies is not None:
+        wanted = {str(s) for s in max_studies}
+        chosen = [s for s in chosen if s in wanted]
+    studies = [s for s in chosen if s not in done]
     reader = MapReader(output_dir)
-    counts = {"studies": len(studies), "skipped_done": len(done), "units": 0, "rows": 0}
+    counts = {"studies": len(studies), "skipped_done": len(done), "units": 0, "rows": 0, "study_ids": studies}
     for i in range(0, len(studies), batch):
         chunk = []
         for study in studies[i : i + batch]:

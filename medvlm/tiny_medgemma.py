@@ -6,6 +6,12 @@ The structural facts of the real model hold: 256 image tokens per image, pooled 
 and <end_of_image>; sliding and global layers; GQA (2 query heads per KV head); the Gemma3
 chat format. Only sizes shrink (SigLIP at 128 px with 2 px patches, a 64-wide text model).
 For tests, the demo and timing only: its outputs mean nothing.
+
+TINY_SHAPES (the default, MedGemmaMedical.tiny()) keeps the real 64 x 64 patch grid. The demo
+and --tiny_random_models build DEMO_SHAPES: the same model with 4 px patches, a 32 x 32 grid
+pooled 2 x 2 into the same 16 x 16 tokens (the pooling still runs), so that its vision tower
+attends over 1,024 patches instead of 4,096 (a sixteenth of the attention; the demo's
+perturbed images for the faithfulness curves cost about a fifth as much).
 """
 
 from __future__ import annotations
@@ -107,6 +113,8 @@ TINY_SHAPES = {
     "vision": {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
                "image_size": 128, "patch_size": 2},
 }  # fmt: skip
+#: the demo's and --tiny_random_models' tiny MedGemma: TINY_SHAPES with 4 px patches (32 x 32 -> 16 x 16)
+DEMO_SHAPES = {"text": dict(TINY_SHAPES["text"]), "vision": {**TINY_SHAPES["vision"], "patch_size": 4}}
 MEDGEMMA_4B_SHAPES = {
     "text": {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34, "num_attention_heads": 8,
              "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256, "global_every": 6,
@@ -123,7 +131,7 @@ def tiny_medgemma(
 
     sliding_window  the local layers' window; smaller than the prompt (about 280 tokens) to
                     make the sliding mask matter in tests (the real model: 1024)
-    shapes          TINY_SHAPES (default) or MEDGEMMA_4B_SHAPES; the text vocabulary is at
+    shapes          TINY_SHAPES (default), DEMO_SHAPES or MEDGEMMA_4B_SHAPES; the text vocabulary is at
                     least the tokenizer's (the real size keeps the embedding and head costs real)
     device, dtype   where to build it (built in place: no float32 copy on the host)
     """
@@ -165,7 +173,7 @@ def tiny_medgemma(
         torch.set_default_dtype(default_dtype)
     with torch.no_grad():  # the projector starts at zeros: give the image a real signal
         proj = model.model.multi_modal_projector.mm_input_projection_weight
-        proj.normal_(0.0, 0.5 if shapes is TINY_SHAPES else 0.02)
+        proj.normal_(0.0, 0.5 if shapes is TINY_SHAPES or shapes is DEMO_SHAPES else 0.02)
     model.eval()
     model.config.random_weights = True  # read by MedGemmaMedical.describe()
     size = vision["image_size"]

@@ -214,6 +214,7 @@ def test_settings_of_a_folder_made_before_settings_json(tmp_path, capsys):
         (["--analyze_only"], "--analyze_only reads the stored results"),
         (["--load_in_8bit"], "random-weight models"),
         (["--colormap", "hott"], "unknown colormap 'hott'"),
+        (["--faithfulness", "--no_faithfulness"], "choose one of --faithfulness and --no_faithfulness"),
     ],
 )
 def test_flag_mistakes_are_one_line_and_exit_2(tmp_path, capsys, no_loading, extra, expected):
@@ -226,6 +227,32 @@ def test_flag_mistakes_are_one_line_and_exit_2(tmp_path, capsys, no_loading, ext
     line = one_error_line(capsys)
     assert expected in line, line
     assert not no_loading and not (tmp_path / "out").exists()
+
+
+def _faith(cfg) -> tuple:
+    return (cfg.faithfulness, cfg.faithfulness_steps, cfg.faithfulness_random, cfg.faithfulness_studies,
+            cfg.faithfulness_variants)  # fmt: skip
+
+
+def test_the_demo_runs_small_faithfulness_curves_unless_told_not_to(tmp_path):
+    """#15: the demo runs the curves, K = 8 on variant 0, on its figure study only; --no_faithfulness
+    skips them, the flags override its choices, a demo of some studies runs them only when asked,
+    and everywhere else --faithfulness stays opt-in with K = 16 and R = 3."""
+    out = ["--output_dir", str(tmp_path / "out")]
+    demo = cli.parse_args(["--demo", *out])
+    assert _faith(demo) == (True, 8, cli.DEMO_FAITHFULNESS["random"], (cli.DEMO_FIGURE_STUDY,), "0")
+    assert demo.figure_studies == (cli.DEMO_FIGURE_STUDY,) and demo.to_json()["faithfulness_studies"]
+    assert _faith(cli.parse_args(["--demo", "--no_faithfulness", *out]))[0] is False
+    assert _faith(cli.parse_args(["--demo", *out, "--faithfulness_steps", "4", "--faithfulness_random", "2",
+                                  "--faithfulness_studies", "3"])) == (True, 4, 2, 3, "0")  # fmt: skip
+    assert _faith(cli.parse_args(["--demo", "--n_studies", "2", *out]))[0] is False
+    some = cli.parse_args(["--demo", "--sample", "2", "--faithfulness", *out])
+    assert _faith(some) == (True, 8, cli.DEMO_FAITHFULNESS["random"], None, "0")
+    csv = ["--csv", str(tmp_path / "q.csv"), *out]
+    assert _faith(cli.parse_args(csv)) == (False, 16, 3, None, "0")
+    assert _faith(cli.parse_args([*csv, "--faithfulness"])) == (True, 16, 3, None, "0")
+    tiny = cli.parse_args([*csv, "--tiny_random_models", "--faithfulness", "--faithfulness_studies", "2"])
+    assert _faith(tiny) == (True, 16, 3, 2, "0")
 
 
 def test_file_mistakes_are_one_line_and_exit_2(tmp_path, capsys, no_loading):

@@ -34,3 +34,34 @@ def test_attribution_and_faithfulness_end_to_end(tmp_path):
     assert len(pd.read_json(out / "faithfulness_units.jsonl", lines=True)) == len(units)
     # other curve settings on the same folder are refused
     assert cli.main([*argv[:-4], "--faithfulness_steps", "3", "--faithfulness_random", "1"]) == 2
+
+
+def test_faithfulness_studies_by_count_or_by_id(tmp_path):
+    """max_studies: study ids (the demo's subset: only those of them in the run), or N (the first
+    N studies of the run, done ones included: a rerun completes them and never adds N more)."""
+    from medvlm.faithfulness import FaithfulnessConfig
+    from medvlm.faithfulness_run import read_units, run_faithfulness
+    from medvlm.store import read_results
+
+    csv = make_project(tmp_path / "proj", n_studies=3)
+    out = tmp_path / "out"
+    argv = ["--csv", str(csv), "--output_dir", str(out), "--models", "medgemma", "--tiny_random_models",
+            "--n_boot", "50", "--n_figure_studies", "0", "--controls", "none", "--map", "raw"]  # fmt: skip
+    cfg = cli.parse_args(argv)
+    assert cli.main(argv) == 0
+    rows = read_results(out)
+    backend = cli.get_backend_loader("medgemma")(cfg)
+    fcfg = FaithfulnessConfig(steps=1, n_random=1)
+
+    def curve(max_studies):
+        return run_faithfulness(backend, "medgemma", out, rows, fcfg, ["attention"], max_studies=max_studies)
+
+    assert curve(("s2", "not-in-the-run"))["study_ids"] == ["s2"]
+    assert set(read_units(out)["study_id"]) == {"s2"}
+    assert curve(1)["study_ids"] == ["s0"]
+    again = curve(1)
+    assert again["study_ids"] == [] and again["units"] == 0, "a rerun of the first study added another"
+    assert curve(None)["study_ids"] == ["s1"]
+    units = read_units(out)
+    assert sorted(units["study_id"]) == ["s0", "s0", "s1", "s1", "s2", "s2"]  # attention and random each
+    assert (units["n_images"] == 2).all() and (units["steps"] == 1).all()
