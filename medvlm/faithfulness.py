@@ -344,7 +344,9 @@ def faithfulness_for_studies(backend, studies: Sequence[tuple], cfg: Faithfulnes
     side = originals.shape[-1]
     sigma = blur_sigma(cfg, side)
     dtype = _model_dtype(backend)  # what the tower reads: selecting before or after the cast is the same
-    substrates = {"blur": gaussian_blur(originals, sigma).to(dtype), "mean": torch.zeros_like(originals, dtype=dtype)}
+    blurred = gaussian_blur(originals, sigma).to(dtype)
+    # [2 S, 3, side, side]: the studies' substrates, blur first, then mean (0 in normalised space)
+    substrates = torch.cat([blurred, torch.zeros_like(blurred)]) if cfg.substrate == "mean" else blurred
     originals = originals.to(dtype)
     counts = step_counts(n_cells, cfg.steps)
     # every unit's images, deduplicated within the unit: key (substrate, removed cells)
@@ -392,23 +394,24 @@ def _model_dtype(backend) -> torch.dtype:
 
 
 def _chunk_pixels(originals, substrates, slots, chunk, grid) -> torch.Tensor:
-    """One pass's perturbed images [B, 3, S, S], built on the device in a few kernels: the
-    removed-cell flags of the B jobs sent at once, each image its study's original with its
-    substrate on the removed cells (an unperturbed job removes nothing)."""
+    """One pass's perturbed images [B, 3, S, S], built on the device in a few kernels: each
+    job's study original with its substrate on its removed cells (an unperturbed job removes
+    nothing). substrates: [n S, 3, S, S], the blur of every study, then the mean if used. One
+    study and one substrate in the pass (the usual case): one where() over broadcast views."""
     from medvlm.engine import to_device  # here: the table and report need no transformers
 
     device = originals.device
     removed = to_device(torch.from_numpy(np.stack([r for _, _, r in chunk])), device)
+    mask = cell_pixel_mask(removed, grid, originals.shape[-1])  # [B, 1, S, S]
+    named = [SUBSTRATES.index(s) for _, s, _ in chunk if s in SUBSTRATES]
+    which = [SUBSTRATES.index(s) if s in SUBSTRATES else (named[0] if named else 0) for _, s, _ in chunk]
+    n = originals.shape[0]
+    if len(set(slots)) == 1 and len(set(which)) == 1:
+        at = which[0] * n + slots[0]
+        return torch.where(mask, substrates[at : at + 1], originals[slots[0] : slots[0] + 1])
     index = to_device(torch.tensor(slots), device)
-    out = originals.index_select(0, index)
-    for name, sub in substrates.items():
-        rows = [b for b, (_, s, _) in enumerate(chunk) if s == name]
-        if rows:
-            at = to_device(torch.tensor(rows), device)
-            picked = out.index_select(0, at)
-            mask = cell_pixel_mask(removed.index_select(0, at), grid, out.shape[-1])
-            out.index_copy_(0, at, torch.where(mask, sub.index_select(0, index.index_select(0, at)), picked))
-    return out
+    flat = to_device(torch.tensor([w * n + s for w, s in zip(which, slots, strict=True)]), device)
+    return torch.where(mask, substrates.index_select(0, flat), originals.index_select(0, index))
 
 
 def _collect(units, plan, jobs, p_yes, counts, model, cfg, sigma, n_cells) -> tuple[list[dict], list[dict]]:

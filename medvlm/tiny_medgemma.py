@@ -10,8 +10,8 @@ For tests, the demo and timing only: its outputs mean nothing.
 TINY_SHAPES (the default, MedGemmaMedical.tiny()) keeps the real 64 x 64 patch grid. The demo
 and --tiny_random_models build DEMO_SHAPES: the same model with 4 px patches, a 32 x 32 grid
 pooled 2 x 2 into the same 16 x 16 tokens (the pooling still runs), so that its vision tower
-attends over 1,024 patches instead of 4,096 (a sixteenth of the attention; the demo's
-perturbed images for the faithfulness curves cost about a fifth as much).
+attends over 1,024 patches instead of 4,096 (a sixteenth of the attention; a perturbed image
+of the demo's faithfulness curves costs about a sixth as much: 64 -> 11 ms on 2 CPU cores).
 """
 
 from __future__ import annotations
