@@ -116,7 +116,9 @@ FAITHFULNESS_STEPS, FAITHFULNESS_RANDOM = 16, 3  # the defaults elsewhere
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action):
+        """No "(default: None)": a flag whose default depends on the run says so in its help."""
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -299,6 +299,8 @@ def test_help_is_grouped_explained_and_needs_no_torch():
     for choice in ("answer (the last prompt token", "entropy (focused heads", "last_quarter", "inferno",
                    "1,000 for a quick look", "default 10000", "--max_new_tokens"):  # fmt: skip
         assert choice in text, f"--help does not explain {choice!r}"
+    assert "(default: None)" not in text, "a flag whose default depends on the run shows None"
+    assert "--no_faithfulness" in text and "(default 16; the demo 8)" in text
 
 
 def test_a_fixed_label_is_taken_on_resume(tmp_path, capsys):
