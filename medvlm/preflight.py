@@ -151,9 +151,9 @@ def layer_count(model: str, cfg: RunConfig) -> tuple[int | None, str]:
 
             shapes = VICUNA_7B if cfg.random_models == "full" else TINY_LLAMA
             return int(shapes["num_hidden_layers"]), f"the {cfg.random_models} random model"
-        from medvlm.tiny_medgemma import MEDGEMMA_4B_SHAPES, TINY_SHAPES
+        from medvlm.tiny_medgemma import DEMO_SHAPES, MEDGEMMA_4B_SHAPES
 
-        shapes = MEDGEMMA_4B_SHAPES if cfg.random_models == "full" else TINY_SHAPES
+        shapes = MEDGEMMA_4B_SHAPES if cfg.random_models == "full" else DEMO_SHAPES  # what the CLI builds
         return int(shapes["text"]["num_hidden_layers"]), f"the {cfg.random_models} random model"
     source = cfg.llava_rad_base if model == "llava_rad" else cfg.medgemma_model
     config = _folder_or_cached_config(source)

@@ -20,9 +20,9 @@ FAITHFULNESS_TERMS: tuple[Term, ...] = (
          "The same probability as the token cells are restored in the map's order onto the fully blurred image, "
          "averaged the same way.", "Petsiuk et al., 'RISE', BMVC 2018", "higher"),
     Term("auc_minus_baseline", "AUC minus random / minus attention",
-         "A map's deletion (insertion) AUC minus the same unit's AUC under 3 seeded random orders averaged "
-         "(*_minus_random), or under the raw attention map (*_minus_attention), pooled over units: a paired "
-         "difference; below 0 for deletion and above 0 for insertion means more faithful than the baseline."),
+         "A map's deletion (insertion) AUC minus the same unit's AUC under R seeded random orders averaged "
+         "(3 by default) (*_minus_random), or under the raw attention map (*_minus_attention), pooled over units: "
+         "a paired difference; below 0 for deletion and above 0 for insertion means more faithful than the baseline."),
     Term("gradxinput", "Gradient x input",
          "For each image token, the gradient of the answer margin log(P(yes)/P(no)) at the answering position with "
          "respect to the decoder's input embedding of that token, times the embedding, summed over the hidden "
@@ -34,6 +34,11 @@ FAITHFULNESS_TERMS: tuple[Term, ...] = (
          "the map is R's row at the answering position over the image tokens.",
          "Chefer, Gur & Wolf, ICCV 2021"),
 )
+
+
+def _orders(n) -> str:
+    """'1 seeded random order', '3 seeded random orders'."""
+    return f"{n} seeded random order{'' if n == 1 else 's'}"
 
 
 def faithfulness_section(table: pd.DataFrame | None, unit: str, settings: Mapping,
@@ -48,7 +53,7 @@ def faithfulness_section(table: pd.DataFrame | None, unit: str, settings: Mappin
              f"token cells are removed (deletion: replaced by the {settings.get('substrate', 'blur')} substrate) or "
              "restored onto the blurred image (insertion) in the map's order, in "
              f"{settings.get('steps')} steps, and the model's probability of the answer it gave is read each time "
-             f"(Petsiuk et al., RISE, BMVC 2018). Baseline: {settings.get('n_random', 3)} seeded random orders. "
+             f"(Petsiuk et al., RISE, BMVC 2018). Baseline: {_orders(settings.get('n_random', 3))}. "
              f"Paraphrases: {settings.get('variants', '0')}; blur sigma (model-input pixels): "
              f"{settings.get('blur_sigma')}. Deletion AUC: lower is more faithful; insertion AUC: higher.",
              ""]  # fmt: skip

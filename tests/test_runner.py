@@ -148,3 +148,16 @@ def test_control_prompts_are_scored_once_per_run(tmp_path):
         per_variant = records.groupby("variant_id")[control].nunique()
         assert (per_variant == 1).all(), f"{control}: one value per question across studies"
         assert records.groupby("variant_id")[control].first().nunique() > 1
+
+
+def test_versions_are_read_without_importing_the_packages():
+    """The manifest's package versions come from the installed metadata: recording peft's does not
+    import it (it pulls in bitsandbytes, seconds of every run)."""
+    code = ("import sys, json; from medvlm.runner import _versions; v = _versions(); "
+            "print(json.dumps({'peft_imported': 'peft' in sys.modules, 'v': v}))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["peft_imported"] is False
+    from importlib.metadata import version
+
+    assert got["v"]["peft"] == version("peft") and got["v"]["torch"] == version("torch")
