@@ -40,3 +40,19 @@ def max_diff(a, b) -> float:
     b = torch.as_tensor(np.asarray(b) if not isinstance(b, torch.Tensor) else b).double()
     assert a.shape == b.shape, f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
     return (a - b).abs().max().item()
+
+
+@pytest.fixture
+def causal_calls(monkeypatch):
+    """How many attention calls ran on medvlm.engine's pure-causal fast path."""
+    from medvlm import engine
+
+    calls = []
+    real = engine._causal_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_causal_attention", counted)
+    return calls

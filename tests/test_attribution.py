@@ -88,20 +88,6 @@ def test_batching_questions_and_studies_changes_no_map(backend, batched):
     assert np.abs(batched["gradxinput"][0] - batched["gradxinput"][1]).max() > 1e-6
 
 
-@pytest.fixture
-def causal_calls(monkeypatch):
-    """How many attention calls ran on medvlm.engine's pure-causal fast path."""
-    calls = []
-    real = engine._causal_attention
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "_causal_attention", counted)
-    return calls
-
-
 def test_causal_fast_path_equals_the_masked_path(backend, causal_calls, monkeypatch):
     """LLaVA-Rad's rows (one question each, a causal decoder) run on plain causal SDPA, forward
     and backward (checkpointed layers recompute on it): the same maps and margins as under the

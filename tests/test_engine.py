@@ -120,20 +120,6 @@ def _control_pass(model, prefix, suffixes, rows, n_studies, masks_seen):
     return out.p_yes
 
 
-@pytest.fixture
-def causal_calls(monkeypatch):
-    """How many attention calls ran on the causal fast path."""
-    calls = []
-    real = engine._causal_attention
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "_causal_attention", counted)
-    return calls
-
-
 def test_control_pass_of_one_question_per_row_runs_plain_causal(causal_calls, monkeypatch):
     """One question per study (different lengths: pads): mask None, causal SDPA in every
     layer, the same P(yes) as the masked pass (float32)."""
