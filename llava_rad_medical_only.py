@@ -54,7 +54,7 @@ from medvlm.aggregate import resolve_layers
 from medvlm.backend import GENERIC, QuestionScore, VLMBackend, question_scores
 from medvlm.capture import attention_modules_of
 from medvlm.config import MedicalAttentionConfig
-from medvlm.engine import cache_kwargs, new_cache, score_packed, select_cache, to_device
+from medvlm.engine import cache_kwargs, new_cache, score_packed, score_shared_prefix, select_cache, to_device
 from medvlm.fused_norms import fused_rms_norms, norm_modules
 from medvlm.geometry import Geometry, shortest_side_center_crop_geometry
 from medvlm.llava_rad_loading import (  # noqa: F401 - the checkpoint layout and loaders, importable from here
@@ -828,26 +828,22 @@ class LLaVARadMedical(VLMBackend):
         decoder = self.model.model
         questions = [r for r, (_, i) in enumerate(prep["owners"]) if i != GENERIC]
         common = {"head": self.model.lm_head, "attention_modules": self._attention, "config": self.model.config,
-                  "n_studies": 1, "pad_id": self.pad_id, "image_span": None, "layers": (),
-                  "head_mode": self.config.attention_head_mode, "answer_tokens": self.answer_tokens,
-                  "device": self.device}  # fmt: skip
+                  "pad_id": self.pad_id, "head_mode": self.config.attention_head_mode,
+                  "answer_tokens": self.answer_tokens, "device": self.device}  # fmt: skip
         memo, context = self.control_memo, (str(self.model.lm_head.weight.dtype),)
         out = {}
-        if "blank_pixels" in prep:
+        if prep.get("blank"):
             sfx = [prep["toks"][r].suffix_ids for r in questions]
             system = list(prep["toks"][0].prefix_ids)
 
             def blank(idx):
-                grey = torch.cat([text[:1], self.image_embeddings(prep["blank_pixels"])], dim=1)
+                grey = torch.cat([text[:1], self.image_embeddings(self.blank_pixels())], dim=1)
 
                 def forward_blank(suffix_ids, position_ids, mask):
                     return self._decode(torch.cat([grey, decoder.embed_tokens(suffix_ids)], dim=1), mask, position_ids)
 
-                part = [sfx[i] for i in idx]
-                return score_packed(
-                    forward=forward_blank, prefix_len=prefix_len, suffixes=part,
-                    query_positions=[[len(x) - 1] for x in part], prefix_rows=[0] * len(part), **common,
-                ).p_yes.double().cpu().numpy()  # fmt: skip
+                return score_shared_prefix(forward=forward_blank, prefix_len=prefix_len, suffixes=[sfx[i] for i in idx],
+                                           **common)  # fmt: skip
 
             # the grey image sits between the system ids and each suffix (-1 marks it in the key)
             out["blank"] = memo.resolve("blank", context, [[*system, -1, *x] for x in sfx], blank)
@@ -862,10 +858,7 @@ class LLaVARadMedical(VLMBackend):
                     return self._decode(torch.cat([prefix, decoder.embed_tokens(suffix_ids)], dim=1), mask,
                                         position_ids)  # fmt: skip
 
-                return score_packed(
-                    forward=forward_text, prefix_len=len(head), suffixes=rests,
-                    query_positions=[[len(x) - 1] for x in rests], prefix_rows=[0] * len(rests), **common,
-                ).p_yes.double().cpu().numpy()  # fmt: skip
+                return score_shared_prefix(forward=forward_text, prefix_len=len(head), suffixes=rests, **common)
 
             out["text_only"] = memo.resolve("text_only", context, ids, text_only)
         return out

@@ -32,7 +32,7 @@ from medvlm.aggregate import resolve_layers
 from medvlm.backend import GENERIC, QuestionScore, VLMBackend, question_scores
 from medvlm.capture import attention_modules_of
 from medvlm.config import MedicalAttentionConfig
-from medvlm.engine import score_packed, to_device
+from medvlm.engine import score_packed, score_shared_prefix, to_device
 from medvlm.fused_norms import fused_rms_norms, module_forward, norm_modules, patched_forwards
 from medvlm.geometry import Geometry, square_resize_geometry
 from medvlm.queries import suffix_query_positions
@@ -628,25 +628,21 @@ class MedGemmaMedical(VLMBackend):
         owners, suffixes = prep["owners"], prep["suffixes"]
         questions = [r for r, (_, i) in enumerate(owners) if i != GENERIC]
         common = {"head": self._head, "attention_modules": self._attention,
-                  "config": self.model.config.get_text_config(), "n_studies": 1,
-                  "pad_id": self.processor.tokenizer.pad_token_id, "image_span": None, "layers": (),
+                  "config": self.model.config.get_text_config(), "pad_id": self.processor.tokenizer.pad_token_id,
                   "head_mode": self.config.attention_head_mode, "answer_tokens": self.answer_tokens,
                   "device": device}  # fmt: skip
         memo, context = self.control_memo, (str(dtype),)
         out = {}
-        if "blank_pixels" in prep:
+        if prep.get("blank"):
             sfx = [suffixes[r] for r in questions]
 
             def blank(idx):
-                pixels = prep["blank_pixels"].to(device=device, non_blocking=True)
+                pixels = self.blank_pixels().to(device=device, non_blocking=True)
                 if pixels.dtype == torch.uint8:
                     pixels = normalize_pixels(self.processor.image_processor, pixels)
                 part = [sfx[i] for i in idx]
-                return score_packed(
-                    forward=forward_with(pixels.to(dtype), 1), prefix_len=prefix_len, suffixes=part,
-                    query_positions=[[len(x) - 1] for x in part], prefix_rows=[0] * len(part),
-                    bidirectional_span=span, **common,
-                ).p_yes.double().cpu().numpy()  # fmt: skip
+                return score_shared_prefix(forward=forward_with(pixels.to(dtype), 1), prefix_len=prefix_len,
+                                           suffixes=part, bidirectional_span=span, **common)  # fmt: skip
 
             prefix = list(prep["entries"][0]["prefix"])  # the image's placeholder ids included
             out["blank"] = memo.resolve("blank", context, [[*prefix, *x] for x in sfx], blank)
@@ -663,10 +659,7 @@ class MedGemmaMedical(VLMBackend):
                         return self._language(torch.cat([embed(prefix), embed(suffix_ids)], dim=1), mask,
                                               position_ids)  # fmt: skip
 
-                return score_packed(
-                    forward=forward_text, prefix_len=len(head), suffixes=rests,
-                    query_positions=[[len(x) - 1] for x in rests], prefix_rows=[0] * len(rests), **common,
-                ).p_yes.double().cpu().numpy()  # fmt: skip
+                return score_shared_prefix(forward=forward_text, prefix_len=len(head), suffixes=rests, **common)
 
             out["text_only"] = memo.resolve("text_only", context, ids, text_only)
         return out

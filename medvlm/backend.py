@@ -318,14 +318,22 @@ class VLMBackend(ABC):
     def prepare_controls(self, items: Sequence[tuple]) -> dict:
         """The host-side part of the controls (config.controls) for a pass of checked items:
         "text_only_ids": each question's full text-only prompt ids, in question order;
-        "blank_pixels": [1, 3, S, S] of the grey image (one for the pass: a uniform image
-        preprocesses to the same pixels at every size)."""
+        "blank": True when the blank control is on (its pixels: blank_pixels())."""
         out = {}
         if "text_only" in self.config.controls:
             out["text_only_ids"] = [self.text_only_ids(q) for _, questions, _ in items for q in questions]
         if "blank" in self.config.controls:
-            out["blank_pixels"] = self.pixel_values([blank_image(items[0][0].size)])
+            out["blank"] = True
         return out
+
+    def blank_pixels(self) -> torch.Tensor:
+        """[1, 3, S, S]: the grey image's model-input pixels, preprocessed once per backend (a
+        uniform image preprocesses to the same pixels at every size, tested), and only when a
+        control pass needs them (the control memo answers most passes without)."""
+        px = self.__dict__.get("_blank_pixels")
+        if px is None:
+            px = self.__dict__["_blank_pixels"] = self.pixel_values([blank_image((64, 64))])
+        return px
 
     @property
     def control_memo(self) -> ControlMemo:

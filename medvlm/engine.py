@@ -397,6 +397,18 @@ def score_packed(
     )
 
 
+def score_shared_prefix(*, forward: Callable, prefix_len: int, suffixes: Sequence[Sequence[int]], **common):
+    """[n] float64 P(yes) of n suffixes packed one after another behind one shared prefix in a
+    single row, logits only (a control pass: no attention captured). forward and the other
+    keywords (head, attention_modules, config, pad_id, head_mode, answer_tokens, device,
+    bidirectional_span) as score_packed takes them; each suffix's answer is its last token."""
+    return score_packed(
+        forward=forward, n_studies=1, prefix_len=prefix_len, suffixes=suffixes,
+        query_positions=[[len(x) - 1] for x in suffixes], prefix_rows=[0] * len(suffixes), image_span=None,
+        layers=(), **common,
+    ).p_yes.double().cpu().numpy()  # fmt: skip
+
+
 def _window_covers(config, prefix_len: int) -> bool:
     """True when no layer's sliding window cuts into a prefix of prefix_len tokens."""
     types = list(getattr(config, "layer_types", None) or [])
