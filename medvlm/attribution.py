@@ -71,8 +71,16 @@ Cost per question (T = prefix + suffix tokens, F = one forward of those T tokens
 Memory per row (activations, besides the weights): every checkpointed layer's input ([T, d],
 in the model dtype) + each uncheckpointed layer's activations + one layer's recomputed
 activations (a layer's activations for one row, bf16: LLaVA-Rad about 185 MiB, MedGemma about
-38 MiB). Relevancy adds, for the layer being differentiated, the [H, T, T] probabilities (model
-dtype, plus the float32 softmax output autograd keeps, plus their gradient and their product):
+38 MiB). An uncheckpointed layer keeps less than autograd would: its RMS norms and its gated
+MLP product keep their inputs only and run again in the backward (_Recomputed: the same
+kernels, so the same gradient): a Llama layer's kept tensors fall from about 126 to about
+88 KiB per token (two float32 norm inputs kept as bf16, the MLP's activation not kept).
+The recomputation of a checkpointed layer stops at its last kept tensor (torch's early stop):
+LLaVA-Rad's layers are not recomputed past the MLP product, so the down projection (22% of a
+layer's matmul work) never runs twice; Gemma3's post-feedforward norm keeps the projection's
+output, so MedGemma's are recomputed whole.
+Relevancy adds, for the layer being differentiated, the [H, T, T] probabilities (model dtype,
+plus the float32 softmax output autograd keeps, plus their gradient and their product):
 LLaVA-Rad (H 32, T ~1434) about 0.8 GiB per row; MedGemma (H 8, T ~300) about 20 MiB per row.
 Gradient x input per row: LLaVA-Rad about 0.4 GiB of layer inputs + 0.2 GiB per layer not
 checkpointed or being recomputed (so 2 rows per pass stay within 1.15 x the weights; estimates,
@@ -98,7 +106,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from medvlm.engine import PackedLayout, pack_suffixes, pass_masks, to_device
-from medvlm.fused_norms import fused_rms_norms, patched_forwards
+from medvlm.fused_norms import FUSED, fused_rms_norms, module_forward, patched_forwards
 from medvlm.store import map_key
 
 #: what --attribution accepts: the scoring pass's own attention plus the gradient maps
@@ -314,6 +322,59 @@ def checkpointed_layers(layers: Sequence[torch.nn.Module]):
     return patched_forwards((layer, _checkpointed(layer.forward)) for layer in layers)
 
 
+class _Recomputed(torch.autograd.Function):
+    """fn(*xs) whose backward keeps only xs and runs fn again under autograd to differentiate
+    it: the same gradient as autograd's (the same kernels on the same inputs), without the
+    intermediates autograd would keep (a fused RMS norm's float32 copy of its input, the
+    MLP's activation beside the two projections it multiplies), for one more elementwise
+    pass in the backward. Used in the layers run without checkpointing, so that each costs
+    less memory and more of them fit."""
+
+    @staticmethod
+    def forward(ctx, fn, *xs):
+        ctx.fn = fn
+        ctx.save_for_backward(*xs)
+        return fn(*xs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        needs = ctx.needs_input_grad[1:]
+        xs = [x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, needs, strict=True)]
+        wanted = [x for x in xs if x.requires_grad]
+        with torch.enable_grad():
+            out = ctx.fn(*xs)
+        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+        return (None, *(next(grads) if x.requires_grad else None for x in xs))
+
+
+def _lean_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _Recomputed.apply(functools.partial(FUSED[type(norm).__name__], norm), x)
+
+
+def _gated_product(mlp: torch.nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return mlp.act_fn(gate) * up
+
+
+def _lean_mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LlamaMLP / Gemma3MLP.forward, down(act(gate(x)) * up(x)), with the product recomputed."""
+    product = _Recomputed.apply(functools.partial(_gated_product, mlp), mlp.gate_proj(x), mlp.up_proj(x))
+    return mlp.down_proj(product)
+
+
+def lean_layers(layers: Sequence[torch.nn.Module], norms: Sequence[torch.nn.Module]):
+    """For one block: in each of layers, its fused RMS norms (those of norms inside it) and its
+    gated MLP keep only their inputs for the backward (_Recomputed). -> (context, the norms
+    taken, which the caller must not also patch)."""
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    taken = [n for n in norms if id(n) in inside]
+    patches = [(n, module_forward(n, _lean_norm)) for n in taken]
+    for layer in layers:
+        mlp = getattr(layer, "mlp", None)
+        if mlp is not None and all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            patches.append((mlp, module_forward(mlp, _lean_mlp)))
+    return patched_forwards(patches), taken
+
+
 def _mask_never_skipped(*args, **kwargs):
     kwargs["allow_is_causal_skip"] = False
     return sdpa_mask(*args, **kwargs)
@@ -477,7 +538,9 @@ def _gradient_rows(pc: _Pieces, rows: _Rows, kind: str | None, target: torch.Ten
     n_layers = len(pc.decoder_layers)
     split = n_layers - min(max(int(uncheckpointed), 0), n_layers)
     rp = _row_pass(pc, rows, fast=kind == "gradxinput")  # relevancy's eager attention needs the mask
-    with (frozen_parameters(pc.frozen()), torch.enable_grad(), rp.context, fused_rms_norms(pc.norms),
+    lean, lean_norms = lean_layers(pc.decoder_layers[split:], pc.norms)
+    other_norms = [n for n in pc.norms if all(n is not m for m in lean_norms)]
+    with (frozen_parameters(pc.frozen()), torch.enable_grad(), rp.context, fused_rms_norms(other_norms), lean,
           checkpointed_layers(pc.decoder_layers[:split])):  # fmt: skip
         if kind == "gradxinput":
             m, _, _ = _forward_rows(pc, rows, leaf, rp)

@@ -112,6 +112,63 @@ def test_causal_fast_path_equals_the_masked_path(backend, causal_calls, monkeypa
     assert diff <= TOL, f"{backend.name}: forward-only margins, fast path vs masked, max diff {diff:.3e}"
 
 
+def test_recomputation_stops_before_llava_rads_down_projection(backend):
+    """The cost model's recomputation: a checkpointed Llama layer is recomputed in the backward
+    only up to its MLP's down projection (the frozen projection saves nothing, so
+    checkpointing's early stop ends the recomputation at the product before it); Gemma3's
+    post-feedforward norm saves the projection's output, so MedGemma's layers run it again."""
+    layers = backend.model.model.layers if backend.name == "llava_rad" else backend._decoder.layers
+    calls = []
+    hooks = [layer.mlp.down_proj.register_forward_hook(lambda *a: calls.append(1)) for layer in layers]
+    try:
+        attribution_maps(backend, items(), ("gradxinput",), rows_per_pass=2, uncheckpointed=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    n = len(layers)
+    # 2 passes; each layer forward once, the n - 1 checkpointed ones recomputed in the backward
+    expected = 2 * n if backend.name == "llava_rad" else 2 * (2 * n - 1)
+    assert len(calls) == expected, f"{backend.name}: {len(calls)} down projections run, expected {expected}"
+
+
+def _saved_before_backward(backend, monkeypatch, lean: bool):
+    """(bytes of the tensors a gradient pass keeps for its backward, not the weights; the maps)
+    with every layer uncheckpointed, with or without the lean layers."""
+    from medvlm import attribution
+
+    if not lean:
+        monkeypatch.setattr(attribution, "lean_layers", lambda layers, norms: (contextlib.nullcontext(), []))
+    weights = {p.untyped_storage().data_ptr() for p in backend.model.parameters()}
+    state = {"bytes": 0, "backward": False, "seen": set()}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if not state["backward"] and ptr not in weights and ptr not in state["seen"]:
+            state["seen"].add(ptr)
+            state["bytes"] += t.untyped_storage().nbytes()
+        return t
+
+    def unpack(t):
+        state["backward"] = True
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        att = attribution_maps(backend, items()[:1], ("gradxinput",), rows_per_pass=2,
+                               uncheckpointed=len(backend._attention))  # fmt: skip
+    monkeypatch.undo()
+    return state["bytes"], att["gradxinput"]
+
+
+def test_uncheckpointed_layers_keep_less_for_the_same_maps(backend, monkeypatch):
+    """The layers run without checkpointing keep their norms' and gated MLP's inputs only
+    (attribution._Recomputed): fewer bytes held for the backward, the same maps."""
+    lean, lean_map = _saved_before_backward(backend, monkeypatch, lean=True)
+    plain, plain_map = _saved_before_backward(backend, monkeypatch, lean=False)
+    assert lean < 0.93 * plain, f"{backend.name}: lean layers keep {lean} bytes, plain ones {plain}"
+    diff = float(np.abs(lean_map - plain_map).max())
+    assert diff <= 1e-6 * max(1.0, float(np.abs(plain_map).max())), f"{backend.name}: lean vs plain maps {diff:.3e}"
+
+
 def test_rows_and_checkpointing_default_by_backend(backend, monkeypatch):
     """rows_per_pass and uncheckpointed left out: the backend's DEFAULT_ROWS and
     DEFAULT_UNCHECKPOINTED entries decide the passes."""
