@@ -109,9 +109,10 @@ QUERY_HELP = ("whose attention is read: answer (the last prompt token, whose nex
 
 DEMO_REGIONS = Path(__file__).resolve().parent / "data" / "nih-cxr14" / "demo_regions_NOT_EXPERT.csv"
 DEMO_FIGURE_STUDY = "00000001_000"  # NIH ChestX-ray14, cardiomegaly: the demo's per-study figures
-#: the demo's faithfulness curves (#15: "a small version, K = 8, variant 0"): on its figure study only
-#: (the NIH radiograph with the demo region: 2 units per model), K = 8 steps, R random orders
-DEMO_FAITHFULNESS = {"steps": 8, "random": 1, "studies": (DEMO_FIGURE_STUDY,)}
+DEMO_REGION_FINDING = "cardiomegaly"  # the finding of DEMO_REGIONS' box on the figure study
+#: the demo's faithfulness curves (#15: "a small version, K = 8, variant 0"): on one unit per model, the
+#: figure study's finding that has the demo region (paraphrase 0), K = 8 steps, R random orders
+DEMO_FAITHFULNESS = {"steps": 8, "random": 1, "studies": ((DEMO_FIGURE_STUDY, DEMO_REGION_FINDING),)}
 FAITHFULNESS_STEPS, FAITHFULNESS_RANDOM = 16, 3  # the defaults elsewhere
 
 
@@ -252,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--faithfulness", action="store_true", default=None,
                    help="deletion and insertion curves (RISE) for every map, while each model is loaded: costs "
                         "2 + 2 (K - 1)(maps + R) perturbed images per unit. Off by default; the demo (every study) "
-                        f"turns it on for its figure study {DEMO_FIGURE_STUDY} with K = {DEMO_FAITHFULNESS['steps']}, "
+                        f"turns it on for one unit, its figure study {DEMO_FIGURE_STUDY}'s {DEMO_REGION_FINDING} "
+                        f"(the finding with the demo region), with K = {DEMO_FAITHFULNESS['steps']}, "
                         f"R = {DEMO_FAITHFULNESS['random']}")
     v.add_argument("--no_faithfulness", action="store_true", help="the demo without its faithfulness curves")
     v.add_argument("--faithfulness_steps", type=_positive,
@@ -267,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEMO_FAITHFULNESS['random']})")
     v.add_argument("--faithfulness_studies", type=_positive,
                    help="at most this many studies get curves, the first in the run's order (default: all; the "
-                        f"demo: its figure study {DEMO_FIGURE_STUDY} when it runs every study)")
+                        f"demo: its figure study {DEMO_FIGURE_STUDY}'s {DEMO_REGION_FINDING} when it runs every "
+                        "study)")
     v.add_argument("--exclude_sinks", action="store_true",
                    help="figures and grounding renormalise maps without the detected attention-sink tokens")
     s = p.add_argument_group("statistics")

@@ -56,11 +56,13 @@ def _settings(row) -> tuple:
 
 
 def run_faithfulness(backend, model: str, output_dir: Path, rows: pd.DataFrame, fcfg, kinds: Sequence[str],
-                     *, max_studies: int | Sequence[str] | None = None, batch: int = 8) -> dict:  # fmt: skip
+                     *, max_studies: int | Sequence[str | tuple[str, str]] | None = None,
+                     batch: int = 8) -> dict:  # fmt: skip
     """Curves for the ok records of `model` among `rows`' studies, maps of `kinds` read from
     the store. max_studies: None (every study), N (the first N studies in the results' order,
-    done ones included: a rerun completes them, never adds N more), or study ids (those of
-    them in the run: the demo's subset). Returns counts for the manifest, the ids of the
+    done ones included: a rerun completes them, never adds N more), or a selection of those
+    in the run (the demo's subset), each entry a study id (all its findings) or a (study id,
+    finding) pair (that finding's units only). Returns counts for the manifest, the ids of the
     studies curved now among them."""
     from medvlm.faithfulness import faithfulness_for_studies, merge_curves, parse_variants
     from medvlm.preflight import UsageError
@@ -83,11 +85,12 @@ def run_faithfulness(backend, model: str, output_dir: Path, rows: pd.DataFrame, 
     if variants is not None:
         ok = ok[ok["variant_id"].isin(variants)]
     chosen = list(dict.fromkeys(ok["study_id"]))
+    only = {}  # study id -> the findings curved (None: all of them)
     if isinstance(max_studies, int):
         chosen = chosen[:max_studies]
     elif max_studies is not None:
-        wanted = {str(s) for s in max_studies}
-        chosen = [s for s in chosen if s in wanted]
+        only = _selection(max_studies)
+        chosen = [s for s in chosen if s in only]
     studies = [s for s in chosen if s not in done]
     reader = MapReader(output_dir)
     counts = {"studies": len(studies), "skipped_done": len(done), "units": 0, "rows": 0, "study_ids": studies}
@@ -95,6 +98,8 @@ def run_faithfulness(backend, model: str, output_dir: Path, rows: pd.DataFrame, 
         chunk = []
         for study in studies[i : i + batch]:
             srows = ok[ok["study_id"] == study]
+            if only.get(study) is not None:
+                srows = srows[srows["finding"].astype(str).isin(only[study])]
             maps = {}
             for kind in kinds:
                 entries = []
@@ -119,6 +124,21 @@ def run_faithfulness(backend, model: str, output_dir: Path, rows: pd.DataFrame, 
         counts["rows"] += len(merged)
         counts["units"] += len({(r["study_id"], r["finding"], r["variant_id"]) for r in merged})
     return counts
+
+
+def _selection(entries) -> dict:
+    """max_studies' entries -> {study id: None (every finding) or the set of findings}."""
+    only: dict = {}
+    for e in entries:
+        if isinstance(e, (tuple, list)):
+            if len(e) != 2:
+                raise ValueError(f"a faithfulness selection entry is a study id or (study id, finding), got {e!r}")
+            study, finding = str(e[0]), str(e[1])
+            if study not in only or only[study] is not None:
+                only.setdefault(study, set()).add(finding)
+        else:
+            only[str(e)] = None  # the whole study, whatever else names it
+    return only
 
 
 def _plain(o):

@@ -36,6 +36,24 @@ FAITHFULNESS_TERMS: tuple[Term, ...] = (
 )
 
 
+def _curved(units: Mapping | None) -> str:
+    """'Units curved: 1 per model (00000001_000 cardiomegaly, paraphrase 0). ' from settings'
+    "units" ({model: ["study / finding / paraphrase", ...]}): each unit named while few."""
+    if not units:
+        return ""
+    counts = {m: len(u) for m, u in units.items()}
+    n = set(counts.values())
+    if len(n) == 1:
+        (k,) = n
+        text = f"Units curved: {k} per model"
+    else:
+        text = "Units curved: " + ", ".join(f"{m} {k}" for m, k in counts.items())
+    names = sorted({u for us in units.values() for u in us})
+    if len(names) <= 4:
+        text += " (" + "; ".join(names) + ")"
+    return text + ". "
+
+
 def _orders(n) -> str:
     """'1 seeded random order', '3 seeded random orders'."""
     return f"{n} seeded random order{'' if n == 1 else 's'}"
@@ -44,8 +62,9 @@ def _orders(n) -> str:
 def faithfulness_section(table: pd.DataFrame | None, unit: str, settings: Mapping,
                          figure: str | None = None) -> list[str]:  # fmt: skip
     """The section's markdown lines. table: faithfulness_table's output; settings: steps,
-    substrate, blur_sigma (per model or one value), n_random, variants; figure: the curves
-    figure's path relative to report.md."""
+    substrate, blur_sigma (per model or one value), n_random, variants, units ({model: the
+    units curved, "study finding, paraphrase v"}); figure: the curves figure's path relative
+    to report.md."""
     if table is None or table.empty:
         return []
     lines = ["## Faithfulness", "",
@@ -55,7 +74,8 @@ def faithfulness_section(table: pd.DataFrame | None, unit: str, settings: Mappin
              f"{settings.get('steps')} steps, and the model's probability of the answer it gave is read each time "
              f"(Petsiuk et al., RISE, BMVC 2018). Baseline: {_orders(settings.get('n_random', 3))}. "
              f"Paraphrases: {settings.get('variants', '0')}; blur sigma (model-input pixels): "
-             f"{settings.get('blur_sigma')}. Deletion AUC: lower is more faithful; insertion AUC: higher.",
+             f"{settings.get('blur_sigma')}. {_curved(settings.get('units'))}Deletion AUC: lower is more "
+             "faithful; insertion AUC: higher.",
              ""]  # fmt: skip
     overall = table[table["finding"] == "ALL"]
     wanted = [*METRICS, *DIFF_METRICS[RANDOM], *DIFF_METRICS["attention"]]

@@ -492,5 +492,8 @@ def _faith_settings(manifest: Mapping, units: pd.DataFrame) -> dict:
     first = units.iloc[0]
     sigma = {m: float(g["blur_sigma"].iloc[0]) for m, g in units.groupby("model")} if "blur_sigma" in units else None
     variants = sorted(units["variant_id"].astype(int).unique().tolist())
+    curved = units.drop_duplicates(["model", "study_id", "finding", "variant_id"])
+    named = {m: [f"{r.study_id} {r.finding}, paraphrase {int(r.variant_id)}" for r in g.itertuples()]
+             for m, g in curved.groupby("model")}  # fmt: skip
     return {"steps": int(first["steps"]), "substrate": first["substrate"], "n_random": int(first["n_random"]),
-            "blur_sigma": sigma, "variants": ",".join(map(str, variants))}  # fmt: skip
+            "blur_sigma": sigma, "variants": ",".join(map(str, variants)), "units": named}  # fmt: skip

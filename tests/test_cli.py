@@ -240,7 +240,11 @@ def test_the_demo_runs_small_faithfulness_curves_unless_told_not_to(tmp_path):
     and everywhere else --faithfulness stays opt-in with K = 16 and R = 3."""
     out = ["--output_dir", str(tmp_path / "out")]
     demo = cli.parse_args(["--demo", *out])
-    assert _faith(demo) == (True, 8, cli.DEMO_FAITHFULNESS["random"], (cli.DEMO_FIGURE_STUDY,), "0")
+    # one unit per model: the figure study's finding with the demo region (not both findings)
+    assert _faith(demo) == (True, 8, cli.DEMO_FAITHFULNESS["random"], ((cli.DEMO_FIGURE_STUDY, "cardiomegaly"),),
+                            "0")  # fmt: skip
+    regions = pd.read_csv(cli.DEMO_REGIONS, dtype=str)
+    assert set(zip(regions["study_id"], regions["finding"], strict=True)) == {(cli.DEMO_FIGURE_STUDY, "cardiomegaly")}
     assert demo.figure_studies == (cli.DEMO_FIGURE_STUDY,) and demo.to_json()["faithfulness_studies"]
     assert _faith(cli.parse_args(["--demo", "--no_faithfulness", *out]))[0] is False
     assert _faith(cli.parse_args(["--demo", *out, "--faithfulness_steps", "4", "--faithfulness_random", "2",

@@ -65,3 +65,37 @@ def test_faithfulness_studies_by_count_or_by_id(tmp_path):
     units = read_units(out)
     assert sorted(units["study_id"]) == ["s0", "s0", "s1", "s1", "s2", "s2"]  # attention and random each
     assert (units["n_images"] == 2).all() and (units["steps"] == 1).all()
+
+
+def test_faithfulness_selection_by_study_and_finding(tmp_path):
+    """A (study id, finding) entry curves that finding's units only (the demo: the finding with
+    its region); a bare study id beside it curves the whole study. The report names the units."""
+    from medvlm.faithfulness import FaithfulnessConfig, faithfulness_table
+    from medvlm.faithfulness_run import read_units, run_faithfulness
+    from medvlm.report_faithfulness import faithfulness_section
+    from medvlm.reporting import _faith_settings
+    from medvlm.store import read_results
+
+    csv = make_project(tmp_path / "proj", n_studies=2)
+    df = pd.read_csv(csv)
+    other = df.assign(finding="cardiomegaly", question=df["question"].str.replace("an effusion", "cardiomegaly"))
+    pd.concat([df, other]).to_csv(csv, index=False)
+    out = tmp_path / "out"
+    argv = ["--csv", str(csv), "--output_dir", str(out), "--models", "medgemma", "--tiny_random_models",
+            "--n_boot", "50", "--n_figure_studies", "0", "--controls", "none", "--map", "raw"]  # fmt: skip
+    cfg = cli.parse_args(argv)
+    assert cli.main(argv) == 0
+    rows = read_results(out)
+    backend = cli.get_backend_loader("medgemma")(cfg)
+    fcfg = FaithfulnessConfig(steps=1, n_random=1)
+    counts = run_faithfulness(backend, "medgemma", out, rows, fcfg, ["attention"],
+                              max_studies=(("s1", "cardiomegaly"),))  # fmt: skip
+    assert counts["study_ids"] == ["s1"] and counts["units"] == 1
+    units = read_units(out)
+    assert set(zip(units["study_id"], units["finding"], strict=True)) == {("s1", "cardiomegaly")}
+    table = faithfulness_table(units, n_boot=50)
+    text = "\n".join(faithfulness_section(table, "studies", _faith_settings({}, units)))
+    assert "Units curved: 1 per model (s1 cardiomegaly, paraphrase 0)." in text
+    counts = run_faithfulness(backend, "medgemma", out, rows, fcfg, ["attention"],
+                              max_studies=(("s0", "effusion"), "s0"))  # fmt: skip
+    assert counts["study_ids"] == ["s0"] and counts["units"] == 2
