@@ -324,3 +324,22 @@ def test_a_fixed_label_is_taken_on_resume(tmp_path, capsys):
         ["study_id", "finding", "variant_id"], keep="last")
     row = res[res.variant_id == 3].iloc[0]
     assert row.answer_gt == "no" and row.polarity == "negated" and row.correct == (row.answer == "no")
+
+
+def test_the_cli_lets_idle_cpu_threads_sleep(monkeypatch):
+    """OMP_WAIT_POLICY=PASSIVE before torch is imported (the demo's tiny ops stalled 3-6 x with
+    spinning threads when another process held a core); a value the user set is kept."""
+    code = ("import sys, run_medical_vlm_analysis as cli; assert 'torch' not in sys.modules; "
+            "cli.passive_cpu_threads(); import os; print(os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=Path(cli.__file__).parent, check=True)  # fmt: skip
+    assert run.stdout.strip() == "PASSIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    with pytest.raises(SystemExit):  # a refused command line: set before anything else
+        cli.main(["--demo", "--csv", "x.csv"])
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    cli.passive_cpu_threads()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
