@@ -51,7 +51,7 @@ COMMON_GRID = (16, 16)
 FORESTS = ("forest_models", "forest_differences")
 VALIDITY_FIGURES = ("forest_grounding", "reliance_text_only", "reliance_blank", "faithfulness_curves")
 # the names the figure phase gives its PNGs: <study stem>-<10 hex digest>__<finding>__<model>_paraphrases.png,
-# ...__<finding>__models.png and the FORESTS (see _plan_figures); only these are ever removed as stale
+# ...__<finding>__models.png and the FORESTS (_forest_jobs, _plan_study_figures); only these are ever removed as stale
 _TOOL_FIGURE = re.compile(
     rf"^(?:{'|'.join(FORESTS + VALIDITY_FIGURES)}|.+-[0-9a-f]{{10}}__.+__(?:.+_paraphrases|.+_maps|models))\.png$"
 )
@@ -73,6 +73,15 @@ def _say(msg: str) -> None:
 
 
 def analyze(cfg: RunConfig, manifest: Manifest) -> int:
+    """Tables, figures, manifest and report.md from the stored results."""
+    drawing = _Drawing(cfg.output_dir)
+    try:
+        return _analyze(cfg, manifest, drawing)
+    finally:
+        drawing.close()  # figure workers of a failed analysis stop (nothing when it finished)
+
+
+def _analyze(cfg: RunConfig, manifest: Manifest, drawing: _Drawing) -> int:
     out = cfg.output_dir
     t0 = time.perf_counter()
     df = read_results(out)
@@ -97,6 +106,13 @@ def analyze(cfg: RunConfig, manifest: Manifest) -> int:
         boxes = [geo[k].crop_box for k in geo if k[1] == str(study)]
         box = functools.reduce(intersect_boxes, boxes)
         return resample_to_grid(m, g.crop_box, g.grid, box, COMMON_GRID)
+
+    # the per-study figures need no statistics: drawn in forked workers while the statistics run
+    # (with --exclude_sinks their maps wait for the sink detection, so they are planned after it)
+    study_plan = None if cfg.exclude_sinks else _plan_study_figures(cfg, df, get_map, geo, random_weights,
+                                                                     manifest.data)  # fmt: skip
+    if study_plan is not None:
+        drawing.start(study_plan.jobs)
 
     models = sorted(df["model"].unique())
     with warnings.catch_warnings():
@@ -131,7 +147,10 @@ def analyze(cfg: RunConfig, manifest: Manifest) -> int:
 
     t1 = time.perf_counter()
     unit = cluster_unit(manifest.data.get("cluster_by", cfg.cluster_by))
-    plan = _plan_figures(cfg, df, figure_map, geo, tables, random_weights, manifest.data)
+    if study_plan is None:
+        study_plan = _plan_study_figures(cfg, df, figure_map, geo, random_weights, manifest.data)
+    forests = _forest_jobs(cfg, tables, random_weights, manifest.data)
+    plan = _Plan([*forests, *study_plan.jobs], study_plan.warnings)
     plan.jobs.extend(validity_jobs(cfg, df, reader, geo, validity, exclude, random_weights, unit))
     if faith is not None and not faith.empty:
         from medvlm.faithfulness import split_curves
@@ -144,7 +163,7 @@ def analyze(cfg: RunConfig, manifest: Manifest) -> int:
                                                                  n_boot=cfg.n_boot, seed=cfg.bootstrap_seed,
                                                                  random_weights=random_weights,
                                                                  cluster_unit=unit)))  # fmt: skip
-    figs = _draw(plan.jobs, cfg.output_dir)
+    figs = drawing.finish(plan.jobs)
     stale = remove_stale_figures(out / "figures", [f.path for f in figs])
     t_figures = time.perf_counter() - t1
     _say(f"figures: {len(figs)} written in {t_figures:.1f} s"
@@ -283,11 +302,11 @@ def _select(cfg: RunConfig, df: pd.DataFrame) -> tuple[list[str], list[str] | No
     return studies, findings, warns
 
 
-def _plan_figures(cfg, df, get_map, geo, tables, random_weights, manifest: Mapping) -> _Plan:
+def _forest_jobs(cfg, tables, random_weights, manifest: Mapping) -> list[_Job]:
+    """The forest plots of the summary table (each model's metrics; the models' differences)."""
     from medvlm import figures  # matplotlib is imported only when figures are drawn
 
     out = cfg.output_dir / "figures"
-    cmap = cfg.attention.colormap
     unit = cluster_unit(manifest.get("cluster_by", cfg.cluster_by))
     jobs: list[_Job] = []
     summary = tables.summary
@@ -308,7 +327,16 @@ def _plan_figures(cfg, df, get_map, geo, tables, random_weights, manifest: Mappi
                                        panels=panels, cluster_unit=unit)  # fmt: skip
 
         jobs.append(_Job(out / f"{name}.png", caption, draw))
+    return jobs
 
+
+def _plan_study_figures(cfg, df, get_map, geo, random_weights, manifest: Mapping) -> _Plan:
+    """The figure studies' paraphrase grids and model side-by-sides (no statistics needed)."""
+    from medvlm import figures  # matplotlib is imported only when figures are drawn
+
+    out = cfg.output_dir / "figures"
+    cmap = cfg.attention.colormap
+    jobs: list[_Job] = []
     studies, findings, warns = _select(cfg, df)
     for w in warns:
         _say(f"warning: {w}")
@@ -371,15 +399,16 @@ def _plan_figures(cfg, df, get_map, geo, tables, random_weights, manifest: Mappi
     return _Plan(jobs, warns)
 
 
-_JOBS: list[_Job] = []  # the jobs of the running figure phase, inherited by forked workers
+#: the jobs of the running figure phase by batch, inherited by the workers forked for each batch
+_JOBS: dict[int, list[_Job]] = {}
 
 
-def _run_job(i: int) -> int:
+def _run_job(batch: int, i: int) -> tuple[int, int]:
     from medvlm import figures
 
-    job = _JOBS[i]
+    job = _JOBS[batch][i]
     figures.save(job.draw(), job.path)
-    return i
+    return batch, i
 
 
 def figure_workers(n_jobs: int) -> int:
@@ -398,38 +427,88 @@ def figure_workers(n_jobs: int) -> int:
     return max(1, min(cores, 4))
 
 
-def _draw(jobs: list[_Job], output_dir: Path) -> list[DrawnFigure]:
-    """Draw and write every job's figure, with a progress bar; in forked worker processes
-    when figure_workers() says so (a broken pool falls back to drawing the rest here)."""
-    global _JOBS
-    from tqdm.auto import tqdm
+class _Drawing:
+    """Draws figure jobs and writes them, with a progress bar: in forked worker processes when
+    figure_workers() says so, else here. start(jobs) hands a first batch to workers and returns
+    at once (the caller goes on, e.g. with the statistics, on the other cores); finish(jobs)
+    draws the jobs not yet started, waits for all and returns every job of `jobs` as a
+    DrawnFigure, in their order. Each batch gets its own workers, forked when it is handed
+    over, so they inherit what its jobs' closures need. A broken pool falls back to drawing
+    what is left here."""
 
-    if not jobs:
-        return []
-    workers = figure_workers(len(jobs))
-    _say(f"figures: drawing {len(jobs)} into {output_dir / 'figures'}"
-         + (f" ({workers} processes)" if workers > 1 else "") + " ...")  # fmt: skip
-    done: set[int] = set()
-    with tqdm(total=len(jobs), desc="figures", unit="fig", disable=None, file=sys.stderr) as bar:
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
+        self.started: list[_Job] = []
+        self.pending: list = []  # (pool, futures) per batch handed to workers
+        self.done: set[int] = set()  # ids of the jobs written
+
+    def start(self, jobs: list[_Job]) -> None:
+        env = os.environ.get("MEDVLM_FIGURE_WORKERS", "").strip()
+        if env and not env.isdigit():
+            return  # finish() says so, once
+        workers = figure_workers(len(jobs)) if jobs else 1
         if workers > 1:
-            _JOBS = jobs
-            try:
-                ctx = multiprocessing.get_context("fork")
-                with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                    for i in pool.map(_run_job, range(len(jobs))):
-                        done.add(i)
-                        bar.update(1)
-            except BrokenProcessPool as e:
-                _say(f"warning: a figure worker died ({e}); drawing the remaining figures in this process")
-            finally:
-                _JOBS = []
-        for i, job in enumerate(jobs):
-            if i not in done:
-                from medvlm import figures
+            self._submit(jobs, workers)
 
-                figures.save(job.draw(), job.path)
-                bar.update(1)
-    return [DrawnFigure(job.path, job.caption) for job in jobs]
+    def close(self) -> None:
+        """Stop the workers of batches not waited for (a failed analysis): queued jobs are dropped."""
+        for pool, _ in self.pending:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self.pending = []
+        _JOBS.clear()
+
+    def _submit(self, jobs: list[_Job], workers: int) -> None:
+        batch = len(_JOBS)
+        _JOBS[batch] = list(jobs)
+        try:
+            pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork"))
+            futures = [pool.submit(_run_job, batch, i) for i in range(len(jobs))]  # forks the workers now
+        except (BrokenProcessPool, OSError) as e:
+            _say(f"warning: could not start figure workers ({e}); drawing the figures in this process")
+            return
+        self.pending.append((pool, futures))
+        self.started.extend(jobs)
+
+    def finish(self, jobs: list[_Job]) -> list[DrawnFigure]:
+        from tqdm.auto import tqdm
+
+        if not jobs:
+            self._wait(None)
+            return []
+        rest = [j for j in jobs if not any(j is s for s in self.started)]
+        workers = figure_workers(len(jobs))
+        _say(f"figures: drawing {len(jobs)} into {self.output_dir / 'figures'}"
+             + (f" ({workers} processes)" if workers > 1 else "")
+             + (f"; {len(self.started)} of them begun during the statistics" if self.started else "") + " ...")
+        with tqdm(total=len(jobs), desc="figures", unit="fig", disable=None, file=sys.stderr) as bar:
+            if workers > 1 and len(rest) > 1:
+                self._submit(rest, workers)
+            self._wait(bar)
+            for job in jobs:
+                if id(job) not in self.done:
+                    from medvlm import figures
+
+                    figures.save(job.draw(), job.path)
+                    self.done.add(id(job))
+                    bar.update(1)
+        return [DrawnFigure(job.path, job.caption) for job in jobs]
+
+    def _wait(self, bar) -> None:
+        try:
+            for pool, futures in self.pending:
+                with pool:
+                    for f in futures:
+                        batch, i = f.result()
+                        self.done.add(id(_JOBS[batch][i]))
+                        if bar is not None:
+                            bar.update(1)
+        except BrokenProcessPool as e:
+            _say(f"warning: a figure worker died ({e}); drawing the remaining figures in this process")
+            for pool, _ in self.pending:
+                pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            self.pending = []
+            _JOBS.clear()
 
 
 def validity_jobs(cfg, df, reader, geo, validity, exclude, random_weights, unit) -> list[_Job]:

@@ -265,3 +265,24 @@ def test_readme_glossary_check_sees_a_changed_definition(monkeypatch):
     monkeypatch.setattr(rm, "GLOSSARY", changed)
     with pytest.raises(AssertionError, match="Glossary differs"):
         test_readme_glossary_is_the_reports()
+
+
+def test_per_study_figures_are_drawn_while_the_statistics_run(tmp_path, monkeypatch):
+    """The paraphrase grids and side-by-sides need no statistics: their workers are forked
+    before summarize() runs (the figure phase overlaps the statistics on a second core); the
+    forests follow once the tables exist, and every figure is written once."""
+    seen = []
+    real = reporting.summarize
+
+    def summarize(*a, **k):
+        seen.append(sorted(j.path.name for batch in reporting._JOBS.values() for j in batch))
+        return real(*a, **k)
+
+    monkeypatch.setattr(reporting, "summarize", summarize)
+    out = _run(tmp_path, monkeypatch, "2", figure_studies=("s1",), figure_findings=("effusion",))
+    s1 = _safe_name("s1")
+    assert seen == [sorted([f"{s1}__effusion__llava_rad_paraphrases.png", f"{s1}__effusion__medgemma_paraphrases.png",
+                            f"{s1}__effusion__models.png"])]  # fmt: skip
+    assert len(list((out / "figures").glob("*.png"))) == 5 and not reporting._JOBS
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["figures"][:2] == ["figures/forest_models.png", "figures/forest_differences.png"]  # order kept
