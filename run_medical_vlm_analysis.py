@@ -406,5 +406,24 @@ def main(argv=None) -> int:
         return 2
 
 
+def exit_now(code: int) -> None:
+    """End the process once main() has returned: atexit handlers run, logging and the standard
+    streams are flushed, then os._exit, skipping the interpreter's teardown of torch,
+    transformers and the other modules (1-1.5 s on 2 CPU cores, after every output is
+    written and closed). Under a profiler, tracer or debugger (python -m cProfile, coverage,
+    pdb), or off CPython, the ordinary exit, which lets them write their data."""
+    import atexit
+    import logging
+
+    run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
+    if run_exitfuncs is None or sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)
+    run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code or 0))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
