@@ -25,6 +25,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -236,6 +237,60 @@ def normalize_pixels(image_processor, pixels: torch.Tensor) -> torch.Tensor:
                                     tuple(ip.image_mean), tuple(ip.image_std))  # fmt: skip
 
 
+def _probe_images(size: int) -> list[Image.Image]:
+    """Random RGB images around a square target of side `size`: enlarged, reduced, the target
+    itself, one side up and one down, and a very thin one."""
+    rng = np.random.default_rng(0)
+    shapes = [(37, 29), (2 * size + 3, size + size // 2 + 1), (size, size), (size + 1, size - 3), (9, 3 * size + 2)]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in shapes]
+
+
+def resizes_like_processor(image_processor) -> bool:
+    """Whether resized_pixels (below) gives the processor's own 8-bit pixels (its call with
+    rescale and normalise off) bit for bit. Only for the processor this backend relies on: a
+    resize to one fixed square and nothing else (no pan-and-scan, crop or pad), 8-bit output;
+    then checked once on probe images of several sizes (enlarged, reduced, unchanged)."""
+    ip = image_processor
+    size = getattr(ip, "size", None)
+    h, w = getattr(size, "height", None), getattr(size, "width", None)
+    if not (h and w and h == w) or not getattr(ip, "do_resize", False) or not callable(getattr(ip, "resize", None)):
+        return False
+    if any(getattr(ip, name, False) for name in ("do_pan_and_scan", "do_center_crop", "do_pad")):
+        return False
+    try:
+        for probe in _probe_images(int(h)):
+            ref = ip(probe, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
+            if not isinstance(ref, torch.Tensor) or ref.dtype != torch.uint8:
+                return False
+            if not torch.equal(resized_pixels(ip, [probe]), ref):
+                return False
+    except (TypeError, ValueError, AttributeError, RuntimeError):  # an option or a layout it does not take
+        return False
+    return True
+
+
+def resized_pixels(image_processor, images: Sequence[Image.Image], pin: bool = False) -> torch.Tensor:
+    """[K, 3, S, S] uint8: the processor's own resize (ip.resize, the function its call runs,
+    with its size and resampling) on each 8-bit RGB image, written into one tensor (pinned
+    memory when `pin`). Cheaper than K processor calls for the thread that prepares a pass
+    while another launches the GPU's work: the image goes to the resize as a channels-last
+    view of its pixels (no channels-first copy; the same values, checked by
+    resizes_like_processor), without the call's per-image argument handling, and the
+    resize itself releases the interpreter lock; what holds it per image is Pillow's
+    export of the pixels (Image.tobytes, through numpy) and a few short calls."""
+    ip = image_processor
+    side = (int(ip.size.height), int(ip.size.width))
+    out = torch.empty((len(images), 3, *side), dtype=torch.uint8, pin_memory=pin)
+    for k, image in enumerate(images):
+        if image.mode != "RGB":
+            raise ValueError(f"expected an 8-bit RGB image, got mode {image.mode!r}")
+        # [H, W, 3]: np.asarray takes Pillow's bytes (np.array(image) is several times slower), the copy
+        # makes them writable (torch warns on a read-only array)
+        hwc = torch.from_numpy(np.asarray(image).copy())
+        out[k] = ip.resize(image=hwc.permute(2, 0, 1)[None], size=ip.size, resample=ip.resample)[0]
+    return out
+
+
 _EPILOGUE_IS_TANH: dict[str, bool] = {}
 
 
@@ -310,6 +365,8 @@ class MedGemmaMedical(VLMBackend):
         self.keep_logits = False  # tests: keep each question's next-token logits in extra["logits"]
         self._prompt_cache: dict[str, dict] = {}
         self._normalize_on_device = normalizes_on_device(processor.image_processor, next(model.parameters()).device)
+        # a pass's images resized in one call of resized_pixels (else one processor call per image, in threads)
+        self._direct_resize = self._normalize_on_device and resizes_like_processor(processor.image_processor)
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -494,6 +551,19 @@ class MedGemmaMedical(VLMBackend):
             out = self.processor.image_processor(image, return_tensors="pt")
         return out["pixel_values"][0]
 
+    def pixel_values(self, images: Sequence[Image.Image], pin: bool | None = None) -> torch.Tensor:
+        """[K, 3, S, S]: preprocess() on K images, equal bit for bit; in pinned memory when `pin`
+        (None: when the model is on a GPU, so that the pass's copy to it is asynchronous). Where
+        the split holds (8-bit pixels normalised on the device, and resized_pixels equal to the
+        processor's own resize: resizes_like_processor), the K images are resized in one call of
+        resized_pixels, in this thread; else by the processor, one call per image."""
+        if pin is None:
+            pin = next(self.model.parameters()).device.type == "cuda"
+        if self._direct_resize:
+            return resized_pixels(self.processor.image_processor, [self.model_image(im) for im in images], pin)
+        pixels = super().pixel_values(images)
+        return pixels.pin_memory() if pin else pixels
+
     def score(self, image, questions: Sequence[str] | str, findings: Sequence[str] | None = None):
         return self.score_many([(image, questions, findings)])[0]
 
@@ -538,10 +608,9 @@ class MedGemmaMedical(VLMBackend):
                 rows.append(k)
                 entries.append(e)
                 owners.append((k, GENERIC))
-        pixel_values = self.pixel_values(images)
-        cuda = next(self.model.parameters()).device.type == "cuda"
-        if cuda:  # as LLaVA-Rad: pinned only for a GPU model
-            pixel_values = pixel_values.pin_memory()
+        pixel_values = self.pixel_values(images)  # pinned for a GPU model (as LLaVA-Rad)
+        if next(self.model.parameters()).device.type == "cuda" and not pixel_values.is_pinned():
+            pixel_values = pixel_values.pin_memory()  # one made elsewhere (a placeholder: medvlm.faithfulness)
         prep = {"items": items, "entries": entries, "suffixes": suffixes, "queries": queries, "rows": rows,
                 "owners": owners, "pixel_values": pixel_values}  # fmt: skip
         return {**prep, **self.prepare_controls(items)}
