@@ -147,8 +147,9 @@ class RunConfig:
     faithfulness_variants: str = "0"  # "0", "all" or "0,3"
     substrate: str = "blur"  # deletion's replacement: "blur" or "mean"
     faithfulness_random: int = 3  # seeded random orders averaged as the baseline
-    # the first N studies get curves, or the studies of these ids (the demo's choice); None: all
-    faithfulness_studies: int | tuple[str, ...] | None = None
+    # the first N studies get curves, or the studies of these ids, or these (study id, finding)
+    # units (the demo's choice); None: all
+    faithfulness_studies: int | tuple[str | tuple[str, str], ...] | None = None
     debug: bool = False  # tracebacks for user mistakes too
     rank: int = 0
     world_size: int = 1
