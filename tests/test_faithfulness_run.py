@@ -36,22 +36,26 @@ def test_attribution_and_faithfulness_end_to_end(tmp_path):
     assert cli.main([*argv[:-4], "--faithfulness_steps", "3", "--faithfulness_random", "1"]) == 2
 
 
-def test_faithfulness_studies_by_count_or_by_id(tmp_path):
-    """max_studies: study ids (the demo's subset: only those of them in the run), or N (the first
-    N studies of the run, done ones included: a rerun completes them and never adds N more)."""
+def _scored_medgemma_run(csv, out):
+    """Score csv with the tiny MedGemma into out (raw maps, no controls or figures) ->
+    (out, its rows, the loaded backend, a 1-step faithfulness config with 1 random order)."""
     from medvlm.faithfulness import FaithfulnessConfig
-    from medvlm.faithfulness_run import read_units, run_faithfulness
     from medvlm.store import read_results
 
-    csv = make_project(tmp_path / "proj", n_studies=3)
-    out = tmp_path / "out"
     argv = ["--csv", str(csv), "--output_dir", str(out), "--models", "medgemma", "--tiny_random_models",
             "--n_boot", "50", "--n_figure_studies", "0", "--controls", "none", "--map", "raw"]  # fmt: skip
     cfg = cli.parse_args(argv)
     assert cli.main(argv) == 0
-    rows = read_results(out)
-    backend = cli.get_backend_loader("medgemma")(cfg)
-    fcfg = FaithfulnessConfig(steps=1, n_random=1)
+    return out, read_results(out), cli.get_backend_loader("medgemma")(cfg), FaithfulnessConfig(steps=1, n_random=1)
+
+
+def test_faithfulness_studies_by_count_or_by_id(tmp_path):
+    """max_studies: study ids (the demo's subset: only those of them in the run), or N (the first
+    N studies of the run, done ones included: a rerun completes them and never adds N more)."""
+    from medvlm.faithfulness_run import read_units, run_faithfulness
+
+    csv = make_project(tmp_path / "proj", n_studies=3)
+    out, rows, backend, fcfg = _scored_medgemma_run(csv, tmp_path / "out")
 
     def curve(max_studies):
         return run_faithfulness(backend, "medgemma", out, rows, fcfg, ["attention"], max_studies=max_studies)
@@ -70,24 +74,16 @@ def test_faithfulness_studies_by_count_or_by_id(tmp_path):
 def test_faithfulness_selection_by_study_and_finding(tmp_path):
     """A (study id, finding) entry curves that finding's units only (the demo: the finding with
     its region); a bare study id beside it curves the whole study. The report names the units."""
-    from medvlm.faithfulness import FaithfulnessConfig, faithfulness_table
+    from medvlm.faithfulness import faithfulness_table
     from medvlm.faithfulness_run import read_units, run_faithfulness
     from medvlm.report_faithfulness import faithfulness_section
     from medvlm.reporting import _faith_settings
-    from medvlm.store import read_results
 
     csv = make_project(tmp_path / "proj", n_studies=2)
     df = pd.read_csv(csv)
     other = df.assign(finding="cardiomegaly", question=df["question"].str.replace("an effusion", "cardiomegaly"))
     pd.concat([df, other]).to_csv(csv, index=False)
-    out = tmp_path / "out"
-    argv = ["--csv", str(csv), "--output_dir", str(out), "--models", "medgemma", "--tiny_random_models",
-            "--n_boot", "50", "--n_figure_studies", "0", "--controls", "none", "--map", "raw"]  # fmt: skip
-    cfg = cli.parse_args(argv)
-    assert cli.main(argv) == 0
-    rows = read_results(out)
-    backend = cli.get_backend_loader("medgemma")(cfg)
-    fcfg = FaithfulnessConfig(steps=1, n_random=1)
+    out, rows, backend, fcfg = _scored_medgemma_run(csv, tmp_path / "out")
     counts = run_faithfulness(backend, "medgemma", out, rows, fcfg, ["attention"],
                               max_studies=(("s1", "cardiomegaly"),))  # fmt: skip
     assert counts["study_ids"] == ["s1"] and counts["units"] == 1
