@@ -30,12 +30,12 @@ conversation.py, eval/model_mimic_cxr.py) without importing it:
 
 Scoring: one forward per pass, a batch row per image: the prefix (BOS + system text + image
 embeddings) followed by all of that image's questions packed one after another, a block mask
-keeping each question to the prefix and its own tokens (medvlm.engine.score_packed); P(yes)
-and the exact attention rows of the chosen query tokens (medvlm.capture) come from that
+keeping each question to the prefix and its own tokens (medvlm.core.engine.score_packed); P(yes)
+and the exact attention rows of the chosen query tokens (medvlm.core.capture) come from that
 forward. archive/reference_llava_rad.py is the slow
 eager reference the tests compare against; archive/llava_rad_official_compare.py compares
 with the official code on the real weights. Reading the checkpoint's files, the LoRA merge and
-the quantization live in medvlm/llava_rad_loading.py (their names importable from here).
+the quantization live in medvlm/core/llava_rad_loading.py (their names importable from here).
 """
 
 from __future__ import annotations
@@ -50,14 +50,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medvlm.aggregate import resolve_layers
-from medvlm.backend import GENERIC, QuestionScore, VLMBackend, question_scores
-from medvlm.capture import attention_modules_of
-from medvlm.config import MedicalAttentionConfig
-from medvlm.engine import cache_kwargs, new_cache, score_packed, score_shared_prefix, select_cache, to_device
-from medvlm.fused_norms import fused_rms_norms, norm_modules
-from medvlm.geometry import Geometry, shortest_side_center_crop_geometry
-from medvlm.llava_rad_loading import (  # noqa: F401 - the checkpoint layout and loaders, importable from here
+from medvlm.core.aggregate import resolve_layers
+from medvlm.core.backend import GENERIC, QuestionScore, VLMBackend, question_scores
+from medvlm.core.capture import attention_modules_of
+from medvlm.core.config import MedicalAttentionConfig
+from medvlm.core.engine import cache_kwargs, new_cache, score_packed, score_shared_prefix, select_cache, to_device
+from medvlm.core.fused_norms import fused_rms_norms, norm_modules
+from medvlm.core.geometry import Geometry, shortest_side_center_crop_geometry
+from medvlm.core.llava_rad_loading import (  # noqa: F401 - the checkpoint layout and loaders, importable from here
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHT_NAMES,
     NON_LORA_NAME,
@@ -76,8 +76,8 @@ from medvlm.llava_rad_loading import (  # noqa: F401 - the checkpoint layout and
     quantize_linear_layers,
     resolve_folder,
 )
-from medvlm.queries import suffix_query_positions
-from medvlm.scoring import resolve_answer_tokens
+from medvlm.core.queries import suffix_query_positions
+from medvlm.core.scoring import resolve_answer_tokens
 
 __all__ = [
     "LLaVARadMedical",
@@ -191,7 +191,7 @@ def preprocess_image(image: Image.Image, size: int, mean, std) -> torch.Tensor:
     on the RGB image, written with PIL: [3, size, size] float32."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         raise ValueError(
-            f"image mode {image.mode!r} is not 8-bit: make it 8-bit RGB first with medvlm.images.as_rgb8 "
+            f"image mode {image.mode!r} is not 8-bit: make it 8-bit RGB first with medvlm.data.images.as_rgb8 "
             "(what LLaVARadMedical.preprocess and score do); RGB conversion would clip it"
         )
     img = image.convert("RGB")  # model_mimic_cxr.py: Image.open(...).convert("RGB")
@@ -389,7 +389,7 @@ class LLaVARadMedical(VLMBackend):
         self.n_layers = int(lm.config.num_hidden_layers)
         self.layers = layers
         self._attention = attention
-        self._norms = norm_modules(lm.model)  # fused in eager passes (medvlm.fused_norms)
+        self._norms = norm_modules(lm.model)  # fused in eager passes (medvlm.core.fused_norms)
         self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.unk_token_id, 0) if i is not None)
         self.model_path, self.model_base = str(model_path), str(model_base)
         self.model_dir, self.base_dir = model_dir, base_dir
@@ -413,7 +413,7 @@ class LLaVARadMedical(VLMBackend):
         """A loaded backend on a tiny random-weight LLaVA-Rad (the real architecture, geometry,
         prompt and preprocessing; small sizes), as MedGemmaMedical.tiny(): for tests, the demo
         and timing only; describe() says random_weights. The checkpoint is written in the
-        official layout (medvlm.tiny_llava_rad.write_tiny_llava_rad) to a temporary folder,
+        official layout (medvlm.core.tiny_llava_rad.write_tiny_llava_rad) to a temporary folder,
         loaded through load_model, and the folder removed.
 
         config  MedicalAttentionConfig (default: the defaults)
@@ -422,7 +422,7 @@ class LLaVARadMedical(VLMBackend):
         """
         import tempfile
 
-        from medvlm.tiny_llava_rad import write_tiny_llava_rad
+        from medvlm.core.tiny_llava_rad import write_tiny_llava_rad
 
         backend = cls(config=config or _DEFAULT_CONFIG)
         with tempfile.TemporaryDirectory(prefix="tiny_llava_rad_") as folder:

@@ -29,15 +29,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medvlm.aggregate import resolve_layers
-from medvlm.backend import GENERIC, QuestionScore, VLMBackend, question_scores
-from medvlm.capture import attention_modules_of
-from medvlm.config import MedicalAttentionConfig
-from medvlm.engine import score_packed, score_shared_prefix, to_device
-from medvlm.fused_norms import fused_rms_norms, module_forward, norm_modules, patched_forwards
-from medvlm.geometry import Geometry, square_resize_geometry
-from medvlm.queries import suffix_query_positions
-from medvlm.scoring import resolve_answer_tokens
+from medvlm.core.aggregate import resolve_layers
+from medvlm.core.backend import GENERIC, QuestionScore, VLMBackend, question_scores
+from medvlm.core.capture import attention_modules_of
+from medvlm.core.config import MedicalAttentionConfig
+from medvlm.core.engine import score_packed, score_shared_prefix, to_device
+from medvlm.core.fused_norms import fused_rms_norms, module_forward, norm_modules, patched_forwards
+from medvlm.core.geometry import Geometry, square_resize_geometry
+from medvlm.core.queries import suffix_query_positions
+from medvlm.core.scoring import resolve_answer_tokens
 
 DEFAULT_MODEL_ID = "google/medgemma-4b-it"
 MIN_TRANSFORMERS = "4.55"
@@ -361,7 +361,7 @@ class MedGemmaMedical(VLMBackend):
         self._attention = attention_modules_of(self._decoder)
         tower = model.model.vision_tower
         self._vision_model = getattr(tower, "vision_model", tower)
-        self._norms = norm_modules(model.model)  # fused in eager passes (medvlm.fused_norms)
+        self._norms = norm_modules(model.model)  # fused in eager passes (medvlm.core.fused_norms)
         self.keep_logits = False  # tests: keep each question's next-token logits in extra["logits"]
         self._prompt_cache: dict[str, dict] = {}
         self._normalize_on_device = normalizes_on_device(processor.image_processor, next(model.parameters()).device)
@@ -384,7 +384,7 @@ class MedGemmaMedical(VLMBackend):
     @classmethod
     def tiny(cls, config: MedicalAttentionConfig | None = None, seed: int = 0, device=None) -> MedGemmaMedical:
         """The tiny random-weight copy of the architecture (tests, demo, timing)."""
-        from medvlm.tiny_medgemma import tiny_medgemma
+        from medvlm.core.tiny_medgemma import tiny_medgemma
 
         model, processor = tiny_medgemma(seed=seed)
         if device is not None:
@@ -572,7 +572,7 @@ class MedGemmaMedical(VLMBackend):
         """Several studies in one pass: items are (image, questions, findings or None).
 
         One forward for the whole pass: a batch row per study, its prefix (image included)
-        followed by its questions packed one after another (medvlm.engine.score_packed).
+        followed by its questions packed one after another (medvlm.core.engine.score_packed).
         Returns one list of QuestionScore per item, in order.
         """
         return self.score_prepared(self.prepare(items))
@@ -610,7 +610,7 @@ class MedGemmaMedical(VLMBackend):
                 owners.append((k, GENERIC))
         pixel_values = self.pixel_values(images)  # pinned for a GPU model (as LLaVA-Rad)
         if next(self.model.parameters()).device.type == "cuda" and not pixel_values.is_pinned():
-            pixel_values = pixel_values.pin_memory()  # one made elsewhere (a placeholder: medvlm.faithfulness)
+            pixel_values = pixel_values.pin_memory()  # one made elsewhere (a placeholder: medvlm.analysis.faithfulness)
         prep = {"items": items, "entries": entries, "suffixes": suffixes, "queries": queries, "rows": rows,
                 "owners": owners, "pixel_values": pixel_values}  # fmt: skip
         return {**prep, **self.prepare_controls(items)}

@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from medvlm.config import (
+from medvlm.core.config import (
     ATTRIBUTION_KINDS,
     CONTROLS,
     GENERIC_PROMPT,
@@ -34,19 +34,19 @@ from medvlm.config import (
     RunConfig,
     dist_env,
 )
-from medvlm.preflight import TOOL_DIRS, TOOL_FILES
+from medvlm.core.preflight import TOOL_DIRS, TOOL_FILES
 
 
 def _load_llava_rad(cfg: RunConfig):
     from llava_rad_medical_only import LLaVARadMedical
 
     if cfg.random_models == "full":
-        from medvlm.tiny_llava_rad import full_size_llava_rad
+        from medvlm.core.tiny_llava_rad import full_size_llava_rad
 
         return full_size_llava_rad(cfg.attention, device=cfg.device, dtype=cfg.dtype or "bfloat16")
     backend = LLaVARadMedical(config=cfg.attention)
     if cfg.random_models == "tiny":
-        from medvlm.tiny_llava_rad import cached_tiny_llava_rad
+        from medvlm.core.tiny_llava_rad import cached_tiny_llava_rad
 
         model_path, model_base = cached_tiny_llava_rad()  # written once into the tool's cache, then reused
         return backend.load_model(model_path, model_base, device=cfg.device, dtype=cfg.dtype or "float32")
@@ -60,7 +60,7 @@ def _load_medgemma(cfg: RunConfig):
     if cfg.random_models is not None:
         import torch
 
-        from medvlm.tiny_medgemma import DEMO_SHAPES, MEDGEMMA_4B_SHAPES, tiny_medgemma
+        from medvlm.core.tiny_medgemma import DEMO_SHAPES, MEDGEMMA_4B_SHAPES, tiny_medgemma
 
         full = cfg.random_models == "full"
         model, processor = tiny_medgemma(
@@ -385,10 +385,10 @@ def main(argv=None) -> int:
     --debug); a failed analysis leaves the scored results and says how to rerun it."""
     passive_cpu_threads()
     cfg = parse_args(argv)  # argparse prints its own one-line errors and exits 2
-    from medvlm.data import DatasetError
-    from medvlm.images import ImageLoadError
-    from medvlm.preflight import UsageError
-    from medvlm.runner import run
+    from medvlm.core.preflight import UsageError
+    from medvlm.core.runner import run
+    from medvlm.data.data import DatasetError
+    from medvlm.data.images import ImageLoadError
 
     try:
         if cfg.overwrite and cfg.world_size > 1:

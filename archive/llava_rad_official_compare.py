@@ -96,7 +96,7 @@ def _compare(args) -> int:
 
     sys.path.insert(0, str(ROOT))
     from llava_rad_medical_only import LLaVARadMedical, MedicalAttentionConfig
-    from medvlm.scoring import yes_probability
+    from medvlm.core.scoring import yes_probability
 
     ref = torch.load(args.dump, map_location="cpu", weights_only=True)
     question = ref["question"]
@@ -116,7 +116,7 @@ def _compare(args) -> int:
     score = backend.score(image, [question])[0]
     cache, prefix_len = backend.prefix_cache(pixels[None], toks.prefix_ids)
     decoder = backend.model.model
-    from medvlm.engine import cache_kwargs
+    from medvlm.core.engine import cache_kwargs
 
     ids = torch.tensor([list(toks.suffix_ids)], device=backend.device)
     pos = torch.arange(prefix_len, prefix_len + ids.shape[1], device=backend.device)[None]

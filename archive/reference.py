@@ -49,7 +49,7 @@ def medgemma_reference(backend, image, question: str) -> dict:
       "p_yes": float, "coverage": float,
     }
     """
-    from medvlm.scoring import yes_probability
+    from medvlm.core.scoring import yes_probability
 
     model = backend.model
     inputs = _inputs(backend, image, question)
@@ -93,7 +93,7 @@ def naive_study(backend, image, questions, gen_tokens: int = 50) -> list[dict]:
 def medgemma_text_only_reference(backend, question: str) -> float:
     """P(yes) of the text-only control: the processor's own chat without the image, one full
     eager forward."""
-    from medvlm.scoring import yes_probability
+    from medvlm.core.scoring import yes_probability
 
     model = backend.model
     enc = backend.processor.apply_chat_template(

@@ -1,7 +1,7 @@
 """Gradient maps, the slow obviously-correct way: one full prompt, eager attention with
 output_attentions=True, torch.autograd on the whole graph, Chefer's T x T relevancy matrix.
 
-Written along a different path from medvlm/attribution.py wherever one exists: the prompt and
+Written along a different path from medvlm/core/attribution.py wherever one exists: the prompt and
 image embeddings as the eager references build them (archive/reference_llava_rad.py: the
 official splice, torchvision preprocessing, timm's forward_intermediates; archive/reference.py:
 the MedGemma processor's own inputs, the model's own image merge), the model's own masks, no

@@ -154,7 +154,7 @@ def llava_rad_text_only_reference(backend, question: str) -> float:
     """P(yes) of the text-only control: conv_vicuna_v1 without "<image>\\n", tokenised whole
     (BOS first), one full eager forward."""
     import llava_rad_medical_only as lr
-    from medvlm.scoring import yes_probability
+    from medvlm.core.scoring import yes_probability
 
     full_q = backend.config.full_question(question)
     prompt = lr.SYSTEM_PROMPT + " " + "USER" + ": " + full_q + " " + "ASSISTANT" + ":"

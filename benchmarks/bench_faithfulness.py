@@ -11,12 +11,12 @@ Per model it measures, each after a warm-up at the same shapes, with peak GPU me
 - plain scoring: the backend's own pass (prepare / score_prepared, attention captured) at k
   studies per pass, with the six paraphrases per study and with one question per study;
   seconds per image (= per study);
-- perturbed images: medvlm.faithfulness.faithfulness_for_studies on studies with one question
+- perturbed images: medvlm.analysis.faithfulness.faithfulness_for_studies on studies with one question
   each and two maps (raw attention from the plain pass, gradient x input) plus 3 random orders,
   K steps, k perturbed images per pass; seconds per unique perturbed image (wall time over the
   images scored: blur, masks and deduplication included). Goal: <= 1.25 x the plain pass's
   per-image cost at the same k;
-- gradient x input: medvlm.attribution.attribution_maps at R questions per pass and u decoder
+- gradient x input: medvlm.core.attribution.attribution_maps at R questions per pass and u decoder
   layers left uncheckpointed, every (R, u) of --grad_rows x --grad_uncheckpointed (each list
   per model: "2" is for every model, "medgemma:8,16" for one), seconds per question, against
   the same rows' forward alone (attribution_margins: one row per question, no graph; goal
@@ -51,14 +51,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_speed  # noqa: E402
 from bench_speed import PARAPHRASES, backend_parameters, build, images  # noqa: E402
 
-from medvlm.attribution import (  # noqa: E402
+from medvlm.analysis.faithfulness import FaithfulnessConfig, faithfulness_for_studies  # noqa: E402
+from medvlm.core.attribution import (  # noqa: E402
     DEFAULT_ROWS,
     DEFAULT_UNCHECKPOINTED,
     attribution_maps,
     attribution_margins,
 )
-from medvlm.config import MedicalAttentionConfig  # noqa: E402
-from medvlm.faithfulness import FaithfulnessConfig, faithfulness_for_studies  # noqa: E402
+from medvlm.core.config import MedicalAttentionConfig  # noqa: E402
 
 GOALS = {"perturbed_over_plain": 1.25, "gradxinput_over_forward": 3.0, "peak_over_weights": 1.15}
 PARTS = ("plain", "gradxinput", "relevancy", "curves")

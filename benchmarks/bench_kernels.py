@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_speed import DEVICE, PARAPHRASES, build, images, sync  # noqa: E402
 
-from medvlm.config import MedicalAttentionConfig  # noqa: E402
+from medvlm.core.config import MedicalAttentionConfig  # noqa: E402
 
 
 def bench(fn, reps: int = 20) -> float:

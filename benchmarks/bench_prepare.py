@@ -7,7 +7,7 @@ holding the interpreter lock, the launching thread waits for).
     python benchmarks/bench_prepare.py --smoke         # tiny processor, few passes: checks the script
     python benchmarks/bench_prepare.py --gpu_passes 32 # GPU: also the full pass three ways, both pixel paths
 
-The backend is MedGemmaMedical over the real MedGemma-4B shapes (medvlm.tiny_medgemma
+The backend is MedGemmaMedical over the real MedGemma-4B shapes (medvlm.core.tiny_medgemma
 MEDGEMMA_4B_SHAPES: SigLIP at 896 px, the image processor at 896 px, 256 image tokens) with one
 vision layer: prepare() reads only the processor and the config's facts. On a
 GPU machine it is built on the GPU (so the pixels are pinned and the device-normalisation check
@@ -44,13 +44,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_speed import PARAPHRASES, images  # noqa: E402
 
-from medvlm.config import MedicalAttentionConfig  # noqa: E402
+from medvlm.core.config import MedicalAttentionConfig  # noqa: E402
 
 
 def build(smoke: bool, device: str):
     """A MedGemmaMedical whose prepare() runs as the real 4B model's does on `device`."""
     import medgemma_enhanced as mg
-    from medvlm.tiny_medgemma import MEDGEMMA_4B_SHAPES, TINY_SHAPES, tiny_medgemma
+    from medvlm.core.tiny_medgemma import MEDGEMMA_4B_SHAPES, TINY_SHAPES, tiny_medgemma
 
     base = TINY_SHAPES if smoke else MEDGEMMA_4B_SHAPES
     shapes = {"text": base["text"], "vision": {**base["vision"], "num_hidden_layers": 1}}

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from archive.reference import naive_study  # noqa: E402
-from medvlm.config import CONTROLS, GENERIC_PROMPT, MedicalAttentionConfig  # noqa: E402
+from medvlm.core.config import CONTROLS, GENERIC_PROMPT, MedicalAttentionConfig  # noqa: E402
 
 PARAPHRASES = [
     "Is there a pleural effusion?",
@@ -96,7 +96,7 @@ def build(name: str, dtype, attention: MedicalAttentionConfig):
     vision_attention_flops is per image (QK^T and PV, every layer)."""
     if name == "medgemma":
         from medgemma_enhanced import MedGemmaMedical
-        from medvlm.tiny_medgemma import MEDGEMMA_4B_SHAPES, TINY_SHAPES, tiny_medgemma
+        from medvlm.core.tiny_medgemma import MEDGEMMA_4B_SHAPES, TINY_SHAPES, tiny_medgemma
 
         shapes = MEDGEMMA_4B_SHAPES if DEVICE["full_size"] else TINY_SHAPES
         model, processor = tiny_medgemma(shapes=shapes, sliding_window=1024, device=DEVICE["name"], dtype=dtype)
@@ -112,7 +112,7 @@ def build(name: str, dtype, attention: MedicalAttentionConfig):
         return backend, {"decoder_params": non_emb, "head_params": head, "vision_params": vision,
                          "vision_tokens": n_patches, "vision_attention_flops": attn}  # fmt: skip
     if name == "llava_rad":
-        from medvlm.tiny_llava_rad import full_size_llava_rad
+        from medvlm.core.tiny_llava_rad import full_size_llava_rad
 
         backend = full_size_llava_rad(attention, device=DEVICE["name"], dtype=dtype, full_size=DEVICE["full_size"])
         lm = backend.model
@@ -356,7 +356,7 @@ def reference(backend, image, question) -> dict:
         rows = np.stack([a[:, -1, s:e].double().numpy() for a in r["attentions"]])
         return {"p_yes": r["p_yes"], "rows": rows}
     from archive.reference_llava_rad import llava_rad_reference_score
-    from medvlm.scoring import yes_probability
+    from medvlm.core.scoring import yes_probability
 
     r = llava_rad_reference_score(backend, image, question)
     s, e = r["image_span"]

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_speed import backend_parameters, build, sync  # noqa: E402
 from profile_pass import three_ways  # noqa: E402
 
-from medvlm.config import MedicalAttentionConfig  # noqa: E402
+from medvlm.core.config import MedicalAttentionConfig  # noqa: E402
 
 
 def graphed(fn, example: torch.Tensor):

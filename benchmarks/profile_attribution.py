@@ -4,7 +4,7 @@
     python benchmarks/profile_attribution.py --model medgemma --rows 8 --questions 16
     python benchmarks/profile_attribution.py --smoke          # tiny shapes on the CPU: checks the script
 
-For R rows per pass and u uncheckpointed layers (medvlm.attribution.attribution_maps) it prints
+For R rows per pass and u uncheckpointed layers (medvlm.core.attribution.attribution_maps) it prints
 the wall time per question of gradient x input and of the same rows' forward alone
 (attribution_margins), then, under torch.profiler for one call: the GPU's busy time (sum of
 kernel times) against the wall time, the kernel launches, the device time inside the forward
@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_speed import DEVICE, PARAPHRASES, build, images, sync  # noqa: E402
 
-from medvlm import attribution  # noqa: E402
-from medvlm.config import MedicalAttentionConfig  # noqa: E402
+from medvlm.core import attribution  # noqa: E402
+from medvlm.core.config import MedicalAttentionConfig  # noqa: E402
 
 
 def wall(fn, repeats: int) -> float:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_speed import DEVICE, PARAPHRASES, build, images, sync, time_pass  # noqa: E402
 
-from medvlm.config import MedicalAttentionConfig  # noqa: E402
+from medvlm.core.config import MedicalAttentionConfig  # noqa: E402
 
 
 def phase_modules(backend) -> dict:

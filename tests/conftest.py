@@ -12,7 +12,7 @@ if str(ROOT) not in sys.path:
 
 @pytest.fixture(scope="session", autouse=True)
 def tool_cache(tmp_path_factory):
-    """The tool's cache (medvlm.tiny_llava_rad.cache_root) in a folder of this test session,
+    """The tool's cache (medvlm.core.tiny_llava_rad.cache_root) in a folder of this test session,
     for every test and the processes they start."""
     import os
 
@@ -44,8 +44,8 @@ def max_diff(a, b) -> float:
 
 @pytest.fixture
 def causal_calls(monkeypatch):
-    """How many attention calls ran on medvlm.engine's pure-causal fast path."""
-    from medvlm import engine
+    """How many attention calls ran on medvlm.core.engine's pure-causal fast path."""
+    from medvlm.core import engine
 
     calls = []
     real = engine._causal_attention

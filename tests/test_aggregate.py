@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from medvlm.aggregate import aggregate_heads, resolve_layers
+from medvlm.core.aggregate import aggregate_heads, resolve_layers
 
 
 def test_resolve_layers():

@@ -1,4 +1,4 @@
-"""Tests of medvlm.analysis.summarize on small synthetic result records."""
+"""Tests of medvlm.analysis.analysis.summarize on small synthetic result records."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medvlm import analysis as an
+from medvlm.analysis import analysis as an
 
 A, B = "llava_rad", "medgemma"
 V0_MAP = np.array([1.0, 1.0, 0.0, 0.0])

@@ -1,4 +1,4 @@
-"""Gradient x input and generic attention relevancy (medvlm.attribution) on the tiny models of
+"""Gradient x input and generic attention relevancy (medvlm.core.attribution) on the tiny models of
 both architectures, against the slow references in archive/reference_attribution.py: a float64
 finite difference of the margin, and torch.autograd on the full-prompt eager forward with
 Chefer's T x T relevancy matrix."""
@@ -13,15 +13,15 @@ from PIL import Image
 from archive.reference_attribution import margin_with_image_embeddings, reference_attribution
 from llava_rad_medical_only import LLaVARadMedical
 from medgemma_enhanced import MedGemmaMedical
-from medvlm import engine
-from medvlm.attribution import (
+from medvlm.core import engine
+from medvlm.core.attribution import (
     GRADIENT_KINDS,
     attribution_maps,
     attribution_margins,
     parse_attribution,
 )
-from medvlm.fused_norms import patched_forwards
-from medvlm.store import map_key
+from medvlm.core.fused_norms import patched_forwards
+from medvlm.core.store import map_key
 
 QUESTIONS = ["Is there a pleural effusion?", "Is the heart enlarged?"]
 TOL = 1e-5  # float32, absolute
@@ -134,7 +134,7 @@ def test_recomputation_stops_before_llava_rads_down_projection(backend):
 def _saved_before_backward(backend, monkeypatch, lean: bool):
     """(bytes of the tensors a gradient pass keeps for its backward, not the weights; the maps)
     with every layer uncheckpointed, with or without the lean layers."""
-    from medvlm import attribution
+    from medvlm.core import attribution
 
     if not lean:
         monkeypatch.setattr(attribution, "lean_layers", lambda layers, norms: (contextlib.nullcontext(), []))
@@ -172,7 +172,7 @@ def test_uncheckpointed_layers_keep_less_for_the_same_maps(backend, monkeypatch)
 def test_rows_and_checkpointing_default_by_backend(backend, monkeypatch):
     """rows_per_pass and uncheckpointed left out: the backend's DEFAULT_ROWS and
     DEFAULT_UNCHECKPOINTED entries decide the passes."""
-    from medvlm import attribution
+    from medvlm.core import attribution
 
     for table in (attribution.DEFAULT_ROWS, attribution.DEFAULT_UNCHECKPOINTED):
         assert set(table) == {"llava_rad", "medgemma"}
@@ -266,7 +266,7 @@ def test_store_entries_and_the_flag():
     assert parse_attribution(["relevancy", "attention"]) == ("attention", "relevancy")
     with pytest.raises(ValueError, match="unknown attribution kind"):
         parse_attribution("attention,saliency")
-    from medvlm.attribution import Attribution
+    from medvlm.core.attribution import Attribution
 
     att = Attribution(maps={"gradxinput": np.arange(6, dtype=np.float32).reshape(2, 1, 3)},
                       layers={"gradxinput": (0,)}, margin=np.zeros(2), p_yes=np.full(2, 0.5))  # fmt: skip

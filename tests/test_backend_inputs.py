@@ -1,7 +1,7 @@
 """What both backends accept (issue #12, items 10 and 11), on the tiny random models:
 
 - an image as a PIL image of any mode, a numpy array or a path (PNG, TIFF, DICOM), made 8-bit
-  RGB by the CLI's own loader rules (medvlm.images): a 16-bit ("I;16") or float ("F") image
+  RGB by the CLI's own loader rules (medvlm.data.images): a 16-bit ("I;16") or float ("F") image
   scores exactly as the 8-bit image load_image makes from the same file, never clipped;
 - a bare string question is one question; mismatched findings and malformed items are
   refused with a message that says what to pass;
@@ -22,7 +22,7 @@ from PIL import Image
 
 from llava_rad_medical_only import LLaVARadMedical
 from medgemma_enhanced import MedGemmaMedical
-from medvlm.images import load_image
+from medvlm.data.images import load_image
 
 QUESTIONS = ["Is there a pleural effusion?", "Is there a pneumothorax?"]
 BACKENDS = ("llava_rad", "medgemma")
@@ -98,7 +98,7 @@ def test_image_path_is_loaded_by_the_cli_loader(backend, png16, kind):
 
 
 def test_dicom_path_is_windowed_as_the_cli_does(backend):
-    from medvlm.demo_data import pydicom_data_file
+    from medvlm.data.demo_data import pydicom_data_file
 
     path = pydicom_data_file("693_UNCI.dcm")  # CT, rescale slope/intercept + window 40/100
     loaded = load_image(path)
@@ -203,7 +203,7 @@ def test_readme_python_example_runs_on_the_tiny_models(tmp_path, monkeypatch):
     weights: load_model() loads what LLaVARadMedical.tiny() loads, load_medgemma() returns
     MedGemmaMedical.tiny()'s model and processor; its image is a 16-bit PNG."""
     import medgemma_enhanced
-    from medvlm.tiny_llava_rad import write_tiny_llava_rad
+    from medvlm.core.tiny_llava_rad import write_tiny_llava_rad
 
     load_model = LLaVARadMedical.load_model
 

@@ -8,7 +8,7 @@ from conftest import max_diff
 from transformers.masking_utils import AttentionMaskInterface
 
 from archive.reference import eager_text_attention
-from medvlm.capture import (
+from medvlm.core.capture import (
     ATTN_IMPLEMENTATION,
     CaptureSpec,
     attention_modules_of,
@@ -16,7 +16,7 @@ from medvlm.capture import (
     capture_rows,
     register,
 )
-from medvlm.tiny_medgemma import tiny_medgemma
+from medvlm.core.tiny_medgemma import tiny_medgemma
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 import run_medical_vlm_analysis as cli
-from medvlm import runner
-from medvlm.preflight import TOOL_DIRS, TOOL_FILES, overwrite_targets
+from medvlm.core import runner
+from medvlm.core.preflight import TOOL_DIRS, TOOL_FILES, overwrite_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medvlm import stats as st
-from medvlm.controls import QUADRANTS, controls_table, quadrant_units, row_units
-from medvlm.tables import metric_table
+from medvlm.analysis import stats as st
+from medvlm.analysis.controls import QUADRANTS, controls_table, quadrant_units, row_units
+from medvlm.analysis.tables import metric_table
 
 
 def records(n_studies=6, p_text=0.5, models=("a",)):

@@ -13,8 +13,8 @@ from archive.reference import medgemma_reference, medgemma_text_only_reference
 from archive.reference_llava_rad import llava_rad_reference_score, llava_rad_text_only_reference
 from llava_rad_medical_only import LLaVARadMedical
 from medgemma_enhanced import MedGemmaMedical
-from medvlm.backend import blank_image
-from medvlm.config import GENERIC_PROMPT, MedicalAttentionConfig
+from medvlm.core.backend import blank_image
+from medvlm.core.config import GENERIC_PROMPT, MedicalAttentionConfig
 
 QUESTIONS = ["Is there a pleural effusion?", "Is the heart enlarged?", "Is there a pneumothorax in this chest X-ray?"]
 TOL = 1e-5
@@ -55,7 +55,7 @@ def _image_ref(backend, image, q):
         s, e = ref["image_span"]
         rows = {i: a[:, -1, s:e].mean(0).numpy() for i, a in enumerate(ref["attentions"])}
         return ref["p_yes"], rows
-    from medvlm.scoring import yes_probability
+    from medvlm.core.scoring import yes_probability
 
     ref = llava_rad_reference_score(backend, image, q, query_mode="answer")
     s, e = ref["image_span"]
@@ -151,7 +151,7 @@ def test_the_memo_key_is_the_whole_prompt(backends):
 
 
 def test_control_memo_resolve():
-    from medvlm.backend import ControlMemo
+    from medvlm.core.backend import ControlMemo
 
     memo, calls = ControlMemo(limit=3), []
 

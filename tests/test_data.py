@@ -1,4 +1,4 @@
-"""Tests for medvlm.data: CSV validation, column mapping, study selection, image loading."""
+"""Tests for medvlm.data.data: CSV validation, column mapping, study selection, image loading."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from medvlm import data
-from medvlm.data import (
+from medvlm.data import data
+from medvlm.data.data import (
     ColumnMapping,
     DatasetError,
     ImageLoadError,
@@ -22,7 +22,7 @@ from medvlm.data import (
     load_image,
     select_studies,
 )
-from medvlm.demo_data import pydicom_data_file
+from medvlm.data.demo_data import pydicom_data_file
 
 CANON = ["study_id", "image_path", "finding", "variant_id", "question", "answer_gt"]
 

@@ -1,4 +1,4 @@
-"""Tests for medvlm.demo_data: a demo CSV from pydicom-data whose labels come from DICOM headers,
+"""Tests for medvlm.data.demo_data: a demo CSV from pydicom-data whose labels come from DICOM headers,
 plus two real NIH ChestX-ray14 radiographs whose labels the question builder reads from NIH's
 Data_Entry_2017_v2020 (torchxrayvision's copy, or the extract committed beside the images)."""
 
@@ -12,9 +12,9 @@ import pandas as pd
 import pydicom
 import pytest
 
-import medvlm.findings
-from medvlm.data import load_dataset, load_image
-from medvlm.demo_data import (
+import medvlm.data.findings
+from medvlm.data.data import load_dataset, load_image
+from medvlm.data.demo_data import (
     DEMO_FINDINGS,
     DEMO_LABELS_NAME,
     DEMO_STUDIES,
@@ -27,7 +27,7 @@ from medvlm.demo_data import (
     demo_label_rows,
     pydicom_data_file,
 )
-from medvlm.questions import wordings
+from medvlm.data.questions import wordings
 
 NIH_IDS = {name[:-4] for name in NIH_DEMO_IMAGES}
 
@@ -121,7 +121,7 @@ def test_nih_radiographs_with_their_real_labels(demo):
 
 
 def test_nih_labels_fall_back_to_the_committed_extract(tmp_path, monkeypatch):
-    monkeypatch.setattr(medvlm.findings, "torchxrayvision_data_file", lambda name: None)
+    monkeypatch.setattr(medvlm.data.findings, "torchxrayvision_data_file", lambda name: None)
     csv_path = build_demo_dataset(tmp_path, studies=[DemoStudy("CHEST", "RG1_UNCI.dcm")])
     labels = json.loads((tmp_path / DEMO_LABELS_NAME).read_text())
     assert labels["nih"]["label_file"] == str(NIH_EXTRACT) and "extract" in labels["nih"]["label_file_origin"]
@@ -150,7 +150,7 @@ def test_demo_label_rows_are_the_label_files_rows_for_the_demo_images(tmp_path):
     moved = tmp_path / "moved.csv"
     whole[["Finding Labels", "Image Index", "Patient ID", "View Position"]].to_csv(moved, index=False)
     assert len(demo_label_rows(moved)) == len(body)
-    packaged = medvlm.findings.torchxrayvision_data_file("Data_Entry_2017_v2020.csv.gz")
+    packaged = medvlm.data.findings.torchxrayvision_data_file("Data_Entry_2017_v2020.csv.gz")
     if packaged is not None:  # the 112,120-row file the demo reads
         full = pd.read_csv(packaged, dtype=str, keep_default_na=False)
         assert demo_label_rows(packaged).equals(full[full["Image Index"].isin(NIH_DEMO_IMAGES)].reset_index(drop=True))

@@ -1,4 +1,4 @@
-"""The packed pass's layout and masks (medvlm.engine), by hand on small cases. The packed
+"""The packed pass's layout and masks (medvlm.core.engine), by hand on small cases. The packed
 pass itself is compared with the eager full-prompt reference in test_medgemma.py and
 test_llava_rad.py."""
 
@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from medvlm import engine
-from medvlm.engine import pack_suffixes, packed_masks
+from medvlm.core import engine
+from medvlm.core.engine import pack_suffixes, packed_masks
 
 PLAIN = SimpleNamespace(layer_types=None, sliding_window=None)
 
@@ -104,7 +104,7 @@ def _tiny_llama(seed=0):
 def _control_pass(model, prefix, suffixes, rows, n_studies, masks_seen):
     """score_packed's control pass (layers ()) of the tiny Llama, recording each mask the
     forward is handed. -> P(yes) [Q] float64."""
-    from medvlm.scoring import AnswerTokens
+    from medvlm.core.scoring import AnswerTokens
 
     def forward(suffix_ids, position_ids, mask):
         masks_seen.append(mask)
@@ -151,7 +151,7 @@ def test_control_pass_of_several_questions_per_row_keeps_the_mask(causal_calls, 
 
 @pytest.mark.parametrize("model", ["llava_rad", "medgemma"])
 def test_faithfulness_passes_run_plain_causal_for_llava_rad_only(model, causal_calls, monkeypatch):
-    """The curves' passes (medvlm.faithfulness.score_pixels: one question per image, no rows
+    """The curves' passes (medvlm.analysis.faithfulness.score_pixels: one question per image, no rows
     captured) of three perturbed images: LLaVA-Rad's run on the fast path with the masked
     pass's P(yes) (float32); MedGemma's (image block, sliding layers) keep the mask."""
     import numpy as np
@@ -159,7 +159,7 @@ def test_faithfulness_passes_run_plain_causal_for_llava_rad_only(model, causal_c
 
     from llava_rad_medical_only import LLaVARadMedical
     from medgemma_enhanced import MedGemmaMedical
-    from medvlm.faithfulness import model_pixels, score_pixels
+    from medvlm.analysis.faithfulness import model_pixels, score_pixels
 
     backend = LLaVARadMedical.tiny() if model == "llava_rad" else MedGemmaMedical.tiny()
     rng = np.random.default_rng(5)

@@ -1,4 +1,4 @@
-"""Deletion / insertion curves (medvlm.faithfulness): RISE's AUC on hand-made curves, the
+"""Deletion / insertion curves (medvlm.analysis.faithfulness): RISE's AUC on hand-made curves, the
 perturbation checked pixel by pixel, the blur against scipy, a tiny model built here whose
 answer one image cell decides, the backends' own pass on perturbed pixels, and the table."""
 
@@ -9,9 +9,7 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from medvlm.backend import QuestionScore, VLMBackend
-from medvlm.config import MedicalAttentionConfig
-from medvlm.faithfulness import (
+from medvlm.analysis.faithfulness import (
     RANDOM,
     UNIT_KEY,
     FaithfulnessConfig,
@@ -29,7 +27,9 @@ from medvlm.faithfulness import (
     split_curves,
     step_counts,
 )
-from medvlm.geometry import square_resize_geometry
+from medvlm.core.backend import QuestionScore, VLMBackend
+from medvlm.core.config import MedicalAttentionConfig
+from medvlm.core.geometry import square_resize_geometry
 
 Q = "Is there a pleural effusion?"
 
@@ -390,8 +390,8 @@ def test_table_pools_units_with_paired_differences():
 
 # -- the figure ----------------------------------------------------------------------------------------
 def test_curves_figure_draws_each_map_with_its_band():
-    from medvlm.faithfulness_figures import curve_bands, faithfulness_curves_figure
-    from medvlm.figure_canvas import BANNER_GID
+    from medvlm.report.faithfulness_figures import curve_bands, faithfulness_curves_figure
+    from medvlm.report.figure_canvas import BANNER_GID
 
     model = OneCellModel()
     true = np.zeros(64)
@@ -427,7 +427,7 @@ def test_curves_figure_draws_each_map_with_its_band():
 
 
 def test_report_section():
-    from medvlm.report_faithfulness import FAITHFULNESS_TERMS, faithfulness_section
+    from medvlm.report.report_faithfulness import FAITHFULNESS_TERMS, faithfulness_section
 
     table = faithfulness_table(synthetic_records(), n_boot=200)
     text = "\n".join(faithfulness_section(table, "studies", {"steps": 16, "substrate": "blur", "n_random": 3,
@@ -443,12 +443,13 @@ def test_report_section():
 
 def test_the_analysis_side_needs_no_transformers():
     """--analyze_only's faithfulness table, figure and report section import no transformers
-    (the perturbation's device helper comes from medvlm.engine only when images are scored)."""
+    (the perturbation's device helper comes from medvlm.core.engine only when images are scored)."""
     import subprocess
     import sys
     from pathlib import Path
 
-    code = ("import sys, medvlm.faithfulness, medvlm.faithfulness_run, medvlm.report_faithfulness, medvlm.reporting; "
+    code = ("import sys, medvlm.analysis.faithfulness, medvlm.analysis.faithfulness_run, "
+            "medvlm.report.report_faithfulness, medvlm.report.reporting; "
             "assert 'transformers' not in sys.modules, 'transformers imported'")  # fmt: skip
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)

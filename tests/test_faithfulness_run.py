@@ -6,7 +6,7 @@ import json
 import pandas as pd
 
 import run_medical_vlm_analysis as cli
-from medvlm.maps import MapReader
+from medvlm.core.maps import MapReader
 from tests.test_cli import make_project
 
 
@@ -39,8 +39,8 @@ def test_attribution_and_faithfulness_end_to_end(tmp_path):
 def _scored_medgemma_run(csv, out):
     """Score csv with the tiny MedGemma into out (raw maps, no controls or figures) ->
     (out, its rows, the loaded backend, a 1-step faithfulness config with 1 random order)."""
-    from medvlm.faithfulness import FaithfulnessConfig
-    from medvlm.store import read_results
+    from medvlm.analysis.faithfulness import FaithfulnessConfig
+    from medvlm.core.store import read_results
 
     argv = ["--csv", str(csv), "--output_dir", str(out), "--models", "medgemma", "--tiny_random_models",
             "--n_boot", "50", "--n_figure_studies", "0", "--controls", "none", "--map", "raw"]  # fmt: skip
@@ -52,7 +52,7 @@ def _scored_medgemma_run(csv, out):
 def test_faithfulness_studies_by_count_or_by_id(tmp_path):
     """max_studies: study ids (the demo's subset: only those of them in the run), or N (the first
     N studies of the run, done ones included: a rerun completes them and never adds N more)."""
-    from medvlm.faithfulness_run import read_units, run_faithfulness
+    from medvlm.analysis.faithfulness_run import read_units, run_faithfulness
 
     csv = make_project(tmp_path / "proj", n_studies=3)
     out, rows, backend, fcfg = _scored_medgemma_run(csv, tmp_path / "out")
@@ -74,10 +74,10 @@ def test_faithfulness_studies_by_count_or_by_id(tmp_path):
 def test_faithfulness_selection_by_study_and_finding(tmp_path):
     """A (study id, finding) entry curves that finding's units only (the demo: the finding with
     its region); a bare study id beside it curves the whole study. The report names the units."""
-    from medvlm.faithfulness import faithfulness_table
-    from medvlm.faithfulness_run import read_units, run_faithfulness
-    from medvlm.report_faithfulness import faithfulness_section
-    from medvlm.reporting import _faith_settings
+    from medvlm.analysis.faithfulness import faithfulness_table
+    from medvlm.analysis.faithfulness_run import read_units, run_faithfulness
+    from medvlm.report.report_faithfulness import faithfulness_section
+    from medvlm.report.reporting import _faith_settings
 
     csv = make_project(tmp_path / "proj", n_studies=2)
     df = pd.read_csv(csv)

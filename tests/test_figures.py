@@ -1,6 +1,6 @@
 """Figures: overlays land where the model looked, on the original image, at its native aspect.
 
-The geometry tests check medvlm.geometry against the real preprocessing (torchvision's
+The geometry tests check medvlm.core.geometry against the real preprocessing (torchvision's
 Resize + CenterCrop for LLaVA-Rad / open_clip, a square resize for MedGemma); the overlay
 tests render with Agg and find the painted cell and a planted marker in the pixels.
 """
@@ -19,8 +19,8 @@ from matplotlib.text import Text
 from PIL import Image
 from torchvision import transforms as T
 
-from medvlm import figures
-from medvlm.geometry import Geometry, shortest_side_center_crop_geometry, square_resize_geometry
+from medvlm.core.geometry import Geometry, shortest_side_center_crop_geometry, square_resize_geometry
+from medvlm.report import figures
 
 LLAVA = ("LLaVA-Rad", lambda w, h: shortest_side_center_crop_geometry(w, h, 518, (37, 37)))
 MEDGEMMA = ("MedGemma", lambda w, h: square_resize_geometry(w, h, 896, (16, 16)))

@@ -1,4 +1,4 @@
-"""Tests for medvlm.findings: the finding-name map, checked against the real label files that
+"""Tests for medvlm.data.findings: the finding-name map, checked against the real label files that
 torchxrayvision's wheel ships (NIH Data_Entry and BBox_List, CheXpert, VinDr-CXR, the Google
 2019 NIH expert labels, RSNA, SIIM)."""
 
@@ -10,7 +10,7 @@ import zipfile
 import pandas as pd
 import pytest
 
-from medvlm.findings import (
+from medvlm.data.findings import (
     FINDINGS_FILE,
     canonical_finding,
     dataset_labels,
@@ -116,7 +116,7 @@ def test_phrases_are_unique_across_findings():
             assert seen.setdefault(normalize(phrase), info.name) == info.name, phrase
     raw = json.loads(FINDINGS_FILE.read_text())
     raw["findings"]["edema"]["synonyms"].append("enlarged heart")
-    from medvlm.findings import _parse
+    from medvlm.data.findings import _parse
 
     with pytest.raises(ValueError, match="'enlarged heart' names both"):
         _parse(raw, "x.json")

@@ -1,4 +1,4 @@
-"""Fused RMSNorm forwards (medvlm/fused_norms.py) against transformers' own modules, and
+"""Fused RMSNorm forwards (medvlm/core/fused_norms.py) against transformers' own modules, and
 their installation: only inside the block, always removed, never on the compiled path."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from medvlm.fused_norms import FUSED, fused_rms_norms, norm_modules
+from medvlm.core.fused_norms import FUSED, fused_rms_norms, norm_modules
 
 
 def _norm(cls, d=64, seed=0):

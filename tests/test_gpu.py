@@ -9,8 +9,8 @@ from archive.reference import medgemma_reference
 from archive.reference_llava_rad import llava_rad_reference_score
 from llava_rad_medical_only import LLaVARadMedical
 from medgemma_enhanced import MedGemmaMedical
-from medvlm.config import MedicalAttentionConfig
-from medvlm.tiny_llava_rad import write_tiny_llava_rad
+from medvlm.core.config import MedicalAttentionConfig
+from medvlm.core.tiny_llava_rad import write_tiny_llava_rad
 
 pytestmark = [
     pytest.mark.gpu,
@@ -78,8 +78,8 @@ def test_a_pass_never_waits_on_the_gpu_before_its_results_are_read(model, validi
     The control passes and the generic prompt are held to the same rule."""
     import llava_rad_medical_only
     import medgemma_enhanced
-    from medvlm.backend import GENERIC
-    from medvlm.config import CONTROLS, GENERIC_PROMPT
+    from medvlm.core.backend import GENERIC
+    from medvlm.core.config import CONTROLS, GENERIC_PROMPT
 
     module = medgemma_enhanced if model == "medgemma" else llava_rad_medical_only
     config = MedicalAttentionConfig(controls=CONTROLS, generic_prompt=GENERIC_PROMPT) if validity else None

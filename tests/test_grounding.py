@@ -1,4 +1,4 @@
-"""Tests of medvlm.grounding on hand-made cases whose answers are known, and of the token-map to
+"""Tests of medvlm.analysis.grounding on hand-made cases whose answers are known, and of the token-map to
 pixel mapping against PyTorch's bilinear resize and the overlays' Geometry.to_image."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from medvlm import grounding as gr
-from medvlm.geometry import shortest_side_center_crop_geometry, square_resize_geometry
+from medvlm.analysis import grounding as gr
+from medvlm.core.geometry import shortest_side_center_crop_geometry, square_resize_geometry
 
 
 def _box_mask(h, w, x0, y0, x1, y1):

@@ -4,10 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medvlm.grounding_run import finding_present, grounding_table, grounding_units
-from medvlm.maps import MapReader
-from medvlm.regions import join_regions, read_regions
-from medvlm.store import GENERIC_FINDING, ResultsStore, map_key
+from medvlm.analysis.grounding_run import finding_present, grounding_table, grounding_units
+from medvlm.core.maps import MapReader
+from medvlm.core.store import GENERIC_FINDING, ResultsStore, map_key
+from medvlm.data.regions import join_regions, read_regions
 
 GEOMETRY = {"image_size": [160, 160], "crop_box": [0.0, 0.0, 160.0, 160.0], "grid": [4, 4], "input_size": 64}
 

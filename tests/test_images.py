@@ -1,11 +1,11 @@
-"""medvlm.images.as_rgb8: an in-memory image (PIL of any mode, numpy array) or a path made
+"""medvlm.data.images.as_rgb8: an in-memory image (PIL of any mode, numpy array) or a path made
 8-bit RGB by exactly the rules load_image applies to a file (the backends' one converter)."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from medvlm.images import as_rgb8, load_image
+from medvlm.data.images import as_rgb8, load_image
 
 
 def _gray16() -> np.ndarray:

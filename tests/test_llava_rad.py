@@ -18,8 +18,8 @@ from torch._dynamo.utils import counters
 import llava_rad_medical_only as lr
 from archive.reference_llava_rad import eager_attention, llava_rad_reference_score, reference_query_positions
 from llava_rad_medical_only import LLaVARadLoadError, LLaVARadMedical, MedicalAttentionConfig
-from medvlm.geometry import shortest_side_center_crop_geometry
-from medvlm.tiny_llava_rad import write_tiny_llava_rad
+from medvlm.core.geometry import shortest_side_center_crop_geometry
+from medvlm.core.tiny_llava_rad import write_tiny_llava_rad
 
 QUESTIONS = [
     "Is there a pleural effusion?",
@@ -381,7 +381,7 @@ def test_geometry_maps_cells_to_what_the_model_saw(backend):
 def test_sixteen_bit_image_is_refused_by_the_bare_transform(backend):
     """preprocess_image (open_clip's transform) would clip a 16-bit image: it refuses, naming the
     converter; the backend's preprocess converts first (tests/test_backend_inputs.py)."""
-    with pytest.raises(ValueError, match="not 8-bit: make it 8-bit RGB first with medvlm.images.as_rgb8"):
+    with pytest.raises(ValueError, match="not 8-bit: make it 8-bit RGB first with medvlm.data.images.as_rgb8"):
         lr.preprocess_image(Image.fromarray(np.zeros((20, 30), dtype=np.uint16)), 518, lr.CLIP_MEAN, lr.CLIP_STD)
 
 
@@ -458,7 +458,7 @@ def test_tiny_is_the_tiny_checkpoint_loaded_and_its_folder_removed(tiny, backend
     """LLaVARadMedical.tiny(), as MedGemmaMedical.tiny(): the checkpoint write_tiny_llava_rad
     writes, loaded by load_model from a temporary folder that is gone afterwards; the manifest
     says random weights and names no folder."""
-    import medvlm.tiny_llava_rad as tiny_module
+    import medvlm.core.tiny_llava_rad as tiny_module
 
     folders, write = [], tiny_module.write_tiny_llava_rad
 
@@ -562,7 +562,7 @@ def test_compiled_regions_equal_the_eager_reference(tiny, rgb_image):
 def test_the_cached_tiny_checkpoint_is_written_once_and_equals_a_fresh_one(tmp_path):
     """--tiny_random_models / --demo take the tiny checkpoint from the tool's cache: the same
     files a fresh write_tiny_llava_rad makes, written once, found again by the next call."""
-    from medvlm.tiny_llava_rad import cache_root, cached_tiny_llava_rad, write_tiny_llava_rad
+    from medvlm.core.tiny_llava_rad import cache_root, cached_tiny_llava_rad, write_tiny_llava_rad
 
     first = cached_tiny_llava_rad()
     marker = Path(first[0]).parent / "COMPLETE"

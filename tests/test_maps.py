@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from medvlm.maps import MapReader, MapUnavailable, check_kind
-from medvlm.store import GENERIC_FINDING, ResultsStore, map_key
+from medvlm.core.maps import MapReader, MapUnavailable, check_kind
+from medvlm.core.store import GENERIC_FINDING, ResultsStore, map_key
 
 
 def _rec(study, finding, v):

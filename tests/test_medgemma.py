@@ -12,8 +12,8 @@ from torch._dynamo.utils import counters
 
 from archive.reference import medgemma_reference
 from medgemma_enhanced import FactError, MedGemmaMedical, check_medgemma_facts
-from medvlm.config import MedicalAttentionConfig
-from medvlm.tiny_medgemma import tiny_medgemma
+from medvlm.core.config import MedicalAttentionConfig
+from medvlm.core.tiny_medgemma import tiny_medgemma
 
 QUESTIONS = [
     "Is there a pleural effusion?",

@@ -1,4 +1,4 @@
-"""Tests of medvlm.metrics against hand-computed cases."""
+"""Tests of medvlm.analysis.metrics against hand-computed cases."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import mannwhitneyu, spearmanr
 
-from medvlm import metrics as mt
+from medvlm.analysis import metrics as mt
 
 NAN = np.nan
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from medvlm.backend import QuestionScore, VLMBackend
-from medvlm.geometry import square_resize_geometry
-from medvlm.pipeline import RunConfig, run_model
-from medvlm.store import ResultsStore, read_results
+from medvlm.core.backend import QuestionScore, VLMBackend
+from medvlm.core.geometry import square_resize_geometry
+from medvlm.core.pipeline import RunConfig, run_model
+from medvlm.core.store import ResultsStore, read_results
 
 
 class FakeBackend(VLMBackend):

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 import medgemma_enhanced as mg
-from medvlm.backend import VLMBackend
-from medvlm.config import MedicalAttentionConfig
-from medvlm.demo_data import pydicom_data_file
-from medvlm.images import load_image
-from medvlm.tiny_medgemma import tiny_medgemma
+from medvlm.core.backend import VLMBackend
+from medvlm.core.config import MedicalAttentionConfig
+from medvlm.core.tiny_medgemma import tiny_medgemma
+from medvlm.data.demo_data import pydicom_data_file
+from medvlm.data.images import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAPHRASES = ["Is there a pleural effusion?", "Does this chest X-ray show a pleural effusion?",

@@ -1,4 +1,4 @@
-"""Tests for medvlm.questions: the question bank and the builder, run on every real label file
+"""Tests for medvlm.data.questions: the question bank and the builder, run on every real label file
 torchxrayvision's wheel ships (NIH Data_Entry + BBox_List, the Google 2019 NIH expert labels,
 CheXpert, VinDr-CXR), with every count checked against a direct pandas count of the same file.
 
@@ -17,9 +17,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from medvlm.data import load_dataset
-from medvlm.findings import load_finding_map, torchxrayvision_data_file
-from medvlm.questions import build_questions, load_question_bank, main, read_label_file, wordings
+from medvlm.data.data import load_dataset
+from medvlm.data.findings import load_finding_map, torchxrayvision_data_file
+from medvlm.data.questions import build_questions, load_question_bank, main, read_label_file, wordings
 
 ROOT = Path(__file__).resolve().parents[1]
 NIH_DIR = ROOT / "data" / "nih-cxr14"

@@ -1,4 +1,4 @@
-"""Tests of medvlm.regions: each format on the real file torchxrayvision's wheel ships (row and box
+"""Tests of medvlm.data.regions: each format on the real file torchxrayvision's wheel ships (row and box
 counts, one box checked by hand against the raw line), hand-made files for the rest, and the join
 with everything that does not join counted."""
 
@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from medvlm import regions as rg
+from medvlm.data import regions as rg
 
 SHARED_NIH = Path(__file__).resolve().parents[1] / "data" / "nih-cxr14"  # the repo's copy of shared/data
 

@@ -18,11 +18,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medvlm import reporting
-from medvlm.analysis import BETWEEN_METRICS, METRICS, SUMMARY_COLUMNS
-from medvlm.geometry import shortest_side_center_crop_geometry, square_resize_geometry
-from medvlm.pipeline import RunConfig
-from medvlm.report_md import (
+from medvlm.analysis.analysis import BETWEEN_METRICS, METRICS, SUMMARY_COLUMNS
+from medvlm.core.geometry import shortest_side_center_crop_geometry, square_resize_geometry
+from medvlm.core.pipeline import RunConfig
+from medvlm.core.runner import Manifest
+from medvlm.core.store import ResultsStore, _safe_name, map_key
+from medvlm.report import reporting
+from medvlm.report.report_md import (
     COLUMNS,
     GLOSSARY,
     METRIC_TERMS,
@@ -30,8 +32,6 @@ from medvlm.report_md import (
     render_report,
     summary_table,
 )
-from medvlm.runner import Manifest
-from medvlm.store import ResultsStore, _safe_name, map_key
 
 ROOT = Path(__file__).resolve().parents[1]
 FINDINGS = ("cardiomegaly", "effusion")
@@ -254,11 +254,11 @@ def test_readme_glossary_is_the_reports():
     headings = re.findall(r"^## .*$", readme, flags=re.M)
     assert "## Glossary" in headings and headings[headings.index("## Glossary") - 1] == "## Outputs"
     section = readme.split("\n## Glossary\n", 1)[1].split("\n## ", 1)[0].strip()
-    assert section == glossary_markdown().strip(), "README's Glossary differs from medvlm.report_md: regenerate it"
+    assert section == glossary_markdown().strip(), "README's Glossary differs from report_md's: regenerate it"
 
 
 def test_readme_glossary_check_sees_a_changed_definition(monkeypatch):
-    import medvlm.report_md as rm
+    import medvlm.report.report_md as rm
 
     changed = tuple(t if t.key != "auroc" else rm.Term(t.key, t.term, "Something else.", t.source, t.better)
                     for t in rm.GLOSSARY)  # fmt: skip

@@ -153,7 +153,7 @@ def test_control_prompts_are_scored_once_per_run(tmp_path):
 def test_versions_are_read_without_importing_the_packages():
     """The manifest's package versions come from the installed metadata: recording peft's does not
     import it (it pulls in bitsandbytes, seconds of every run)."""
-    code = ("import sys, json; from medvlm.runner import _versions; v = _versions(); "
+    code = ("import sys, json; from medvlm.core.runner import _versions; v = _versions(); "
             "print(json.dumps({'peft_imported': 'peft' in sys.modules, 'v': v}))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from medvlm.queries import char_span_tokens, suffix_query_positions
-from medvlm.scoring import AnswerTokens, parse_free_text, resolve_answer_tokens, yes_probability
-from medvlm.tiny_medgemma import tiny_gemma_tokenizer
+from medvlm.core.queries import char_span_tokens, suffix_query_positions
+from medvlm.core.scoring import AnswerTokens, parse_free_text, resolve_answer_tokens, yes_probability
+from medvlm.core.tiny_medgemma import tiny_gemma_tokenizer
 
 
 def test_p_yes_is_the_yes_mass_over_yes_plus_no():
@@ -70,9 +70,9 @@ def test_query_positions():
 
 
 def test_finding_mode_finds_a_lay_synonym():
-    """--query_mode finding reads the finding's term or a listed synonym (medvlm.findings), so a
+    """--query_mode finding reads the finding's term or a listed synonym (medvlm.data.findings), so a
     lay paraphrase from the question bank still has its finding tokens."""
-    from medvlm.queries import query_char_span
+    from medvlm.core.queries import query_char_span
 
     q = "Is there fluid around the lung?"
     start, end = query_char_span("finding", q, 0, q, "pleural_effusion")

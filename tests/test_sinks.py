@@ -1,6 +1,6 @@
 """Attention sinks: the image-token norms captured in the packed pass against the eager
 full-prompt reference's output_hidden_states (float32, tiny models of both architectures),
-and medvlm.sinks' definitions on hand-made maps and norms whose answers are known."""
+and medvlm.analysis.sinks' definitions on hand-made maps and norms whose answers are known."""
 
 import json
 
@@ -14,10 +14,10 @@ from archive.reference import _inputs, eager_text_attention
 from archive.reference_llava_rad import eager_attention, official_input_ids, reference_pixels, reference_vision_features
 from llava_rad_medical_only import LLaVARadMedical
 from medgemma_enhanced import MedGemmaMedical
-from medvlm import sinks
-from medvlm.config import GENERIC_PROMPT, MedicalAttentionConfig
-from medvlm.maps import MapReader
-from medvlm.store import ResultsStore, map_key
+from medvlm.analysis import sinks
+from medvlm.core.config import GENERIC_PROMPT, MedicalAttentionConfig
+from medvlm.core.maps import MapReader
+from medvlm.core.store import ResultsStore, map_key
 
 QUESTIONS = ["Is there a pleural effusion?", "Is the heart enlarged?", "Is there a pneumothorax in this chest X-ray?"]
 REL_TOL = 1e-5  # float32: the norms are O(10), compared relative to the largest

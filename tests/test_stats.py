@@ -1,4 +1,4 @@
-"""Tests of medvlm.stats: the cluster bootstrap against a brute-force loop, against
+"""Tests of medvlm.analysis.stats: the cluster bootstrap against a brute-force loop, against
 scipy.stats.bootstrap fed cluster indices, a coverage simulation, pairing, and warnings."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import pytest
 from scipy import stats as sps
 from scipy.special import expit, ndtr, ndtri
 
-from medvlm import metrics as mt
-from medvlm import stats as st
+from medvlm.analysis import metrics as mt
+from medvlm.analysis import stats as st
 
 
 def _clustered(

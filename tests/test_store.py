@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from medvlm.store import ResultsStore, load_map, map_key, read_results
+from medvlm.core.store import ResultsStore, load_map, map_key, read_results
 
 
 def _rec(model, study, finding, v, status="ok"):

@@ -8,8 +8,8 @@ import torch
 
 import run_medical_vlm_analysis as cli
 from medgemma_enhanced import MedGemmaMedical, check_medgemma_facts
-from medvlm.config import MedicalAttentionConfig
-from medvlm.tiny_medgemma import DEMO_SHAPES, TINY_SHAPES, tiny_medgemma
+from medvlm.core.config import MedicalAttentionConfig
+from medvlm.core.tiny_medgemma import DEMO_SHAPES, TINY_SHAPES, tiny_medgemma
 
 
 @pytest.fixture(scope="module")

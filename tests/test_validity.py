@@ -4,9 +4,9 @@ import dataclasses
 
 import pandas as pd
 
-from medvlm.config import RunConfig
-from medvlm.maps import MapReader
-from medvlm.validity import run_validity
+from medvlm.analysis.validity import run_validity
+from medvlm.core.config import RunConfig
+from medvlm.core.maps import MapReader
 from tests.test_grounding_run import build
 
 
@@ -32,8 +32,8 @@ def test_run_validity_from_stored_results(tmp_path):
 def test_validity_figures_draw_with_the_banner(tmp_path):
     import numpy as np
 
-    from medvlm.figure_canvas import BANNER_GID
-    from medvlm.validity_figures import grounding_forest, reliance_scatter
+    from medvlm.report.figure_canvas import BANNER_GID
+    from medvlm.report.validity_figures import grounding_forest, reliance_scatter
 
     records, boxes = build(tmp_path / "out", 8)
     records["p_yes"], records["answer"], records["correct"] = np.linspace(0.1, 0.9, 8), "yes", True

@@ -1,0 +1,1 @@
+"""medvlm.analysis: numbers: metrics, cluster-bootstrap statistics, controls, grounding, faithfulness."""

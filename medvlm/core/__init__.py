@@ -1,0 +1,2 @@
+"""medvlm.core: models and passes: the backends' contract, packed scoring, attention capture,
+gradient maps, the results store, the run's wiring."""

@@ -1,0 +1,1 @@
+"""medvlm.data: inputs: question CSVs, images, public label files, expert regions."""

@@ -1,0 +1,1 @@
+"""medvlm.report: outputs: tables, figures and report.md."""
