@@ -333,3 +333,39 @@ class Shifted(Wrapped):
         if kw.get("do_normalize", True):
             out["pixel_values"] = out["pixel_values"] + 1e-6
         return out
+
+
+def test_prompt_check_against_the_processor(tiny_parts, rgb_image, monkeypatch):
+    """Once per question: our ids are checked against the processor's own chat tokenisation,
+    on a small stand-in image that is never resized (the study's image is not preprocessed for
+    it); ids that differ are refused."""
+    from medgemma_enhanced import FactError
+
+    model, processor = tiny_parts
+    backend = MedGemmaMedical(model, processor, MedicalAttentionConfig())
+    big = rgb_image.resize((640, 480))
+    seen = []
+    real = type(processor.image_processor).__call__
+
+    def sizes(images):
+        if isinstance(images, (list, tuple)):
+            return [s for im in images for s in sizes(im)]
+        return [images.size if hasattr(images, "size") and not callable(images.size) else tuple(images.shape[-2:])]
+
+    def recorded(self, images, *args, **kwargs):
+        out = real(self, images, *args, **kwargs)
+        seen.append(sizes(images) + [tuple(out["pixel_values"].shape[-2:])])  # the inputs, then the output
+        return out
+
+    monkeypatch.setattr(type(processor.image_processor), "__call__", recorded)
+    question = "Is the left hemidiaphragm raised?"
+    entry = backend._prompt(question)
+    seen.clear()
+    backend._check_against_processor(entry, question)
+    assert entry["checked"] and seen and all(size == [(8, 8), (8, 8)] for size in seen), "resized or not the stand-in"
+    backend.prepare([(big, [question], None)])  # already checked: the processor sees only the pass's pixels
+    assert all((8, 8) not in sizes for sizes in seen[1:]), seen
+    wrong = {**backend._prompt("Is there a pneumothorax?"), "checked": False}
+    wrong["ids"] = [*wrong["ids"][:-1], wrong["ids"][-1] + 1]
+    with pytest.raises(FactError, match="differ from the processor's own tokenisation"):
+        backend._check_against_processor(wrong, "Is there a pneumothorax?")

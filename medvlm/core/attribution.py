@@ -259,9 +259,9 @@ class _MedGemmaPieces(_Pieces):
         start, end = e["span"]
         return tuple(e["prefix"][:start]), tuple(e["prefix"][end:]), tuple(e["suffix"])
 
-    def check(self, question: str, image) -> None:
+    def check(self, question: str) -> None:
         """The backend's own once-per-question check of our ids against the processor's."""
-        self.backend._check_against_processor(self.backend._prompt(question), question, image)
+        self.backend._check_against_processor(self.backend._prompt(question), question)
 
     def image_embeddings(self, images):
         from medgemma_enhanced import normalize_pixels, siglip_fast_path
@@ -613,9 +613,9 @@ def attribution_maps(
         if len(answers) != len(questions) or set(answers) - {"yes", "no"}:
             raise ValueError(f"answers must be {len(questions)} values 'yes' / 'no', one per question")
     prompts = []
-    for k, q in questions:
+    for _, q in questions:
         if isinstance(pc, _MedGemmaPieces):
-            pc.check(q, items[k][0])
+            pc.check(q)
         prompts.append(pc.prompt(q))
     before, after = prompts[0][0], prompts[0][1]
     for (_, q), p in zip(questions, prompts, strict=True):
