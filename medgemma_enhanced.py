@@ -551,9 +551,11 @@ class MedGemmaMedical(VLMBackend):
     def _check_kwargs(self) -> dict:
         """The stand-in image's preprocessing turned off, as this transformers takes it (a
         processor_kwargs dict where apply_chat_template has one, else its own keywords)."""
-        off = {"do_resize": False, "do_rescale": False, "do_normalize": False}
-        params = inspect.signature(self.processor.apply_chat_template).parameters
-        return {"processor_kwargs": off} if "processor_kwargs" in params else off
+        if "_check_kwargs_cached" not in vars(self):
+            off = {"do_resize": False, "do_rescale": False, "do_normalize": False}
+            params = inspect.signature(self.processor.apply_chat_template).parameters
+            self._check_kwargs_cached = {"processor_kwargs": off} if "processor_kwargs" in params else off
+        return self._check_kwargs_cached
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """[3, S, S]: the processor's own preprocessing of one image (made 8-bit RGB first by
