@@ -208,6 +208,8 @@ def test_summary_table_names_the_cluster_unit_and_shows_intervals_only_with_enou
     assert "* exact one-sided bound" in some and some.count("fewer than 25") == 1
     many = "\n".join(summary_table(_summary(30, ("bca", "bca")), "studies"))
     assert "fewer than 25" not in many and "*" not in many
+    one = "\n".join(summary_table(_summary(1), "studies"))
+    assert one.count("no interval (1 study)") == 2 and "Only 1 study (fewer than 25)" in one
 
 
 def test_report_states_negated_rows_and_keeps_one_few_cluster_note(tmp_path):

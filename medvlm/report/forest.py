@@ -57,9 +57,15 @@ def method_name(method) -> str:
     return CI_METHOD_NAMES.get(str(method), str(method).replace("_", " "))
 
 
+def count_of(n: int, unit: str) -> str:
+    """"1 study", "2 studies", "1 patient": a count with its cluster unit ("studies" or "patients")."""
+    singular = {"studies": "study", "patients": "patient"}.get(unit, unit)
+    return f"{n} {singular if n == 1 else unit}"
+
+
 def _clusters_text(values: np.ndarray, unit: str) -> str:
     lo, hi = int(values.min()), int(values.max())
-    return f"{lo} {unit}" if lo == hi else f"{lo}\u2013{hi} {unit}"
+    return count_of(lo, unit) if lo == hi else f"{lo}\u2013{hi} {unit}"
 
 
 def ci_footnote(table: pd.DataFrame, cluster_unit: str = "clusters") -> str:

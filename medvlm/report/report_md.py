@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medvlm.report.forest import FEW_CLUSTERS, MIN_CLUSTERS_FOR_CI, format_ci, format_estimate, method_name
+from medvlm.report.forest import (
+    FEW_CLUSTERS,
+    MIN_CLUSTERS_FOR_CI,
+    count_of,
+    format_ci,
+    format_estimate,
+    method_name,
+)
 
 RANDOM_NOTE = "RANDOM WEIGHTS: these numbers and maps illustrate the pipeline, not a model."
 
@@ -181,8 +188,8 @@ def few_clusters_note(table: pd.DataFrame, unit: str) -> str | None:
     if n.empty or n.min() >= FEW_CLUSTERS:
         return None
     lo = int(n.min())
-    text = (f"Only {lo} {unit} in some rows (fewer than {FEW_CLUSTERS}): the intervals are unreliable"
-            if lo != int(n.max()) else f"Only {lo} {unit} (fewer than {FEW_CLUSTERS}): the intervals are unreliable")
+    where = " in some rows" if lo != int(n.max()) else ""
+    text = f"Only {count_of(lo, unit)}{where} (fewer than {FEW_CLUSTERS}): the intervals are unreliable"
     if lo < MIN_CLUSTERS_FOR_CI:
         text += f"; rows with fewer than {MIN_CLUSTERS_FOR_CI} {unit} get no interval"
     return text + "."
@@ -191,7 +198,7 @@ def few_clusters_note(table: pd.DataFrame, unit: str) -> str | None:
 def _ci_cell(row: Mapping, unit: str, marks: dict[str, str]) -> str:
     n = row.get("n_clusters")
     if n is not None and np.isfinite(float(n)) and float(n) < MIN_CLUSTERS_FOR_CI:
-        return f"no interval ({int(n)} {unit})"
+        return f"no interval ({count_of(int(n), unit)})"
     ci = format_ci(row.get("ci_low"), row.get("ci_high"))
     if ci is None:
         return "n/a"
