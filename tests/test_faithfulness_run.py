@@ -95,3 +95,11 @@ def test_faithfulness_selection_by_study_and_finding(tmp_path):
     counts = run_faithfulness(backend, "medgemma", out, rows, fcfg, ["attention"],
                               max_studies=(("s0", "effusion"), "s0"))  # fmt: skip
     assert counts["study_ids"] == ["s0"] and counts["units"] == 2
+    # a wider selection later completes the study curved in part, and repeats no unit
+    counts = run_faithfulness(backend, "medgemma", out, rows, fcfg, ["attention"], max_studies=("s1",))
+    assert counts["study_ids"] == ["s1"] and counts["units"] == 1 and counts["skipped_done"] == 1
+    counts = run_faithfulness(backend, "medgemma", out, rows, fcfg, ["attention"], max_studies=None)
+    assert counts["study_ids"] == [] and counts["units"] == 0 and counts["skipped_done"] == 4
+    units = read_units(out)
+    keys = list(zip(units["study_id"], units["finding"], units["variant_id"], units["map"], strict=True))
+    assert len(keys) == len(set(keys)) == 8, "a unit was curved twice or one is missing"

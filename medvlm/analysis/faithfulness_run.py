@@ -62,13 +62,15 @@ def run_faithfulness(backend, model: str, output_dir: Path, rows: pd.DataFrame, 
     the store. max_studies: None (every study), N (the first N studies in the results' order,
     done ones included: a rerun completes them, never adds N more), or a selection of those
     in the run (the demo's subset), each entry a study id (all its findings) or a (study id,
-    finding) pair (that finding's units only). Returns counts for the manifest, the ids of the
-    studies curved now among them."""
+    finding) pair (that finding's units only). A unit (study, finding, paraphrase) already in
+    the units file is never curved again, so a rerun of a wider selection completes what a
+    narrower one left. Returns counts for the manifest: the ids of the studies curved now,
+    the units curved now and those skipped as done (skipped_done)."""
     from medvlm.analysis.faithfulness import faithfulness_for_studies, merge_curves, parse_variants
     from medvlm.core.preflight import UsageError
 
     path = Path(output_dir) / UNITS_FILE
-    done, mine = set(), (fcfg.steps, fcfg.substrate, fcfg.n_random, fcfg.seed)
+    done, mine = set(), (fcfg.steps, fcfg.substrate, fcfg.n_random, fcfg.seed)  # done: (study, finding, variant)
     if path.exists():
         for line in path.read_text().splitlines():
             if not line.strip():
@@ -78,28 +80,35 @@ def run_faithfulness(backend, model: str, output_dir: Path, rows: pd.DataFrame, 
                 if _settings(r) != mine:
                     raise UsageError(f"{path} holds {model} units made with steps/substrate/n_random/seed "
                                      f"{_settings(r)}, now {mine}: use a new --output_dir or --overwrite")
-                done.add(str(r["study_id"]))
+                done.add(_unit(r["study_id"], r["finding"], r["variant_id"]))
     df = read_results(output_dir)
     ok = df[(df["model"] == model) & (df["status"] == "ok") & df["study_id"].isin(set(rows["study_id"].astype(str)))]
     variants = parse_variants(fcfg.variants)
     if variants is not None:
         ok = ok[ok["variant_id"].isin(variants)]
     chosen = list(dict.fromkeys(ok["study_id"]))
-    only = {}  # study id -> the findings curved (None: all of them)
     if isinstance(max_studies, int):
         chosen = chosen[:max_studies]
     elif max_studies is not None:
-        only = _selection(max_studies)
+        only = _selection(max_studies)  # study id -> the findings curved (None: all of them)
         chosen = [s for s in chosen if s in only]
-    studies = [s for s in chosen if s not in done]
+        wanted = [only.get(s, ()) is None or str(f) in only.get(s, ()) for s, f in zip(ok["study_id"], ok["finding"],
+                                                                                      strict=True)]  # fmt: skip
+        ok = ok.loc[np.array(wanted, dtype=bool)]
+    ok = ok[ok["study_id"].isin(chosen)]
+    # units already curved (by an earlier run, perhaps of another selection) are not curved again
+    pending = [_unit(s, f, v) not in done for s, f, v in zip(ok["study_id"], ok["finding"], ok["variant_id"],
+                                                              strict=True)]  # fmt: skip
+    todo = ok.loc[np.array(pending, dtype=bool)]
+    left = set(todo["study_id"])
+    studies = [s for s in chosen if s in left]
     reader = MapReader(output_dir)
-    counts = {"studies": len(studies), "skipped_done": len(done), "units": 0, "rows": 0, "study_ids": studies}
+    counts = {"studies": len(studies), "skipped_done": int(len(ok) - len(todo)), "units": 0, "rows": 0,
+              "study_ids": studies}  # fmt: skip
     for i in range(0, len(studies), batch):
         chunk = []
         for study in studies[i : i + batch]:
-            srows = ok[ok["study_id"] == study]
-            if only.get(study) is not None:
-                srows = srows[srows["finding"].astype(str).isin(only[study])]
+            srows = todo[todo["study_id"] == study]
             maps = {}
             for kind in kinds:
                 entries = []
@@ -124,6 +133,10 @@ def run_faithfulness(backend, model: str, output_dir: Path, rows: pd.DataFrame, 
         counts["rows"] += len(merged)
         counts["units"] += len({(r["study_id"], r["finding"], r["variant_id"]) for r in merged})
     return counts
+
+
+def _unit(study, finding, variant) -> tuple[str, str, int]:
+    return str(study), str(finding), int(variant)
 
 
 def _selection(entries) -> dict:
