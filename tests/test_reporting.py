@@ -40,7 +40,7 @@ GEOMETRY = {"llava_rad": lambda w, h: shortest_side_center_crop_geometry(w, h, 5
             "medgemma": lambda w, h: square_resize_geometry(w, h, 896, (16, 16))}  # fmt: skip
 
 
-def _write_store(out: Path, images: Path, seed: int = 0) -> None:
+def _write_store(out: Path, images: Path, seed: int = 0, skip: tuple = ()) -> None:
     rng = np.random.default_rng(seed)
     images.mkdir(parents=True, exist_ok=True)
     store = ResultsStore(out)
@@ -59,6 +59,8 @@ def _write_store(out: Path, images: Path, seed: int = 0) -> None:
             for f in FINDINGS:
                 gt = "yes" if (study, f) in (("s1", "effusion"), ("s3", "cardiomegaly")) else "no"
                 for v in range(6):
+                    if (study, f, v) in skip:
+                        continue
                     p = float(rng.random())
                     answer = "yes" if p >= 0.5 else "no"
                     records.append({"model": model, "study_id": study, "finding": f, "variant_id": v,
@@ -142,6 +144,20 @@ def test_figures_drawn_in_worker_processes_are_the_same(tmp_path, monkeypatch):
     for n in names:
         with Image.open(one / "figures" / n) as a, Image.open(two / "figures" / n) as b:
             assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB"))), n
+
+
+def test_figures_of_a_finding_asked_without_its_original_wording(tmp_path, monkeypatch):
+    """A CSV row of variant 0 that was bad (blank answer_gt) leaves the group without it: its
+    figures are the paraphrase grids, the analysis does not fail."""
+    monkeypatch.setenv("MEDVLM_FIGURE_WORKERS", "1")
+    out = tmp_path / "out"
+    _write_store(out, tmp_path / "images", skip=(("s1", "effusion", 0),))
+    config = RunConfig(output_dir=out, analyze_only=True, n_boot=200, cluster_by="subject_id",
+                       figure_studies=("s1",), figure_findings=("effusion",))  # fmt: skip
+    assert reporting.analyze(config, _manifest(out)) == 0
+    names = {p.name for p in (out / "figures").glob("*.png")}
+    assert f"{_safe_name('s1')}__effusion__medgemma_paraphrases.png" in names
+    assert f"{_safe_name('s1')}__effusion__models.png" not in names
 
 
 def test_default_figures_are_the_first_studies_with_all_findings(tmp_path, monkeypatch):

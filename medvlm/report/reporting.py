@@ -377,7 +377,7 @@ def _plan_study_figures(cfg, df, get_map, geo, random_weights, manifest: Mapping
 
                 jobs.append(_Job(out / f"{_safe_name(study)}__{finding}__{model}_paraphrases.png", caption, draw))
             v0 = frows[(frows["variant_id"] == 0) & (frows["status"] == "ok")]
-            v0 = v0[[(m, study) in geo for m in v0["model"]]]
+            v0 = v0[v0["model"].map(lambda m, study=study: (m, study) in geo).astype(bool)]  # a mask: [] picks columns
             if v0["model"].nunique() > 1:
                 answers = ", ".join(f"{r.model} {r.answer} (P(yes) {float(r.p_yes):.2f})" for r in v0.itertuples())
                 caption = (f"Study {study}, finding {finding}, the original wording: each model's attention on one "
