@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +243,16 @@ def test_unreadable_csv(tmp_path, content, fragment):
     with pytest.raises(DatasetError, match=fragment) as exc:
         load_dataset(p)
     assert str(p) in str(exc.value)
+
+
+def test_non_utf8_csv_names_the_line_of_the_first_bad_byte(tmp_path):
+    p = tmp_path / "latin1.csv"
+    p.write_bytes("study_id,image_path,finding,variant_id,question,answer_gt\n"
+                  "s1,a.png,effusion,0,Is there an effusion?,yes\n"
+                  "s1,a.png,effusion,1,Y a-t-il un épanchement?,yes\n".encode("latin-1"))  # fmt: skip
+    expected = rf"^{re.escape(str(p))}:3: cannot read as a UTF-8 CSV file \(byte 0xe9 at column 33\)"
+    with pytest.raises(DatasetError, match=expected):
+        load_dataset(p)
 
 
 def test_missing_csv_and_bad_cluster_by(tmp_path):

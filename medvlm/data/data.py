@@ -314,6 +314,18 @@ def _strict_message(path: Path, bad_rows: Sequence[BadRow], n_rows: int) -> str:
     return "\n".join([head, *(b.format(path) for b in bad_rows)])
 
 
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> str:
+    """The message for a CSV that is not UTF-8, naming the line and column of its first bad
+    byte (the decoder's own position counts from the start of a read chunk, not the file)."""
+    for number, raw in enumerate(path.read_bytes().splitlines(keepends=True), 1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return (f"{path}:{number}: cannot read as a UTF-8 CSV file (byte 0x{raw[e.start]:02x} at column "
+                    f"{e.start + 1}); save it as UTF-8")
+    return f"{path}: cannot read as a UTF-8 CSV file ({error})"
+
+
 def _read_records(path: Path) -> tuple[list[str], int, list[tuple[int, list[str]]], int]:
     """(header, header line, [(line, fields)], blank lines skipped). Lines are 1-based."""
     header: list[str] | None = None
@@ -340,7 +352,7 @@ def _read_records(path: Path) -> tuple[list[str], int, list[tuple[int, list[str]
     except IsADirectoryError as e:
         raise DatasetError(f"{path}: is a directory, not a CSV file", path) from e
     except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: cannot read as a UTF-8 CSV file ({e})", path) from e
+        raise DatasetError(_not_utf8(path, e), path) from e
     except csv.Error as e:
         raise DatasetError(f"{path}: cannot parse as CSV ({e})", path) from e
     except OSError as e:
