@@ -519,6 +519,10 @@ def test_unreadable_images_fail_and_name_the_file(tmp_path):
         with pytest.raises(ImageLoadError, match=bad.name):
             load_image(bad)
     assert check_image(jpg) == "jpeg"
+    folder = tmp_path / "scan.png"
+    folder.mkdir()
+    with pytest.raises(ImageLoadError, match=r"scan\.png: is a directory, not an image file"):
+        check_image(folder)
 
 
 # --------------------------------------------------------------------------- images: DICOM

@@ -64,6 +64,8 @@ def _sniff_kind(path: Path) -> str:
 def _existing_kind(path) -> tuple[Path, str]:
     """(path, sniffed kind) of an existing file; ImageLoadError naming it otherwise."""
     p = Path(path)
+    if p.is_dir():
+        raise ImageLoadError(f"{p}: is a directory, not an image file")
     if not p.is_file():
         raise ImageLoadError(f"{p}: no such file")
     try:
