@@ -73,6 +73,7 @@ def test_overwrite_removes_only_what_the_tool_wrote(tmp_path):
     out = tmp_path / "out"
     (out / "figures").mkdir(parents=True)
     (out / "figures" / "stale.png").write_bytes(b"old")
+    (out / "manifest.json").write_text("{}\n")  # a run of this tool wrote the folder
     (out / "attention").mkdir()
     (out / "results.jsonl").write_text("")
     (out / "summary.csv").write_text("old\n")
@@ -84,6 +85,23 @@ def test_overwrite_removes_only_what_the_tool_wrote(tmp_path):
     assert (out / "my_results_backup" / "results.jsonl").read_text() == "keep me too\n"
     assert not (out / "figures" / "stale.png").exists()
     assert len(pd.read_json(out / "results.jsonl", lines=True)) == 12
+
+
+@pytest.mark.parametrize("extra", [(), ("--overwrite",)])
+def test_files_with_the_tools_names_but_no_run_of_it_are_the_users(tmp_path, capsys, no_loading, extra):
+    """A folder of the user's own summary.csv and report.md (no manifest.json, no settings.json):
+    neither written over nor, with --overwrite, removed."""
+    csv = make_project(tmp_path / "proj")
+    out = tmp_path / "paper"
+    (out / "figures").mkdir(parents=True)
+    (out / "figures" / "fig1.png").write_bytes(b"mine")
+    (out / "summary.csv").write_text("my,table\n")
+    (out / "report.md").write_text("# my report\n")
+    before = snapshot(out)
+    assert cli.main(tiny_args(csv, out, *extra)) == 2
+    line = one_error_line(capsys)
+    assert f"--output_dir {out} holds figures/, report.md, summary.csv" in line and "your own files" in line
+    assert snapshot(out) == before and not no_loading
 
 
 def test_overwrite_refuses_a_folder_that_holds_the_csv(tmp_path, capsys, no_loading):

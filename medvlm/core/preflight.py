@@ -10,7 +10,8 @@
   whose stored rows were made with other settings is refused with every difference named.
 - :data:`TOOL_OUTPUTS` / :func:`overwrite_targets`: exactly what ``--overwrite`` removes (what
   this tool writes), never anything else; :func:`check_overwrite_safe` refuses an output
-  folder that holds the input CSV or an image the CSV names.
+  folder that holds the input CSV or an image the CSV names; :func:`check_outputs_are_the_tools`
+  refuses a folder whose files of those names no run of this tool left (the user's own).
 """
 
 from __future__ import annotations
@@ -74,6 +75,25 @@ def overwrite_targets(output_dir: Path) -> list[Path]:
         elif any(fnmatch.fnmatchcase(entry.name, pat) for pat in TOOL_FILES):
             hits.append(entry)
     return sorted(hits)
+
+
+#: what only a run of this tool leaves in --output_dir (settings.json is written before the first
+#: results row; the demo writes its labels before loading a model)
+TOOL_MARKERS = ("manifest.json", "manifest.shard-*.json", "settings.json", "demo_data/demo_labels.json")
+
+
+def check_outputs_are_the_tools(output_dir: Path) -> None:
+    """Refuse a folder that holds entries with the names this tool writes (summary.csv, report.md,
+    figures/ ...) but none of its run records (TOOL_MARKERS): they are the user's own, and a run
+    would write over them, or --overwrite remove them."""
+    out = Path(output_dir)
+    targets = overwrite_targets(out)
+    if not targets or any(any(out.glob(m)) for m in TOOL_MARKERS):
+        return
+    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in targets[:4])
+    more = f" and {len(targets) - 4} more" if len(targets) > 4 else ""
+    raise UsageError(f"--output_dir {out} holds {names}{more}, names this tool writes, but no manifest.json or "
+                     f"settings.json of a run of it: they look like your own files; choose another --output_dir")
 
 
 def remove_tool_outputs(output_dir: Path) -> list[Path]:

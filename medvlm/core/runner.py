@@ -24,6 +24,7 @@ from medvlm.core.preflight import (
     UsageError,
     check_layers,
     check_output_dir,
+    check_outputs_are_the_tools,
     check_overwrite_safe,
     remove_tool_outputs,
 )
@@ -155,6 +156,7 @@ def _preflight(cfg: RunConfig, loaders) -> _Plan:
     """Every check that can run before a model loads; nothing is written unless all pass
     (then --overwrite removes the tool's earlier outputs, and the folder is made)."""
     out = cfg.output_dir
+    check_outputs_are_the_tools(out)
     check_layers(cfg)
     try:
         check_colormap(cfg.attention.colormap)
