@@ -387,6 +387,7 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)  # argparse prints its own one-line errors and exits 2
     from medvlm.core.preflight import UsageError
     from medvlm.core.runner import run
+    from medvlm.core.store import ResultsFileError
     from medvlm.data.data import DatasetError
     from medvlm.data.images import ImageLoadError
 
@@ -399,7 +400,7 @@ def main(argv=None) -> int:
             if torch.cuda.is_available():
                 torch.cuda.set_device(cfg.local_rank)
         return run(cfg, {name: get_backend_loader(name) for name in cfg.models})
-    except (UsageError, DatasetError, ImageLoadError) as e:
+    except (UsageError, DatasetError, ImageLoadError, ResultsFileError) as e:
         if cfg.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

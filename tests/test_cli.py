@@ -208,6 +208,21 @@ def test_changed_settings_are_refused_and_harmless_ones_allowed(tmp_path, capsys
     assert set(manifest["timings_s"]) >= {"load", "score"}
 
 
+@pytest.mark.parametrize("extra", [(), ("--analyze_only",)])
+def test_a_broken_results_line_is_one_line_naming_it(tmp_path, capsys, extra):
+    csv = make_project(tmp_path / "proj", n_studies=1)
+    out = tmp_path / "out"
+    assert cli.main(tiny_args(csv, out)) == 0
+    lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    lines[2] = "{edited by hand\n"
+    (out / "results.jsonl").write_text("".join(lines))
+    capsys.readouterr()
+    args = ["--output_dir", str(out), "--analyze_only", "--n_boot", "50"] if extra else tiny_args(csv, out)
+    assert cli.main(args) == 2
+    assert f"{out / 'results.jsonl'}:3: not a JSON record" in one_error_line(capsys)
+    assert not (out / "analysis_error.log").exists()
+
+
 def test_settings_of_a_folder_made_before_settings_json(tmp_path, capsys):
     """A folder scored by an earlier version (no settings.json): its manifest's settings count."""
     csv = make_project(tmp_path / "proj", n_studies=1)

@@ -28,7 +28,7 @@ from medvlm.core.preflight import (
     check_overwrite_safe,
     remove_tool_outputs,
 )
-from medvlm.core.store import RESULTS_GLOB, ResultsStore, read_results
+from medvlm.core.store import RESULTS_GLOB, ResultsFileError, ResultsStore, read_results
 from medvlm.data.data import DatasetError, load_dataset, select_studies
 from medvlm.report.figures import check_colormap
 from medvlm.report.reporting import RANDOM_NOTE, analyze
@@ -121,6 +121,8 @@ def run(cfg: RunConfig, loaders: dict[str, Callable]) -> int:
         manifest.update(shard_counts=shards)
     try:
         code = analyze(cfg, manifest)
+    except ResultsFileError:
+        raise  # the user's to fix: one line (the CLI), not an analysis failure
     except Exception as e:  # noqa: BLE001 - the scored results stay; the user is told how to go on
         if cfg.debug:
             raise

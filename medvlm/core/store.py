@@ -63,6 +63,10 @@ def _key_kind(key: str) -> str:
     return parts[2] if len(parts) == 3 and parts[2] in MAP_KINDS else "attention"
 
 
+class ResultsFileError(ValueError):
+    """A results*.jsonl line that is not a record (named by file and line): the CLI's one line, exit 2."""
+
+
 class ResultsStore:
     """Append-only store for one output folder.
 
@@ -158,7 +162,7 @@ def _json_default(o):
 def read_results(output_dir: str | os.PathLike) -> pd.DataFrame:
     """Every results*.jsonl in the folder merged, the latest record per key kept.
 
-    A malformed line other than an unterminated last line raises ValueError naming the
+    A malformed line other than an unterminated last line raises ResultsFileError naming the
     file and line; an unterminated last line (a killed writer) is skipped.
     """
     rows = []
@@ -173,7 +177,8 @@ def read_results(output_dir: str | os.PathLike) -> pd.DataFrame:
             except json.JSONDecodeError as e:
                 if i == len(lines) and not data.endswith("\n"):
                     continue  # partial last line of a killed writer
-                raise ValueError(f"{path}:{i}: not a JSON record ({e.msg})") from e
+                raise ResultsFileError(f"{path}:{i}: not a JSON record ({e.msg}); fix or delete that line (a rerun "
+                                       f"scores a deleted row again)") from e
             rec["_source"] = path.name
             rec["_order"] = len(rows)
             rows.append(rec)
