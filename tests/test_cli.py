@@ -308,6 +308,20 @@ def test_file_mistakes_are_one_line_and_exit_2(tmp_path, capsys, no_loading):
     assert not no_loading
 
 
+def test_region_files_that_cannot_be_used_are_refused_before_loading(tmp_path, capsys, no_loading):
+    """--regions is read with the other checks, not after scoring ('the analysis failed', exit 1)."""
+    csv = make_project(tmp_path / "proj", n_studies=1)
+    (tmp_path / "foo.csv").write_text("foo,bar\n1,2\n")
+    (tmp_path / "cut.json").write_text('{"a": ')
+    cases = [(tmp_path / "missing.csv", "region file not found"), (tmp_path / "foo.csv", "not a known region format"),
+             (tmp_path / "cut.json", "not valid JSON")]  # fmt: skip
+    for regions, expected in cases:
+        assert cli.main(tiny_args(csv, tmp_path / "o", "--regions", str(regions))) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.startswith(f"error: --regions: {regions}: {expected}"), err
+    assert not no_loading and not (tmp_path / "o").exists()
+
+
 def test_weights_that_need_a_download_say_so(tmp_path):
     csv = make_project(tmp_path / "proj", n_studies=1)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}

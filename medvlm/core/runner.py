@@ -98,6 +98,7 @@ def run(cfg: RunConfig, loaders: dict[str, Callable]) -> int:
     if cfg.analyze_only:
         if not any(out.glob(RESULTS_GLOB)):
             raise UsageError(f"--analyze_only: no results*.jsonl in {out} (score first, or check --output_dir)")
+        check_regions(cfg)
         plan = _Plan()
     else:
         plan = _preflight(cfg, loaders)
@@ -154,12 +155,28 @@ def _validation_report(ds, refused: bool = False) -> list[str]:
     return lines
 
 
+def check_regions(cfg: RunConfig) -> None:
+    """Every --regions file (and --finding_map) read before anything is written or a model loads:
+    one that cannot be used (missing, unknown format, not JSON) is a UsageError naming it. Its bad
+    lines are the analysis's to count and list (manifest: regions.error_lines)."""
+    if not cfg.regions:
+        return
+    from medvlm.data.regions import read_regions
+
+    for path in cfg.regions:
+        try:
+            read_regions(path, cfg.finding_map)
+        except ValueError as e:  # RegionError, or a --finding_map that cannot be used
+            raise UsageError(f"--regions: {e}") from None
+
+
 def _preflight(cfg: RunConfig, loaders) -> _Plan:
     """Every check that can run before a model loads; nothing is written unless all pass
     (then --overwrite removes the tool's earlier outputs, and the folder is made)."""
     out = cfg.output_dir
     check_outputs_are_the_tools(out)
     check_layers(cfg)
+    check_regions(cfg)
     try:
         check_colormap(cfg.attention.colormap)
     except ValueError as e:
