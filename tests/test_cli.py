@@ -322,6 +322,15 @@ def test_region_files_that_cannot_be_used_are_refused_before_loading(tmp_path, c
     assert not no_loading and not (tmp_path / "o").exists()
 
 
+def test_bad_region_lines_are_listed_on_stderr(tmp_path, capsys):
+    csv = make_project(tmp_path / "proj", n_studies=1)
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("study_id,finding,x,y,w,h\ns0,effusion,1,2,abc,4\ns0,effusion,1,2,3,4\n")
+    assert cli.main(tiny_args(csv, tmp_path / "o", "--regions", str(boxes))) == 0
+    err = capsys.readouterr().err
+    assert f"1 bad line(s) of {boxes} skipped" in err and f"  {boxes}:2: w 'abc' is not a number" in err
+
+
 def test_weights_that_need_a_download_say_so(tmp_path):
     csv = make_project(tmp_path / "proj", n_studies=1)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}

@@ -165,9 +165,15 @@ def check_regions(cfg: RunConfig) -> None:
 
     for path in cfg.regions:
         try:
-            read_regions(path, cfg.finding_map)
+            regions = read_regions(path, cfg.finding_map)
         except ValueError as e:  # RegionError, or a --finding_map that cannot be used
             raise UsageError(f"--regions: {e}") from None
+        if regions.errors:  # said here, as the CSV's bad rows are, not only counted in the report
+            print(f"{len(regions.errors)} bad line(s) of {path} skipped (see manifest.json, regions):", file=sys.stderr)
+            for line in regions.errors[:20]:
+                print(f"  {line}", file=sys.stderr)
+            if len(regions.errors) > 20:
+                print(f"  ... and {len(regions.errors) - 20} more", file=sys.stderr)
 
 
 def _preflight(cfg: RunConfig, loaders) -> _Plan:
