@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image_root", type=Path, help="folder relative image paths start from (default: the CSV's)")
     g.add_argument("--n_studies", type=_count_or_all, help="the first N studies in file order (0 or unset: all)")
     g.add_argument("--sample", type=_positive, help="a random sample of N studies (with --seed)")
-    g.add_argument("--seed", type=int, default=0, help="seed for --sample")
+    g.add_argument("--seed", type=_int_at_least(0, "0 or a positive integer"), default=0, help="seed for --sample")
     g.add_argument("--strict", action="store_true", help="refuse the CSV if any row is bad (else bad rows are "
                                                          "skipped, listed and counted)")  # fmt: skip
     g.add_argument("--demo", action="store_true",
