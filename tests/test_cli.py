@@ -332,6 +332,19 @@ def test_bad_region_lines_are_listed_on_stderr(tmp_path, capsys):
     assert f"1 bad line(s) of {boxes} skipped" in err and f"  {boxes}:2: w 'abc' is not a number" in err
 
 
+def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path, capsys, no_loading, monkeypatch):
+    """As root, os.access passes a folder of a read-only or virtual file system (/proc): mkdir fails."""
+    csv = make_project(tmp_path / "proj", n_studies=1)
+    out = tmp_path / "ro" / "out"
+
+    def refuse(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    assert cli.main(tiny_args(csv, out)) == 2
+    assert f"--output_dir {out}: cannot create it (Permission denied)" in one_error_line(capsys)
+
+
 def test_weights_that_need_a_download_say_so(tmp_path):
     csv = make_project(tmp_path / "proj", n_studies=1)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}

@@ -226,7 +226,10 @@ def _preflight(cfg: RunConfig, loaders) -> _Plan:
             settings.adopt_manifest(json.loads(manifest_path.read_text()), with_rows)
         settings.check_requested(loaders, cfg)
     plan.settings = settings
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only or virtual file system: os.access passes these for root
+        raise UsageError(f"--output_dir {out}: cannot create it ({e.strerror or e})") from None
     return plan
 
 
