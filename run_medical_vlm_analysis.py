@@ -405,6 +405,12 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every row written so far is kept (appended and flushed as scored)
+        if cfg.debug:
+            raise
+        print(f"interrupted: the rows scored so far are kept in {cfg.output_dir}; run the same command again "
+              f"to go on (finished rows are skipped)", file=sys.stderr)  # fmt: skip
+        return 130
 
 
 def exit_now(code: int) -> None:

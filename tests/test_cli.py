@@ -345,6 +345,28 @@ def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path, capsys, no_load
     assert f"--output_dir {out}: cannot create it (Permission denied)" in one_error_line(capsys)
 
 
+def test_ctrl_c_is_one_line_keeps_the_rows_and_the_rerun_goes_on(tmp_path, capsys, monkeypatch):
+    csv = make_project(tmp_path / "proj", n_studies=2)
+    out = tmp_path / "out"
+    assert cli.main(tiny_args(csv, out, "--n_studies", "1")) == 0
+    kept = (out / "results.jsonl").read_text()
+    capsys.readouterr()
+    load = cli.BACKENDS["medgemma"]
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.BACKENDS, "medgemma", interrupted)
+    assert cli.main(tiny_args(csv, out)) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"interrupted: the rows scored so far "
+                                                                               f"are kept in {out}")  # fmt: skip
+    assert (out / "results.jsonl").read_text() == kept
+    monkeypatch.setitem(cli.BACKENDS, "medgemma", load)
+    assert cli.main(tiny_args(csv, out)) == 0
+    assert "6 ok, 0 failed, 6 already done" in capsys.readouterr().err
+
+
 def test_weights_that_need_a_download_say_so(tmp_path):
     csv = make_project(tmp_path / "proj", n_studies=1)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
