@@ -429,3 +429,19 @@ def test_refusals_on_files(tmp_path, capsys):
     assert not (tmp_path / "x.csv").exists()
     assert main(["findings", "--dataset", "vindr"]) == 0
     assert "nodule_mass" in capsys.readouterr().out
+
+
+def test_out_never_replaces_an_input_and_cannot_write_is_one_line(tmp_path, capsys):
+    labels = tmp_path / EXTRACT.name
+    shutil.copy(EXTRACT, labels)
+    before = labels.read_bytes()
+    args = ["build", "--dataset", "nih", "--labels", str(labels), "--findings", "cardiomegaly",
+            "--negatives_per_positive", "all", "--overwrite", "--out"]  # fmt: skip
+    assert main([*args, str(labels)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {labels}: is an input of this build ({labels}); choose another --out\n"
+    assert labels.read_bytes() == before and sorted(tmp_path.iterdir()) == [labels]
+    (tmp_path / "afile").write_text("x")
+    assert main([*args, str(tmp_path / "afile" / "q.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'afile'}: cannot write --out") and err.count("\n") == 1

@@ -457,6 +457,12 @@ def build_questions(
     for f in wanted:
         wordings(f, include_negations)  # every finding must have its questions before anything is drawn
     out_paths = _out_paths(out) if out is not None else None
+    inputs = [table.path, *(Path(table.options[k]) for k in ("metadata", "boxes") if table.options.get(k)),
+              *([Path(finding_map)] if isinstance(finding_map, str | os.PathLike) else [])]  # fmt: skip
+    for written in (out_paths or {}).values():
+        mine = next((i for i in inputs if written.exists() and i.exists() and os.path.samefile(written, i)), None)
+        if mine is not None:  # even with --overwrite: the user's own input is never replaced
+            raise ValueError(f"{written}: is an input of this build ({mine}); choose another --out")
     if out_paths and not overwrite:
         exists = [str(p) for p in out_paths.values() if p.exists()]
         if exists:
@@ -618,6 +624,13 @@ def _sha256(path: Path) -> str:
 
 
 def _write(result: BuildResult, paths: dict[str, Path]) -> None:
+    try:
+        _write_files(result, paths)
+    except OSError as e:  # a parent that is a file, a read-only folder: the user's to fix
+        raise ValueError(f"{e.filename or paths['csv']}: cannot write --out ({e.strerror or e})") from None
+
+
+def _write_files(result: BuildResult, paths: dict[str, Path]) -> None:
     paths["csv"].parent.mkdir(parents=True, exist_ok=True)
     result.rows.to_csv(paths["csv"], index=False)
     written = {"csv": str(paths["csv"])}
