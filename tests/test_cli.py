@@ -249,6 +249,8 @@ def test_settings_of_a_folder_made_before_settings_json(tmp_path, capsys):
         (["--colormap", "hott"], "unknown colormap 'hott'"),
         (["--faithfulness", "--no_faithfulness"], "choose one of --faithfulness and --no_faithfulness"),
         (["--sample", "1", "--seed", "-5"], "argument --seed: expected 0 or a positive integer, got '-5'"),
+        (["--faithfulness", "--faithfulness_variants", "9"],
+         "--faithfulness_variants 9: no selected row has that variant (the selected rows have 0, 1, 2, 3, 4, 5)"),
     ],
 )
 def test_flag_mistakes_are_one_line_and_exit_2(tmp_path, capsys, no_loading, extra, expected):

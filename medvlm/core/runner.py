@@ -213,6 +213,14 @@ def _preflight(cfg: RunConfig, loaders) -> _Plan:
     if sel.warning:
         print(f"warning: {sel.warning}", file=sys.stderr)
     plan.dataset, plan.selection = ds, sel
+    if cfg.faithfulness and cfg.faithfulness_variants.strip() != "all":
+        from medvlm.analysis.faithfulness import parse_variants
+
+        asked = set(parse_variants(cfg.faithfulness_variants))
+        have = set(sel.rows["variant_id"].astype(int))
+        if not asked & have:  # else the curves would be none, and nothing would say so
+            raise UsageError(f"--faithfulness_variants {cfg.faithfulness_variants}: no selected row has that variant "
+                             f"(the selected rows have {', '.join(map(str, sorted(have)))})")
     if cfg.overwrite and not cfg.demo:
         check_overwrite_safe(out, [ds.source, *map(Path, pd.unique(ds.rows["image_abspath"]))])
         removed = remove_tool_outputs(out)
