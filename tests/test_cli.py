@@ -304,11 +304,19 @@ def test_file_mistakes_are_one_line_and_exit_2(tmp_path, capsys, no_loading):
         (tiny_args(tmp_path / "missing.csv", tmp_path / "o"), "CSV file not found"),
         (tiny_args(csv, tmp_path / "o", "--image_root", str(tmp_path / "nope")), "is not a directory"),
         (["--output_dir", str(tmp_path / "empty"), "--analyze_only"], "no results"),
+        (["--output_dir", str(tmp_path / "blank"), "--analyze_only"], "no results"),
+        (["--output_dir", str(tmp_path / "theirs"), "--analyze_only"], "they look like your own files"),
     ]
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "results.jsonl").write_text("\n")
+    (tmp_path / "blank" / "settings.json").write_text("{}\n")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "results.jsonl").write_text('{"a": 1}\n')
+    before = snapshot(tmp_path / "theirs")
     for argv, expected in cases:
         assert cli.main(argv) == 2, argv
         assert expected in one_error_line(capsys)
-    assert not no_loading
+    assert not no_loading and snapshot(tmp_path / "theirs") == before
 
 
 def test_region_files_that_cannot_be_used_are_refused_before_loading(tmp_path, capsys, no_loading):

@@ -96,8 +96,9 @@ def run(cfg: RunConfig, loaders: dict[str, Callable]) -> int:
     check_output_dir(out)
     started = time.perf_counter()
     if cfg.analyze_only:
-        if not any(out.glob(RESULTS_GLOB)):
+        if not any(_has_a_line(p) for p in out.glob(RESULTS_GLOB)):
             raise UsageError(f"--analyze_only: no results*.jsonl in {out} (score first, or check --output_dir)")
+        check_outputs_are_the_tools(out)  # a results.jsonl of someone else's, in a folder of theirs
         check_regions(cfg)
         plan = _Plan()
     else:
@@ -135,6 +136,15 @@ def run(cfg: RunConfig, loaders: dict[str, Callable]) -> int:
     manifest.update(total_seconds=time.perf_counter() - started)
     manifest.write()
     return code
+
+
+def _has_a_line(path: Path) -> bool:
+    """Whether a results file holds anything but blank space (read up to its first other byte)."""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 16):
+            if chunk.strip():
+                return True
+    return False
 
 
 def _wait_for_shards(out: Path, world: int, timeout_s: float = 24 * 3600) -> None:
