@@ -14,7 +14,7 @@ from PIL import Image
 
 import run_medical_vlm_analysis as cli
 from medvlm.core import runner
-from medvlm.core.preflight import TOOL_DIRS, TOOL_FILES, overwrite_targets
+from medvlm.core.preflight import TOOL_DIRS, TOOL_FILES, UsageError, check_outputs_are_the_tools, overwrite_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,6 +102,16 @@ def test_files_with_the_tools_names_but_no_run_of_it_are_the_users(tmp_path, cap
     line = one_error_line(capsys)
     assert f"--output_dir {out} holds figures/, report.md, summary.csv" in line and "your own files" in line
     assert snapshot(out) == before and not no_loading
+
+
+def test_a_run_stopped_before_its_settings_goes_on(tmp_path):
+    """A demo stopped while writing demo_data/ (before settings.json) is the tool's folder still."""
+    (tmp_path / "demo_data").mkdir()
+    (tmp_path / "demo_data" / "q.csv").write_text("half written")
+    check_outputs_are_the_tools(tmp_path)
+    (tmp_path / "demo_data").rename(tmp_path / "figures")
+    with pytest.raises(UsageError, match="holds figures/, names this tool writes"):
+        check_outputs_are_the_tools(tmp_path)
 
 
 def test_overwrite_refuses_a_folder_that_holds_the_csv(tmp_path, capsys, no_loading):
