@@ -431,6 +431,14 @@ def test_refusals_on_files(tmp_path, capsys):
     assert "nodule_mass" in capsys.readouterr().out
 
 
+def test_a_blank_nih_label_is_skipped_not_a_negative(tmp_path):
+    labels = tmp_path / EXTRACT.name
+    labels.write_text(EXTRACT.read_text() + "00000003_000.png,,0,3,50,F,PA,2500,2048,0.14,0.14\n")
+    r = build_questions("nih", labels, ["cardiomegaly"], negatives_per_positive=None)
+    assert "00000003_000" not in set(r.rows["study_id"])
+    assert r.skipped["cardiomegaly: Finding Labels blank (NIH writes No Finding)"] == 1
+
+
 def test_out_never_replaces_an_input_and_cannot_write_is_one_line(tmp_path, capsys):
     labels = tmp_path / EXTRACT.name
     shutil.copy(EXTRACT, labels)

@@ -261,7 +261,9 @@ def read_label_file(dataset: str, labels: str | os.PathLike[str] | pd.DataFrame,
             combos = {c: {normalize(x) for x in c.split("|")} for c in pd.unique(d["Finding Labels"])}
             for f in fmap.dataset_findings("nih"):
                 want = {normalize(x) for x in fmap.dataset_labels(f, "nih")}
-                cols[f] = d["Finding Labels"].map({c: "pos" if s & want else "neg" for c, s in combos.items()})
+                cols[f] = d["Finding Labels"].map({c: "pos" if s & want else "neg" if c.strip() else
+                                                   "Finding Labels blank (NIH writes No Finding)"
+                                                   for c, s in combos.items()})  # fmt: skip
         else:
             for f, names in _label_columns(fmap, dataset, list(d.columns)).items():
                 v = d[names[0]].str.strip().str.upper()
