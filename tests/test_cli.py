@@ -104,6 +104,20 @@ def test_files_with_the_tools_names_but_no_run_of_it_are_the_users(tmp_path, cap
     assert snapshot(out) == before and not no_loading
 
 
+def test_overwrite_keeps_a_users_file_inside_the_tools_folders(tmp_path, capsys, no_loading):
+    csv = make_project(tmp_path / "proj")
+    out = tmp_path / "out"
+    (out / "figures").mkdir(parents=True)
+    (out / "manifest.json").write_text("{}\n")
+    (out / "figures" / "forest_models.png").write_bytes(b"the tool's")
+    (out / "figures" / "my_slide.pdf").write_bytes(b"mine")
+    before = snapshot(out)
+    assert cli.main(tiny_args(csv, out, "--overwrite")) == 2
+    assert f"--overwrite refused: {out / 'figures' / 'my_slide.pdf'} is not a file this tool writes" in (
+        one_error_line(capsys))
+    assert snapshot(out) == before and not no_loading
+
+
 def test_a_run_stopped_before_its_settings_goes_on(tmp_path):
     """A demo stopped while writing demo_data/ (before settings.json) is the tool's folder still."""
     (tmp_path / "demo_data").mkdir()

@@ -96,9 +96,27 @@ def check_outputs_are_the_tools(output_dir: Path) -> None:
                      f"settings.json of a run of it: they look like your own files; choose another --output_dir")
 
 
+def _foreign_entries(folder: Path) -> list[Path]:
+    """What a tool folder (figures/, attention/) holds that this tool does not write there: the
+    user's own (a notes file, a plot of theirs), which --overwrite must not remove with it."""
+    if folder.name == "figures":  # any PNG: earlier versions named their figures otherwise
+        return sorted(p for p in folder.iterdir() if p.is_symlink() or not (p.is_file() and p.suffix == ".png"))
+    if folder.name == "attention":
+        return sorted(p for m in folder.iterdir()
+                      for p in (m.iterdir() if m.is_dir() and not m.is_symlink() else [m])
+                      if p.is_symlink() or not (p.is_file() and p.name.endswith(".npz")))  # fmt: skip
+    return []
+
+
 def remove_tool_outputs(output_dir: Path) -> list[Path]:
-    """Remove overwrite_targets(output_dir); returns what was removed."""
+    """Remove overwrite_targets(output_dir); returns what was removed. Refused, with nothing
+    removed, when figures/ or attention/ holds a file this tool does not write there."""
     removed = overwrite_targets(output_dir)
+    for p in removed:
+        foreign = _foreign_entries(p) if p.is_dir() and not p.is_symlink() else []
+        if foreign:
+            raise UsageError(f"--overwrite refused: {foreign[0]} is not a file this tool writes, and --overwrite "
+                             f"would remove {p.name}/ with it; move it out of {output_dir} first")
     for p in removed:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
