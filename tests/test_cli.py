@@ -348,12 +348,12 @@ def test_region_files_that_cannot_be_used_are_refused_before_loading(tmp_path, c
     csv = make_project(tmp_path / "proj", n_studies=1)
     (tmp_path / "foo.csv").write_text("foo,bar\n1,2\n")
     (tmp_path / "cut.json").write_text('{"a": ')
-    cases = [(tmp_path / "missing.csv", "region file not found"), (tmp_path / "foo.csv", "not a known region format"),
+    cases = [(tmp_path / "missing.csv", "region file not found"),
+             (tmp_path / "foo.csv", "not a known region format (header 'foo,bar'). Known formats: nih_bbox: "),
              (tmp_path / "cut.json", "not valid JSON")]  # fmt: skip
     for regions, expected in cases:
         assert cli.main(tiny_args(csv, tmp_path / "o", "--regions", str(regions))) == 2
-        err = capsys.readouterr().err
-        assert "Traceback" not in err and err.startswith(f"error: --regions: {regions}: {expected}"), err
+        assert one_error_line(capsys).startswith(f"error: --regions: {regions}: {expected}")
     assert not no_loading and not (tmp_path / "o").exists()
 
 

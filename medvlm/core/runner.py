@@ -177,7 +177,8 @@ def check_regions(cfg: RunConfig) -> None:
         try:
             regions = read_regions(path, cfg.finding_map)
         except ValueError as e:  # RegionError, or a --finding_map that cannot be used
-            raise UsageError(f"--regions: {e}") from None
+            one_line = str(e).replace(":\n  ", ": ").replace("\n  ", "; ")  # the known formats' list
+            raise UsageError(f"--regions: {one_line}") from None
         if regions.errors:  # said here, as the CSV's bad rows are, not only counted in the report
             print(f"{len(regions.errors)} bad line(s) of {path} skipped (see manifest.json, regions):", file=sys.stderr)
             for line in regions.errors[:20]:
