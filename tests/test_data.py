@@ -226,6 +226,10 @@ def test_missing_columns_is_a_file_level_error(tmp_path):
     msg = str(exc.value)
     assert str(p) in msg and "variant_id or variant_index" in msg and "answer_gt or answer" in msg
     assert exc.value.bad_rows == ()
+    semi = tmp_path / "semi.csv"
+    semi.write_text("study_id;image_path;finding;variant_id;question;answer_gt\ns;a;f;0;q;yes\n")
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(semi))}:1: missing required column.*looks ';'-separated"):
+        load_dataset(semi)
 
 
 @pytest.mark.parametrize(

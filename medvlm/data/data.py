@@ -428,7 +428,10 @@ def load_dataset(
         try:
             mapping = ColumnMapping.from_columns(header)
         except ValueError as e:
-            raise DatasetError(f"{path}: {e}; header has: {', '.join(header)}", path) from e
+            sep = next((s for s in (";", "\t", "|") if len(header) == 1 and s in header[0]), None)
+            name = "tab" if sep == "\t" else repr(sep)
+            hint = f" (the file looks {name}-separated: save it comma-separated)" if sep else ""
+            raise DatasetError(f"{path}:{header_line}: {e}; header has: {', '.join(header)}{hint}", path) from e
     else:
         missing = mapping.missing_from(header)
         if missing:
