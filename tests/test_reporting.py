@@ -160,6 +160,19 @@ def test_figures_of_a_finding_asked_without_its_original_wording(tmp_path, monke
     assert f"{_safe_name('s1')}__effusion__models.png" not in names
 
 
+def test_a_run_whose_every_row_failed_says_why_and_writes_no_tables(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    ResultsStore(out).append([{"model": "medgemma", "study_id": f"s{i}", "finding": "effusion", "variant_id": v,
+                               "question": "Is there?", "answer_gt": "yes", "status": "failed",
+                               "error": "ValueError: finding 'effusion' does not occur in question 'Is there?'"}
+                              for i in range(2) for v in range(6)])  # fmt: skip
+    config = RunConfig(output_dir=out, analyze_only=True, n_boot=50)
+    assert reporting.analyze(config, _manifest(out)) == 1
+    err = capsys.readouterr().err
+    assert f"error: no answered rows in {out}: all 12 failed (12 x ValueError: finding 'effusion'" in err
+    assert not (out / "summary.csv").exists()
+
+
 def test_default_figures_are_the_first_studies_with_all_findings(tmp_path, monkeypatch):
     out = _run(tmp_path, monkeypatch, "1", n_figure_studies=1)
     names = {p.name for p in (out / "figures").glob("*.png")}

@@ -88,6 +88,12 @@ def _analyze(cfg: RunConfig, manifest: Manifest, drawing: _Drawing) -> int:
     if df.empty:
         print(f"error: no results in {out}", file=sys.stderr)
         return 1
+    if not (df["status"] == "ok").any():  # nothing to estimate from: say why, invent no table
+        reasons = df["error"].fillna("no reason recorded").astype(str).str.split("\n").str[0].value_counts()
+        top = "; ".join(f"{n} x {why}" for why, n in reasons.head(3).items())
+        print(f"error: no answered rows in {out}: all {len(df)} failed ({top}); every row's reason is in "
+              f"results.jsonl", file=sys.stderr)  # fmt: skip
+        return 1
     random_weights = bool(df.get("random_weights", pd.Series([False])).fillna(False).any())
     _say(f"analysing {len(df)} records: statistics with {cfg.n_boot} bootstrap resamples ...")
 
