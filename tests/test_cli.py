@@ -128,6 +128,19 @@ def test_a_run_stopped_before_its_settings_goes_on(tmp_path):
         check_outputs_are_the_tools(tmp_path)
 
 
+def test_an_input_where_the_tool_writes_is_refused_without_overwrite_too(tmp_path, capsys, no_loading):
+    csv = make_project(tmp_path / "proj")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}\n")
+    mine = out / "summary.csv"  # the user's questions, named as the tool's table
+    mine.write_text(csv.read_text().replace("img/", "../proj/img/"))
+    before = snapshot(out)
+    assert cli.main(tiny_args(mine, out)) == 2
+    assert f"your input file {mine} lies where this tool writes" in one_error_line(capsys)
+    assert snapshot(out) == before and not no_loading
+
+
 def test_overwrite_refuses_a_folder_that_holds_the_csv(tmp_path, capsys, no_loading):
     csv = make_project(tmp_path / "proj")
     before = snapshot(tmp_path / "proj")

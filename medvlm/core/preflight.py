@@ -154,6 +154,22 @@ def check_overwrite_safe(output_dir: Path, user_files: Iterable[Path]) -> None:
             )
 
 
+def check_inputs_are_not_outputs(output_dir: Path, user_files: Iterable[Path]) -> None:
+    """Refuse a run whose input file (the CSV, an image, a region file) lies where this tool
+    writes in --output_dir (a top-level summary.csv, anything under figures/ ...): the run would
+    write over it, or remove it as a stale figure."""
+    real_out = Path(os.path.realpath(output_dir))
+    for f in user_files:
+        try:
+            parts = Path(os.path.realpath(f)).relative_to(real_out).parts
+        except ValueError:
+            continue
+        if parts and (parts[0] in TOOL_DIRS if len(parts) > 1 else
+                      any(fnmatch.fnmatchcase(parts[0], pat) for pat in TOOL_FILES)):  # fmt: skip
+            raise UsageError(f"your input file {f} lies where this tool writes in --output_dir {output_dir}; "
+                             f"move it, or write the results to a folder of their own")
+
+
 # ---------------------------------------------------------------------------- layers
 # Decoder layer counts of the official checkpoints (checked again against the loaded config).
 KNOWN_LAYERS = {"microsoft/llava-rad": 32, "lmsys/vicuna-7b-v1.5": 32, "google/medgemma-4b-it": 34}

@@ -22,6 +22,7 @@ from medvlm.core.pipeline import RunConfig, run_model, shard_rows
 from medvlm.core.preflight import (
     SettingsFile,
     UsageError,
+    check_inputs_are_not_outputs,
     check_layers,
     check_output_dir,
     check_outputs_are_the_tools,
@@ -224,6 +225,8 @@ def _preflight(cfg: RunConfig, loaders) -> _Plan:
     if sel.warning:
         print(f"warning: {sel.warning}", file=sys.stderr)
     plan.dataset, plan.selection = ds, sel
+    if not cfg.demo:  # the demo's own inputs live in its demo_data/
+        check_inputs_are_not_outputs(out, [ds.source, *map(Path, pd.unique(ds.rows["image_abspath"])), *cfg.regions])
     if cfg.faithfulness and cfg.faithfulness_variants.strip() != "all":
         from medvlm.analysis.faithfulness import parse_variants
 
