@@ -246,6 +246,13 @@ def test_unknown_header_lists_the_known_formats(tmp_path):
         rg.read_regions(tmp_path / "missing.csv")
 
 
+def test_a_region_file_not_in_utf8_names_its_line(tmp_path):
+    p = tmp_path / "r.csv"
+    p.write_bytes("study_id,finding,x,y,w,h\ns1,effusion,1,1,5,5\ns2,épanchement,1,1,5,5\n".encode("latin-1"))
+    with pytest.raises(rg.RegionError, match=r"r\.csv:3 \(byte 0xe9 at column 4\): cannot read as UTF-8"):
+        rg.read_regions(p)
+
+
 def test_finding_map_override(tmp_path):
     p = _write(tmp_path, "r.csv", "study_id,finding,x,y,w,h\ns1,Effusion,1,1,5,5\n")
     assert rg.read_regions(p).regions[0].finding == "pleural_effusion"  # packaged default

@@ -364,11 +364,25 @@ def read_regions(
                 if fmt is None:
                     raise _unknown_format(p, f"header {','.join(first[1])!r}")
                 out = _READERS[fmt](p, [c.strip() for c in first[1]], records, fmap, stated_sizes or {})
-    except (OSError, UnicodeDecodeError, csv.Error, zipfile.BadZipFile, EOFError) as e:
+    except UnicodeDecodeError as e:
+        where = _first_non_utf8(p) if not p.name.lower().endswith((".gz", ".zip")) else None
+        raise RegionError(f"{p}{where or ''}: cannot read as UTF-8 ({e.reason}); save it as UTF-8") from e
+    except (OSError, csv.Error, zipfile.BadZipFile, EOFError) as e:
         raise RegionError(f"{p}: cannot read ({type(e).__name__}: {e})") from e
     if strict and out.errors:
         raise RegionError("\n".join([f"{p}: {len(out.errors)} bad line(s):", *out.errors]))
     return out
+
+
+def _first_non_utf8(path: Path) -> str | None:
+    """':line' of a plain file's first line that is not UTF-8 (the decoder's own position counts
+    from the start of a read chunk, not the file)."""
+    for number, raw in enumerate(path.read_bytes().splitlines(keepends=True), 1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return f":{number} (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+    return None
 
 
 def _prepend(first: str, fh) -> Iterator[str]:
