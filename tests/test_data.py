@@ -527,6 +527,9 @@ def test_unreadable_images_fail_and_name_the_file(tmp_path):
     folder.mkdir()
     with pytest.raises(ImageLoadError, match=r"scan\.png: is a directory, not an image file"):
         check_image(folder)
+    (tmp_path / "zero.png").write_bytes(b"")
+    with pytest.raises(ImageLoadError, match=r"zero\.png: empty file \(0 bytes\)"):
+        check_image(tmp_path / "zero.png")
 
 
 # --------------------------------------------------------------------------- images: DICOM

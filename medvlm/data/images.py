@@ -68,6 +68,8 @@ def _existing_kind(path) -> tuple[Path, str]:
         raise ImageLoadError(f"{p}: is a directory, not an image file")
     if not p.is_file():
         raise ImageLoadError(f"{p}: no such file")
+    if p.stat().st_size == 0:
+        raise ImageLoadError(f"{p}: empty file (0 bytes)")
     try:
         return p, _sniff_kind(p)
     except OSError as e:
