@@ -319,6 +319,8 @@ def _conflicts(a) -> str | None:
         (a.load_in_8bit and a.load_in_4bit, "choose one of --load_in_8bit and --load_in_4bit"),
         (a.faithfulness and a.no_faithfulness, "choose one of --faithfulness and --no_faithfulness"),
         (a.n_studies and a.sample, "choose one of --n_studies and --sample"),
+        (a.finding_map and not (a.regions or a.demo),
+         "--finding_map renames the labels of --regions files, and no --regions was given"),
         (random and real, f"{', '.join(real)} name real weights, but random-weight models were asked for"),
         (random and (a.load_in_8bit or a.load_in_4bit),
          "8-/4-bit loading applies to real weights, not to random-weight models"),

@@ -286,6 +286,7 @@ def test_settings_of_a_folder_made_before_settings_json(tmp_path, capsys):
         (["--colormap", "hott"], "unknown colormap 'hott'"),
         (["--faithfulness", "--no_faithfulness"], "choose one of --faithfulness and --no_faithfulness"),
         (["--sample", "1", "--seed", "-5"], "argument --seed: expected 0 or a positive integer, got '-5'"),
+        (["--finding_map", "map.csv"], "--finding_map renames the labels of --regions files, and no --regions"),
         (["--faithfulness", "--faithfulness_variants", "9"],
          "--faithfulness_variants 9: no selected row has that variant (the selected rows have 0, 1, 2, 3, 4, 5)"),
     ],
