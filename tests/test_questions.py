@@ -431,6 +431,15 @@ def test_refusals_on_files(tmp_path, capsys):
     assert "nodule_mass" in capsys.readouterr().out
 
 
+def test_flag_mistakes_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--dataset", "nih", "--labels", "l.csv", "--findings", "a", "--out", "q.csv",
+              "--n_studies", "x"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: argument --n_studies: invalid int value: 'x' (see python -m medvlm.data.questions")
+
+
 def test_a_blank_nih_label_is_skipped_not_a_negative(tmp_path):
     labels = tmp_path / EXTRACT.name
     labels.write_text(EXTRACT.read_text() + "00000003_000.png,,0,3,50,F,PA,2500,2048,0.14,0.14\n")

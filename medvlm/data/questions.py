@@ -656,8 +656,14 @@ def _ratio(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line and exit code 2 (argparse's default prints the whole usage first)."""
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m medvlm.data.questions", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m medvlm.data.questions", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build a question CSV from a data set's label file")
     b.add_argument("--dataset", required=True, help=" | ".join(DATASETS))
