@@ -417,15 +417,17 @@ def _run_job(batch: int, i: int) -> tuple[int, int]:
     return batch, i
 
 
-def figure_workers(n_jobs: int) -> int:
+def figure_workers(n_jobs: int, warn: bool = True) -> int:
     """Processes that draw the figures: one per available core (at most 4), forked so they
     inherit the loaded results, maps and images; 1 (drawn here) off Linux, for fewer than 4
-    figures, or with MEDVLM_FIGURE_WORKERS=1 (the environment variable sets the number)."""
+    figures, or with MEDVLM_FIGURE_WORKERS=1 (the environment variable sets the number; one
+    that is not a number is warned about when `warn`)."""
     env = os.environ.get("MEDVLM_FIGURE_WORKERS", "").strip()
     if env:
         if env.isdigit():
             return max(1, int(env))
-        _say(f"warning: MEDVLM_FIGURE_WORKERS={env!r} is not a number; drawing in this process")
+        if warn:
+            _say(f"warning: MEDVLM_FIGURE_WORKERS={env!r} is not a number; drawing in this process")
         return 1
     if not sys.platform.startswith("linux") or n_jobs < 4:
         return 1
@@ -449,10 +451,7 @@ class _Drawing:
         self.done: set[int] = set()  # ids of the jobs written
 
     def start(self, jobs: list[_Job]) -> None:
-        env = os.environ.get("MEDVLM_FIGURE_WORKERS", "").strip()
-        if env and not env.isdigit():
-            return  # finish() says so, once
-        workers = figure_workers(len(jobs)) if jobs else 1
+        workers = figure_workers(len(jobs), warn=False) if jobs else 1  # finish() warns, once
         if workers > 1:
             self._submit(jobs, workers)
 
@@ -481,7 +480,8 @@ class _Drawing:
         if not jobs:
             self._wait(None)
             return []
-        rest = [j for j in jobs if not any(j is s for s in self.started)]
+        started = {id(j) for j in self.started}
+        rest = [j for j in jobs if id(j) not in started]
         workers = figure_workers(len(jobs))
         _say(f"figures: drawing {len(jobs)} into {self.output_dir / 'figures'}"
              + (f" ({workers} processes)" if workers > 1 else "")
