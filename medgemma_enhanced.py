@@ -242,6 +242,15 @@ def normalize_pixels(image_processor, pixels: torch.Tensor) -> torch.Tensor:
                                     tuple(ip.image_mean), tuple(ip.image_std))  # fmt: skip
 
 
+def preprocessing_off(processor) -> dict:
+    """apply_chat_template's keywords that turn the image processor's resize, rescale and
+    normalisation off, as this transformers takes them (a processor_kwargs dict where it has
+    one, else its own keywords)."""
+    off = {"do_resize": False, "do_rescale": False, "do_normalize": False}
+    params = inspect.signature(processor.apply_chat_template).parameters
+    return {"processor_kwargs": off} if "processor_kwargs" in params else off
+
+
 def _probe_images(size: int) -> list[Image.Image]:
     """Random RGB images around a square target of side `size`: enlarged, reduced, the target
     itself, one side up and one down, and a very thin one."""
@@ -372,6 +381,7 @@ class MedGemmaMedical(VLMBackend):
         self._normalize_on_device = normalizes_on_device(processor.image_processor, next(model.parameters()).device)
         # a pass's images resized in one call of resized_pixels (else one processor call per image, in threads)
         self._direct_resize = self._normalize_on_device and resizes_like_processor(processor.image_processor)
+        self._check_kwargs = preprocessing_off(processor)  # the prompt check's stand-in image is not resized
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -539,7 +549,7 @@ class MedGemmaMedical(VLMBackend):
             return
         ref = self.processor.apply_chat_template(
             self._messages(question, CHECK_IMAGE, raw=entry["raw"]), add_generation_prompt=True, tokenize=True,
-            return_dict=True, return_tensors="pt", **self._check_kwargs(),
+            return_dict=True, return_tensors="pt", **self._check_kwargs,
         )  # fmt: skip
         if ref["input_ids"][0].tolist() != entry["ids"]:
             raise FactError("the prompt's token ids differ from the processor's own tokenisation")
@@ -547,15 +557,6 @@ class MedGemmaMedical(VLMBackend):
         if "token_type_ids" in ref and ref["token_type_ids"][0].tolist() != mine:
             raise FactError("the image token types differ from the processor's token_type_ids")
         entry["checked"] = True
-
-    def _check_kwargs(self) -> dict:
-        """The stand-in image's preprocessing turned off, as this transformers takes it (a
-        processor_kwargs dict where apply_chat_template has one, else its own keywords)."""
-        if "_check_kwargs_cached" not in vars(self):
-            off = {"do_resize": False, "do_rescale": False, "do_normalize": False}
-            params = inspect.signature(self.processor.apply_chat_template).parameters
-            self._check_kwargs_cached = {"processor_kwargs": off} if "processor_kwargs" in params else off
-        return self._check_kwargs_cached
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """[3, S, S]: the processor's own preprocessing of one image (made 8-bit RGB first by
