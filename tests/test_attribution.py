@@ -137,7 +137,7 @@ def _saved_before_backward(backend, monkeypatch, lean: bool):
     from medvlm.core import attribution
 
     if not lean:
-        monkeypatch.setattr(attribution, "lean_layers", lambda layers, norms: (contextlib.nullcontext(), []))
+        monkeypatch.setattr(attribution, "lean_layers", lambda layers, norms: (contextlib.nullcontext(), norms))
     weights = {p.untyped_storage().data_ptr() for p in backend.model.parameters()}
     state = {"bytes": 0, "backward": False, "seen": set()}
 

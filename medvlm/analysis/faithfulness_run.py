@@ -92,8 +92,8 @@ def run_faithfulness(backend, model: str, output_dir: Path, rows: pd.DataFrame, 
     elif max_studies is not None:
         only = _selection(max_studies)  # study id -> the findings curved (None: all of them)
         chosen = [s for s in chosen if s in only]
-        wanted = [only.get(s, ()) is None or str(f) in only.get(s, ()) for s, f in zip(ok["study_id"], ok["finding"],
-                                                                                      strict=True)]  # fmt: skip
+        wanted = [s in only and (only[s] is None or str(f) in only[s])
+                  for s, f in zip(ok["study_id"], ok["finding"], strict=True)]  # fmt: skip
         ok = ok.loc[np.array(wanted, dtype=bool)]
     ok = ok[ok["study_id"].isin(chosen)]
     # units already curved (by an earlier run, perhaps of another selection) are not curved again

@@ -364,15 +364,14 @@ def _lean_mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def lean_layers(layers: Sequence[torch.nn.Module], norms: Sequence[torch.nn.Module]):
     """For one block: in each of layers, its fused RMS norms (those of norms inside it) and its
     gated MLP keep only their inputs for the backward (_Recomputed). -> (context, the norms
-    taken, which the caller must not also patch)."""
+    outside layers, left to the caller to fuse)."""
     inside = {id(m) for layer in layers for m in layer.modules()}
-    taken = [n for n in norms if id(n) in inside]
-    patches = [(n, module_forward(n, _lean_norm)) for n in taken]
+    patches = [(n, module_forward(n, _lean_norm)) for n in norms if id(n) in inside]
     for layer in layers:
         mlp = getattr(layer, "mlp", None)
         if mlp is not None and all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             patches.append((mlp, module_forward(mlp, _lean_mlp)))
-    return patched_forwards(patches), taken
+    return patched_forwards(patches), [n for n in norms if id(n) not in inside]
 
 
 def _mask_never_skipped(*args, **kwargs):
@@ -538,8 +537,7 @@ def _gradient_rows(pc: _Pieces, rows: _Rows, kind: str | None, target: torch.Ten
     n_layers = len(pc.decoder_layers)
     split = n_layers - min(max(int(uncheckpointed), 0), n_layers)
     rp = _row_pass(pc, rows, fast=kind == "gradxinput")  # relevancy's eager attention needs the mask
-    lean, lean_norms = lean_layers(pc.decoder_layers[split:], pc.norms)
-    other_norms = [n for n in pc.norms if all(n is not m for m in lean_norms)]
+    lean, other_norms = lean_layers(pc.decoder_layers[split:], pc.norms)
     with (frozen_parameters(pc.frozen()), torch.enable_grad(), rp.context, fused_rms_norms(other_norms), lean,
           checkpointed_layers(pc.decoder_layers[:split])):  # fmt: skip
         if kind == "gradxinput":
