@@ -156,14 +156,18 @@ def _wait_for_shards(out: Path, world: int, timeout_s: float = 24 * 3600) -> Non
         time.sleep(2)
 
 
+def _listed(head: str, items: list[str], limit: int = 20) -> list[str]:
+    """head, then at most `limit` items indented, then how many more there are (none: [])."""
+    if not items:
+        return []
+    more = [f"  ... and {len(items) - limit} more"] if len(items) > limit else []
+    return [head, *("  " + i for i in items[:limit]), *more]
+
+
 def _validation_report(ds, refused: bool = False) -> list[str]:
     """The bad rows, at most 20 of them (all are in the manifest of a run that goes on)."""
     head = f"{len(ds.bad_rows)} bad row(s)" + (":" if refused else " skipped (see manifest.json):")
-    lines = [head] if ds.bad_rows else []
-    lines += ["  " + b.format(ds.source) for b in ds.bad_rows[:20]]
-    if len(ds.bad_rows) > 20:
-        lines.append(f"  ... and {len(ds.bad_rows) - 20} more")
-    return lines
+    return _listed(head, [b.format(ds.source) for b in ds.bad_rows])
 
 
 def check_regions(cfg: RunConfig) -> None:
@@ -178,14 +182,11 @@ def check_regions(cfg: RunConfig) -> None:
         try:
             regions = read_regions(path, cfg.finding_map)
         except ValueError as e:  # RegionError, or a --finding_map that cannot be used
-            one_line = str(e).replace(":\n  ", ": ").replace("\n  ", "; ")  # the known formats' list
-            raise UsageError(f"--regions: {one_line}") from None
-        if regions.errors:  # said here, as the CSV's bad rows are, not only counted in the report
-            print(f"{len(regions.errors)} bad line(s) of {path} skipped (see manifest.json, regions):", file=sys.stderr)
-            for line in regions.errors[:20]:
-                print(f"  {line}", file=sys.stderr)
-            if len(regions.errors) > 20:
-                print(f"  ... and {len(regions.errors) - 20} more", file=sys.stderr)
+            raise UsageError(f"--regions: {e}") from None
+        # said here, as the CSV's bad rows are, not only counted in the report
+        head = f"{len(regions.errors)} bad line(s) of {path} skipped (see manifest.json, regions):"
+        for line in _listed(head, [str(x) for x in regions.errors]):
+            print(line, file=sys.stderr)
 
 
 def _preflight(cfg: RunConfig, loaders) -> _Plan:

@@ -318,8 +318,8 @@ def _detect(header: list[str]) -> str | None:
 
 
 def _unknown_format(path: Path, what: str) -> RegionError:
-    known = "\n".join(f"  {k}: {v}" for k, v in FORMATS.items())
-    return RegionError(f"{path}: not a known region format ({what}). Known formats:\n{known}")
+    known = "; ".join(f"{k}: {v}" for k, v in FORMATS.items())
+    return RegionError(f"{path}: not a known region format ({what}). Known formats: {known}")
 
 
 def _as_finding_map(finding_map) -> FindingMap:
