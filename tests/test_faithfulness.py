@@ -417,6 +417,7 @@ def test_curves_figure_draws_each_map_with_its_band():
     assert len(axes) == 4
     labels = [line.get_label() for line in axes[0].get_lines()]
     assert len(labels) == 2 and labels[0].startswith("attention (AUC") and labels[1].startswith(f"{RANDOM} (AUC")
+    assert labels[0].endswith(", 6 units)"), labels[0]
     assert len(axes[0].collections) == 2, "one band per line"
     assert any(t.get_gid() == BANNER_GID for t in fig.texts)
     fig.canvas.draw()

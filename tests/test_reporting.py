@@ -24,6 +24,7 @@ from medvlm.core.pipeline import RunConfig
 from medvlm.core.runner import Manifest
 from medvlm.core.store import ResultsStore, _safe_name, map_key
 from medvlm.report import reporting
+from medvlm.report.forest import count_of
 from medvlm.report.report_md import (
     COLUMNS,
     GLOSSARY,
@@ -239,6 +240,7 @@ def test_summary_table_names_the_cluster_unit_and_shows_intervals_only_with_enou
     assert "fewer than 25" not in many and "*" not in many
     one = "\n".join(summary_table(_summary(1), "studies"))
     assert one.count("no interval (1 study)") == 2 and "Only 1 study (fewer than 25)" in one
+    assert [count_of(1, "units"), count_of(2, "units"), count_of(1, "patients")] == ["1 unit", "2 units", "1 patient"]
 
 
 def test_report_states_negated_rows_and_keeps_one_few_cluster_note(tmp_path):

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from medvlm.analysis.faithfulness import RANDOM, curve_units, map_sort_key, rise_auc
 from medvlm.analysis.tables import metric_table
 from medvlm.report.figure_canvas import new_figure, random_weights_banner
-from medvlm.report.forest import ci_footnote, format_estimate
+from medvlm.report.forest import ci_footnote, count_of, format_estimate
 
 CURVES = ("deletion", "insertion")
 XLABEL = {"deletion": "fraction of token cells removed (map order)",
@@ -123,7 +123,8 @@ def faithfulness_curves_figure(
                 if ok.any():
                     ax.fill_between(x[ok], lo[ok], hi[ok], color=color, alpha=0.15 if not baseline else 0.12,
                                     linewidth=0)  # fmt: skip
-                label = f"{name} (AUC {format_estimate(b['auc'].iloc[0])}, {int(b['n_units'].max())} units)"
+                n_units = count_of(int(b["n_units"].max()), "units")
+                label = f"{name} (AUC {format_estimate(b['auc'].iloc[0])}, {n_units})"
                 ax.plot(x, b["estimate"].to_numpy(dtype=float), color=color, linewidth=1.8,
                         linestyle="--" if baseline else "-", marker="o", markersize=2.5, label=label)  # fmt: skip
             ax.set_xlim(0, 1)

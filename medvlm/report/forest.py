@@ -58,8 +58,8 @@ def method_name(method) -> str:
 
 
 def count_of(n: int, unit: str) -> str:
-    """"1 study", "2 studies", "1 patient": a count with its cluster unit ("studies" or "patients")."""
-    singular = {"studies": "study", "patients": "patient"}.get(unit, unit)
+    """"1 study", "2 studies", "1 patient", "1 unit": a count with its plural noun."""
+    singular = {"studies": "study", "patients": "patient", "units": "unit"}.get(unit, unit)
     return f"{n} {singular if n == 1 else unit}"
 
 
