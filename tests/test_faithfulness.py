@@ -435,6 +435,9 @@ def test_report_section():
                                                              "variants": "0", "blur_sigma": 11.6},
                                          figure="figures/faithfulness_curves.png"))  # fmt: skip
     assert text.startswith("## Faithfulness") and "figures/faithfulness_curves.png" in text
+    assert "blur sigma (model-input pixels): 11.60." in text
+    per_model = faithfulness_section(table, "studies", {"blur_sigma": {"llava_rad": 11.5625, "medgemma": 2.857142857}})
+    assert "blur sigma (model-input pixels): llava_rad 11.56, medgemma 2.86." in "\n".join(per_model)
     for name in ("attention", "gradxinput", RANDOM):
         assert f"Map **{name}**" in text
     assert "llava_rad (deletion: gradxinput, insertion: gradxinput)" in text

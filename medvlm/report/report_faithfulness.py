@@ -36,6 +36,17 @@ FAITHFULNESS_TERMS: tuple[Term, ...] = (
 )
 
 
+def _sigmas(sigma) -> str:
+    """The blur sigma(s) in model-input pixels, 2 decimals: "llava_rad 11.56, medgemma 2.86" or one value
+    (the manifest keeps them unrounded)."""
+    if isinstance(sigma, Mapping):
+        return ", ".join(f"{m} {_sigmas(v)}" for m, v in sigma.items())
+    try:
+        return f"{float(sigma):.2f}"
+    except (TypeError, ValueError):
+        return str(sigma)
+
+
 def _curved(units: Mapping | None) -> str:
     """'Units curved: 1 per model (00000001_000 cardiomegaly, paraphrase 0). ' from settings'
     "units" ({model: ["study / finding / paraphrase", ...]}): each unit named while few."""
@@ -74,7 +85,7 @@ def faithfulness_section(table: pd.DataFrame | None, unit: str, settings: Mappin
              f"{settings.get('steps')} steps, and the model's probability of the answer it gave is read each time "
              f"(Petsiuk et al., RISE, BMVC 2018). Baseline: {_orders(settings.get('n_random', 3))}. "
              f"Paraphrases: {settings.get('variants', '0')}; blur sigma (model-input pixels): "
-             f"{settings.get('blur_sigma')}. {_curved(settings.get('units'))}Deletion AUC: lower is more "
+             f"{_sigmas(settings.get('blur_sigma'))}. {_curved(settings.get('units'))}Deletion AUC: lower is more "
              "faithful; insertion AUC: higher.",
              ""]  # fmt: skip
     overall = table[table["finding"] == "ALL"]
