@@ -269,7 +269,7 @@ def main(argv=None) -> int:
     p.add_argument("--grad_questions", type=int, default=2)
     p.add_argument("--relevancy_rows", type=int, nargs="+", default=[1, 2])
     p.add_argument("--relevancy_questions", type=int, default=4)
-    p.add_argument("--kind", default="nvidia-h200")
+    p.add_argument("--kind", default=None, help="names the results file; default: bench_speed.device_kind()")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--smoke", action="store_true", help="tiny models on the CPU, few studies: checks the script")
     args = p.parse_args(argv)
@@ -285,6 +285,7 @@ def main(argv=None) -> int:
     else:
         if not torch.cuda.is_available():
             raise SystemExit("this benchmark needs a CUDA GPU (or --smoke)")
+        args.kind = args.kind or bench_speed.device_kind()
         out_dir = args.out or ROOT / "benchmarks" / "results"
     import transformers
 

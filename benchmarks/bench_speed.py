@@ -365,6 +365,17 @@ def reference(backend, image, question) -> dict:
     return {"p_yes": float(p_yes[0]), "rows": rows}
 
 
+def device_kind() -> str:
+    """The device tool's name for this machine's GPUs, which names the results files:
+    nvidia-h100-x1, nvidia-h200, nvidia-h100-x2, ...; another GPU: its name, lower-case, dashed."""
+    name, n = torch.cuda.get_device_name(0), torch.cuda.device_count()
+    for chip in ("H100", "H200"):
+        if chip in name:
+            one = "-x1" if chip == "H100" else ""
+            return f"nvidia-{chip.lower()}" + (one if n == 1 else f"-x{n}")
+    return "-".join(name.lower().split())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["llava_rad", "medgemma"])
@@ -380,7 +391,7 @@ def main(argv=None) -> int:
     p.add_argument("--no_validity", dest="validity", action="store_false",
                    help="skip timing the controls and the generic prompt (issue 14's cost goal)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--kind", default="nvidia-h200")
+    p.add_argument("--kind", default=None, help="names the results file; default: device_kind()")
     p.add_argument("--label", default="", help="what this run measures (kept as 'path', and in later runs' history)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing")
     args = p.parse_args(argv)
@@ -389,6 +400,7 @@ def main(argv=None) -> int:
         args.kind = "smoke-cpu"
     elif not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (or --smoke)")
+    args.kind = args.kind or device_kind()
     import transformers
 
     result = {

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_speed import backend_parameters, build, sync  # noqa: E402
+from bench_speed import backend_parameters, build, device_kind, sync  # noqa: E402
 from profile_pass import three_ways  # noqa: E402
 
 from medvlm.core.config import MedicalAttentionConfig  # noqa: E402
@@ -98,13 +98,14 @@ def main() -> int:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--kind", default="nvidia-h200")
+    p.add_argument("--kind", default=None, help="names the results file; default: bench_speed.device_kind()")
     p.add_argument("--torch_threads", type=int, nargs="*", default=[],
                    help="also time the graphed pass under each torch.set_num_threads value (the preparation's "
                         "CPU work in a thread competes with the pass's launches)")  # fmt: skip
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
+    a.kind = a.kind or device_kind()
     result = {"date": dt.date.today().isoformat(), "device_kind": a.kind, "gpu": torch.cuda.get_device_name(0),
               "torch": torch.__version__, "k": a.k, "n": a.n}  # fmt: skip
     a.out.mkdir(parents=True, exist_ok=True)
