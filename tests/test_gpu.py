@@ -56,6 +56,43 @@ def test_on_cuda_equals_eager(model, tmp_path, rgb_image):
             assert d <= 1e-5, f"layer {layer}: rows differ by {d:.3g} on the GPU"
 
 
+@pytest.mark.parametrize("model", ["medgemma", "llava_rad"])
+def test_gradient_maps_on_cuda_equal_autograd_on_the_eager_reference(model, tmp_path, rgb_image):
+    """Gradient x input and relevancy on the GPU (its fused RMS norm backward kernel, SDPA's
+    causal kernels) against autograd on the full-prompt eager reference, float32."""
+    from archive.reference_attribution import reference_attribution
+    from medvlm.core.attribution import GRADIENT_KINDS, attribution_maps
+
+    backend = _cuda_backend(model, tmp_path)
+    got = attribution_maps(backend, [(rgb_image, QUESTIONS, None)], GRADIENT_KINDS, rows_per_pass=2)
+    for q, question in enumerate(QUESTIONS):
+        ref = reference_attribution(backend, rgb_image, question)
+        for kind in GRADIENT_KINDS:
+            want = ref[kind].numpy()
+            d, scale = float(abs(got[kind][q, 0] - want).max()), float(abs(want).max())
+            assert scale > 0 and d <= 1e-5 and d <= 1e-4 * scale, f"{model} {kind} q{q}: {d:.3g} (scale {scale:.3g})"
+
+
+def test_fused_norm_backward_on_cuda_is_autograds():
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from medvlm.core.fused_norms import FUSED
+
+    for cls in (Gemma3RMSNorm, LlamaRMSNorm):
+        torch.manual_seed(0)
+        m = cls(256, eps=1e-6).cuda().requires_grad_(False)
+        m.weight.normal_(0.0, 0.3)
+        for dtype in (torch.float32, torch.bfloat16):
+            mm = m.to(dtype)
+            x = (torch.randn(2, 37, 256, device="cuda") * 4).to(dtype).requires_grad_(True)
+            g = torch.randn_like(x)
+            want = torch.autograd.grad(mm(x), x, g)[0].float()
+            got = torch.autograd.grad(FUSED[cls.__name__](mm, x), x, g)[0].float()
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            assert max_diff(got, want) <= tol * want.abs().max().item(), (cls.__name__, dtype, max_diff(got, want))
+
+
 def test_siglip_gelu_epilogue_on_cuda_is_the_tanh_mlp():
     """The fused fc1 + GELU (cuBLASLt epilogue) is SigLIP's MLP (tanh-GELU) on the GPU."""
     from medgemma_enhanced import _fused_gelu_mlp, epilogue_gelu_is_tanh
