@@ -58,8 +58,8 @@ def test_on_cuda_equals_eager(model, tmp_path, rgb_image):
 
 @pytest.mark.parametrize("model", ["medgemma", "llava_rad"])
 def test_gradient_maps_on_cuda_equal_autograd_on_the_eager_reference(model, tmp_path, rgb_image):
-    """Gradient x input and relevancy on the GPU (its fused RMS norm backward kernel, SDPA's
-    causal kernels) against autograd on the full-prompt eager reference, float32."""
+    """Gradient x input and relevancy on the GPU (the fused RMS norms' closed-form backward,
+    SDPA's causal kernels) against autograd on the full-prompt eager reference, float32."""
     from archive.reference_attribution import reference_attribution
     from medvlm.core.attribution import GRADIENT_KINDS, attribution_maps
 

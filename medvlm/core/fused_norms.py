@@ -9,9 +9,10 @@ rounding in the reduction (checked against the modules in tests/test_fused_norms
 `--compile` fuses these norms itself, so the compiled path does not install them.
 
 Differentiated (the attribution passes), F.rms_norm falls back to its composite form (pow,
-mean, add, rsqrt, mul and the backward of each: about nine passes over a float32 copy of the
-hidden states per norm); _FusedRMSNorm keeps the one fused kernel forward and differentiates
-with torch's fused backward kernel on CUDA (the closed form x's gradient below elsewhere).
+mean, add, rsqrt, mul, each recorded with its backward); _FusedRMSNorm keeps the one fused
+kernel forward, which also returns rstd, and gives x its gradient in closed form from x and
+rstd. (torch also has a fused backward kernel on CUDA, aten._fused_rms_norm_backward: not used
+until it has run against this closed form on a GPU, tests/test_gpu.py.)
 
     with fused_rms_norms(norm_modules(model)):
         model(...)
@@ -45,15 +46,12 @@ class _FusedRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         y, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
-        ctx.save_for_backward(x, rstd, weight)
+        ctx.save_for_backward(x, rstd.reshape(*x.shape[:-1], 1), weight)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, rstd, weight = ctx.saved_tensors
-        if dy.is_cuda:
-            dx, _ = torch.ops.aten._fused_rms_norm_backward(dy, x, [x.shape[-1]], rstd, weight, [True, False])
-            return dx, None, None
         g = dy if weight is None else dy * weight
         x_hat = x * rstd
         return rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True)), None, None
