@@ -15,6 +15,11 @@ gelu       fc1 + tanh-GELU (SigLIP's MLP): linear then gelu, cuBLASLt's GELU epi
            (torch._addmm_activation), and torch.compile of the pair.
 patch      the patch-embedding convolution: cuDNN's default choice, cudnn.benchmark, unfold + matmul.
 rmsnorm    Gemma3's RMSNorm in eager against F.rms_norm (one pass's tokens).
+rmsnorm_grad  LlamaRMSNorm differentiated in x, as gradient x input runs it (2 rows of LLaVA-Rad's
+           ~1,434 tokens x 4,096, bf16 in): forward + backward ms and x's gradient's max |diff|
+           from a float64 reference for the module, F.rms_norm (composite under autograd),
+           fused_norms' _FusedRMSNorm (closed-form backward), and torch's fused backward
+           kernel (aten._fused_rms_norm_backward; CUDA only): whether to adopt the kernel.
 pass       the kernels of one backend pass (k studies), the vision tower alone and the whole
            pass, eager and compiled, grouped by kernel name.
 """
@@ -241,9 +246,48 @@ def pass_part(k: int, n: int, rows: int, compile_too: bool) -> None:
     backend.unload()
 
 
+def rmsnorm_grad_part(rows: int, tokens: int, width: int) -> None:
+    """See the module docstring: forward + backward of LlamaRMSNorm four ways."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from medvlm.core.fused_norms import FUSED, _FusedRMSNorm
+
+    dev = DEVICE["name"]
+    norm = LlamaRMSNorm(width, eps=1e-5).to(dev).requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.1)
+    torch.manual_seed(0)
+    x = torch.randn(rows, tokens, width, device=dev).to(torch.bfloat16).requires_grad_(True)
+    g = torch.randn_like(x)
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = norm.weight.double() * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5))
+    (want,) = torch.autograd.grad(y64, x64, g.double())
+
+    class KernelBackward(_FusedRMSNorm):
+        @staticmethod
+        def backward(ctx, dy):
+            xs, rstd, weight = ctx.saved_tensors
+            dx, _ = torch.ops.aten._fused_rms_norm_backward(dy, xs, [xs.shape[-1]], rstd, weight, [True, False])
+            return dx, None, None
+
+    def kernel(n, v):
+        return n.weight * KernelBackward.apply(v.float(), None, n.variance_epsilon).to(v.dtype)
+
+    ways = {"module": lambda n, v: n(v),
+            "F.rms_norm": lambda n, v: n.weight * F.rms_norm(v.float(), (width,), None, n.variance_epsilon).to(v.dtype),
+            "_FusedRMSNorm": FUSED["LlamaRMSNorm"]}  # fmt: skip
+    if dev == "cuda":
+        ways["CUDA backward kernel"] = kernel
+    for name, fn in ways.items():
+        step = lambda fn=fn: torch.autograd.grad(fn(norm, x), x, g)[0]  # noqa: E731
+        d = float((step().double() - want).abs().max())
+        print(f"RMSNorm grad [{rows} x {tokens} x {width}] bf16, {name}: {bench(step):.3f} ms, "
+              f"x's gradient max|diff| from float64 {d:.2e}", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--parts", nargs="+", default=["attention", "gelu", "patch", "rmsnorm", "pass"])
+    p.add_argument("--parts", nargs="+", default=["attention", "gelu", "patch", "rmsnorm", "rmsnorm_grad", "pass"])
     p.add_argument("--k", type=int, default=8, help="images (studies) per pass")
     p.add_argument("--n", type=int, default=3, help="profiled passes")
     p.add_argument("--rows", type=int, default=30)
@@ -261,6 +305,8 @@ def main(argv=None) -> int:
         gelu_part(a.k, seq, width, inner)
     if "rmsnorm" in a.parts:
         rmsnorm_part(a.k * 530, 2560 if not a.smoke else 16)
+    if "rmsnorm_grad" in a.parts:
+        rmsnorm_grad_part(2, 1434, 4096) if not a.smoke else rmsnorm_grad_part(2, 9, 16)
     if "patch" in a.parts:
         patch_part(a.k, 896 if not a.smoke else 28, 14, width)
     if "pass" in a.parts:
