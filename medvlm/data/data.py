@@ -314,16 +314,25 @@ def _strict_message(path: Path, bad_rows: Sequence[BadRow], n_rows: int) -> str:
     return "\n".join([head, *(b.format(path) for b in bad_rows)])
 
 
-def _not_utf8(path: Path, error: UnicodeDecodeError) -> str:
-    """The message for a CSV that is not UTF-8, naming the line and column of its first bad
-    byte (the decoder's own position counts from the start of a read chunk, not the file)."""
-    for number, raw in enumerate(path.read_bytes().splitlines(keepends=True), 1):
+def first_non_utf8(path: Path) -> tuple[int, int, int] | None:
+    """(line, byte value, column), 1-based, of the first byte of a plain file that is not UTF-8;
+    None when every line decodes. For messages: the decoder's own position counts from the
+    start of a read chunk, not the file."""
+    for number, raw in enumerate(Path(path).read_bytes().splitlines(keepends=True), 1):
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            return (f"{path}:{number}: cannot read as a UTF-8 CSV file (byte 0x{raw[e.start]:02x} at column "
-                    f"{e.start + 1}); save it as UTF-8")
-    return f"{path}: cannot read as a UTF-8 CSV file ({error})"
+            return number, raw[e.start], e.start + 1
+    return None
+
+
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> str:
+    """The message for a CSV that is not UTF-8, naming the line and column of its first bad byte."""
+    where = first_non_utf8(path)
+    if where is None:
+        return f"{path}: cannot read as a UTF-8 CSV file ({error})"
+    line, byte, column = where
+    return f"{path}:{line}: cannot read as a UTF-8 CSV file (byte 0x{byte:02x} at column {column}); save it as UTF-8"
 
 
 def _read_records(path: Path) -> tuple[list[str], int, list[tuple[int, list[str]]], int]:

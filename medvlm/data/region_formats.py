@@ -54,6 +54,7 @@ from pathlib import Path, PurePath
 
 import numpy as np
 
+from medvlm.data.data import first_non_utf8
 from medvlm.data.findings import FindingMap, load_finding_map
 
 Box = tuple[float, float, float, float]
@@ -375,14 +376,9 @@ def read_regions(
 
 
 def _first_non_utf8(path: Path) -> str | None:
-    """':line' of a plain file's first line that is not UTF-8 (the decoder's own position counts
-    from the start of a read chunk, not the file)."""
-    for number, raw in enumerate(path.read_bytes().splitlines(keepends=True), 1):
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            return f":{number} (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
-    return None
+    """':line (byte 0x.. at column c)' of a plain file's first byte that is not UTF-8, or None."""
+    where = first_non_utf8(path)
+    return None if where is None else f":{where[0]} (byte 0x{where[1]:02x} at column {where[2]})"
 
 
 def _prepend(first: str, fh) -> Iterator[str]:
