@@ -125,12 +125,12 @@ def remove_tool_outputs(output_dir: Path) -> list[Path]:
     return removed
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def _parts_inside(path: Path, folder: Path) -> tuple[str, ...] | None:
+    """path's parts below folder, links resolved (() for the folder itself); None when outside it."""
     try:
-        Path(os.path.realpath(path)).relative_to(os.path.realpath(folder))
-        return True
+        return Path(os.path.realpath(path)).relative_to(os.path.realpath(folder)).parts
     except ValueError:
-        return False
+        return None
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -147,7 +147,7 @@ def check_overwrite_safe(output_dir: Path, user_files: Iterable[Path]) -> None:
     """Refuse --overwrite on a folder that holds the input CSV or an image the CSV names (the
     user's own files live there: it must not be the tool's output folder)."""
     for f in user_files:
-        if _inside(f, output_dir):
+        if _parts_inside(f, output_dir) is not None:
             raise UsageError(
                 f"--overwrite refused: --output_dir {output_dir} holds your input file {f}; "
                 f"write the results to a folder of their own"
@@ -158,12 +158,8 @@ def check_inputs_are_not_outputs(output_dir: Path, user_files: Iterable[Path]) -
     """Refuse a run whose input file (the CSV, an image, a region file) lies where this tool
     writes in --output_dir (a top-level summary.csv, anything under figures/ ...): the run would
     write over it, or remove it as a stale figure."""
-    real_out = Path(os.path.realpath(output_dir))
     for f in user_files:
-        try:
-            parts = Path(os.path.realpath(f)).relative_to(real_out).parts
-        except ValueError:
-            continue
+        parts = _parts_inside(f, output_dir)
         if parts and (parts[0] in TOOL_DIRS if len(parts) > 1 else
                       any(fnmatch.fnmatchcase(parts[0], pat) for pat in TOOL_FILES)):  # fmt: skip
             raise UsageError(f"your input file {f} lies where this tool writes in --output_dir {output_dir}; "

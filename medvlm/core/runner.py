@@ -226,8 +226,9 @@ def _preflight(cfg: RunConfig, loaders) -> _Plan:
     if sel.warning:
         print(f"warning: {sel.warning}", file=sys.stderr)
     plan.dataset, plan.selection = ds, sel
+    inputs = [ds.source, *map(Path, pd.unique(ds.rows["image_abspath"]))]  # the user's CSV and its images
     if not cfg.demo:  # the demo's own inputs live in its demo_data/
-        check_inputs_are_not_outputs(out, [ds.source, *map(Path, pd.unique(ds.rows["image_abspath"])), *cfg.regions])
+        check_inputs_are_not_outputs(out, [*inputs, *cfg.regions])
     if cfg.faithfulness and cfg.faithfulness_variants.strip() != "all":
         from medvlm.analysis.faithfulness import parse_variants
 
@@ -237,7 +238,7 @@ def _preflight(cfg: RunConfig, loaders) -> _Plan:
             raise UsageError(f"--faithfulness_variants {cfg.faithfulness_variants}: no selected row has that variant "
                              f"(the selected rows have {', '.join(map(str, sorted(have)))})")
     if cfg.overwrite and not cfg.demo:
-        check_overwrite_safe(out, [ds.source, *map(Path, pd.unique(ds.rows["image_abspath"]))])
+        check_overwrite_safe(out, inputs)
         removed = remove_tool_outputs(out)
         if removed:
             print(f"--overwrite: removed {len(removed)} earlier output(s) of this tool from {out}", file=sys.stderr)
