@@ -8,12 +8,6 @@ Llama: w * x_hat cast to the input dtype), so the functions are the same up to f
 rounding in the reduction (checked against the modules in tests/test_fused_norms.py).
 `--compile` fuses these norms itself, so the compiled path does not install them.
 
-Differentiated (the attribution passes), F.rms_norm falls back to its composite form (pow,
-mean, add, rsqrt, mul, each recorded with its backward); _FusedRMSNorm keeps the one fused
-kernel forward, which also returns rstd, and gives x its gradient in closed form from x and
-rstd. (torch also has a fused backward kernel on CUDA, aten._fused_rms_norm_backward: not used
-until it has run against this closed form on a GPU, tests/test_gpu.py.)
-
     with fused_rms_norms(norm_modules(model)):
         model(...)
 """
@@ -38,41 +32,14 @@ def _gemma_weight(norm: torch.nn.Module) -> torch.Tensor:
     return cached[1]
 
 
-class _FusedRMSNorm(torch.autograd.Function):
-    """y = x * rstd (* weight), rstd = rsqrt(mean(x^2, -1) + eps), differentiable in x only
-    (weight frozen or None). x [..., d]; rstd [..., 1] is kept for the backward, with x.
-    dx = rstd * (g - x_hat * mean(g * x_hat, -1)), g = dy (* weight), x_hat = x * rstd."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
-        ctx.save_for_backward(x, rstd.reshape(*x.shape[:-1], 1), weight)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, rstd, weight = ctx.saved_tensors
-        g = dy if weight is None else dy * weight
-        x_hat = x * rstd
-        return rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True)), None, None
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """F.rms_norm over the last dimension; where autograd records it (x needs a gradient, the
-    weight none), through _FusedRMSNorm instead of F.rms_norm's composite form."""
-    if torch.is_grad_enabled() and x.requires_grad and (weight is None or not weight.requires_grad):
-        return _FusedRMSNorm.apply(x, weight, eps)
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
 def gemma_rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Gemma3RMSNorm.forward: (x_hat * (1 + w)) in float32, cast to x's dtype. x [..., d]."""
-    return rms_norm(x.float(), _gemma_weight(norm), norm.eps).type_as(x)
+    return F.rms_norm(x.float(), norm.weight.shape, _gemma_weight(norm), norm.eps).type_as(x)
 
 
 def llama_rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """LlamaRMSNorm.forward: w * (x_hat cast to x's dtype). x [..., d]."""
-    return norm.weight * rms_norm(x.float(), None, norm.variance_epsilon).to(x.dtype)
+    return norm.weight * F.rms_norm(x.float(), norm.weight.shape, None, norm.variance_epsilon).to(x.dtype)
 
 
 FUSED: dict[str, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]] = {
