@@ -58,8 +58,8 @@ def test_on_cuda_equals_eager(model, tmp_path, rgb_image):
 
 @pytest.mark.parametrize("model", ["medgemma", "llava_rad"])
 def test_gradient_maps_on_cuda_equal_autograd_on_the_eager_reference(model, tmp_path, rgb_image):
-    """Gradient x input and relevancy on the GPU (the fused RMS norms' closed-form backward,
-    SDPA's causal kernels) against autograd on the full-prompt eager reference, float32."""
+    """Gradient x input and relevancy on the GPU (the fused RMS norms under autograd, SDPA's
+    causal kernels) against autograd on the full-prompt eager reference, float32."""
     from archive.reference_attribution import reference_attribution
     from medvlm.core.attribution import GRADIENT_KINDS, attribution_maps
 
@@ -154,3 +154,41 @@ def test_pixels_normalised_on_cuda_equal_the_processor_on_the_cpu(rgb_image):
     assert torch.equal(on_gpu, ip(rgb_image, return_tensors="pt")["pixel_values"]), (
         f"differs by {max_diff(on_gpu, ip(rgb_image, return_tensors='pt')['pixel_values']):.3g}"
     )
+
+
+def test_cast_free_norms_on_cuda_write_no_float32_and_stay_within_bf16_rounding():
+    """On CUDA the no-gradient bf16 norms are one kernel on the bf16 hidden states (nothing of
+    their size written in float32), within 1.5 bf16 ulps of the float32 function."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from medvlm.core.fused_norms import FUSED
+
+    class Ops(torch.utils._python_dispatch.TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.outputs = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.outputs.append((str(func), t.dtype, tuple(t.shape)))
+            return out
+
+    for cls in (Gemma3RMSNorm, LlamaRMSNorm):
+        torch.manual_seed(0)
+        m = cls(2560, eps=1e-6).cuda().requires_grad_(False)
+        m.weight.normal_(0.0, 0.3)
+        ref = cls(2560, eps=1e-6).cuda()
+        ref.weight.data = m.weight.data.bfloat16().float()
+        mb = m.bfloat16()
+        x = (torch.randn(300, 2560, device="cuda") * 4).bfloat16()
+        with torch.no_grad(), Ops() as ops:
+            got = FUSED[cls.__name__](mb, x)
+        full32 = [op for op, dtype, shape in ops.outputs if dtype == torch.float32 and shape == tuple(x.shape)]
+        assert not full32, (cls.__name__, full32)
+        want = ref(x.float())
+        ulp = torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(1e-30))) - 7)
+        ulps = ((got.float() - want).abs() / ulp).max().item()
+        assert ulps <= 1.5, f"{cls.__name__}: {ulps:.3g} bf16 ulps from float32"

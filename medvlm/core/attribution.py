@@ -348,7 +348,9 @@ class _Recomputed(torch.autograd.Function):
 
 
 def _lean_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return _Recomputed.apply(functools.partial(FUSED[type(norm).__name__], norm), x)
+    # the float32 form in the forward too (which runs without a gradient recorded), so that the
+    # backward's recomputation is the same function on the same input
+    return _Recomputed.apply(functools.partial(FUSED[type(norm).__name__], norm, cast_free=False), x)
 
 
 def _gated_product(mlp: torch.nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
