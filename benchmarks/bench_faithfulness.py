@@ -16,12 +16,14 @@ Per model it measures, each after a warm-up at the same shapes, with peak GPU me
   K steps, k perturbed images per pass; seconds per unique perturbed image (wall time over the
   images scored: blur, masks and deduplication included). Goal: <= 1.25 x the plain pass's
   per-image cost at the same k;
-- gradient x input: medvlm.core.attribution.attribution_maps at R questions per pass and u decoder
-  layers left uncheckpointed, every (R, u) of --grad_rows x --grad_uncheckpointed (each list
-  per model: "2" is for every model, "medgemma:8,16" for one), seconds per question, against
-  the same rows' forward alone (attribution_margins: one row per question, no graph; goal
-  <= 3x) and against the plain packed pass per question (a packed row shares the prefix
-  between six questions, a gradient row cannot, so this ratio is larger). Every combination
+- gradient x input: medvlm.core.attribution.attribution_maps at R questions per pass, u decoder
+  layers left uncheckpointed and s (1: each study's questions share one row after one copy of
+  its prefix, one backward each; 0: one row per question), every (R, u, s) of --grad_rows x
+  --grad_uncheckpointed x --grad_share (each list per model: "2" is for every model,
+  "medgemma:8,16" for one), seconds per question, against the same questions' forward alone at
+  R rows per pass (attribution_margins: one row per question, no graph; goal <= 3x) and
+  against the plain packed pass per question (its six questions share one forward, while a
+  gradient pass needs a backward per question, so this ratio is larger). Every combination
   goes into "gradxinput_sweep" (an out-of-memory one is recorded as such), the one to make the
   default into "gradxinput_choice" (within the memory goal: the fastest per question among
   those within the 3x goal, else the lowest ratio), the library's defaults into
@@ -54,6 +56,7 @@ from bench_speed import PARAPHRASES, backend_parameters, build, images  # noqa: 
 from medvlm.analysis.faithfulness import FaithfulnessConfig, faithfulness_for_studies  # noqa: E402
 from medvlm.core.attribution import (  # noqa: E402
     DEFAULT_ROWS,
+    DEFAULT_SHARED_PREFIX,
     DEFAULT_UNCHECKPOINTED,
     attribution_maps,
     attribution_margins,
@@ -142,7 +145,9 @@ def gradxinput_sweep(name: str, backend, args, ratio) -> dict:
     [entry, ...], "gradxinput": {R: its entry at the default u (else the first u)},
     "gradxinput_choice": choose(sweep), "gradxinput_defaults": the library's R and u}."""
     rows, unck = per_model(args.grad_rows, name), per_model(args.grad_uncheckpointed, name)
-    defaults = {"rows": DEFAULT_ROWS[name]["gradxinput"], "uncheckpointed": DEFAULT_UNCHECKPOINTED[name]["gradxinput"]}
+    defaults = {"rows": DEFAULT_ROWS[name]["gradxinput"], "uncheckpointed": DEFAULT_UNCHECKPOINTED[name]["gradxinput"],
+                "share_prefix": DEFAULT_SHARED_PREFIX[name]}  # fmt: skip
+    shares = [bool(v) for v in per_model(args.grad_share, name)] or [defaults["share_prefix"]]
     n_layers = len(backend._attention)
     q = args.grad_questions
     sweep, forward = [], {}
@@ -151,12 +156,13 @@ def gradxinput_sweep(name: str, backend, args, ratio) -> dict:
         items = [(im, PARAPHRASES[:q], None) for im in images(-(-n_q // q))]
         n_q = len(items) * q
         first = items[: -(-r // q)]  # one full pass of r rows, for the warm-ups
-        for u in unck:
-            entry = {"rows": r, "uncheckpointed": min(u, n_layers), "n_questions": n_q}
+        for u, share in [(u, sh) for u in unck for sh in shares]:
+            entry = {"rows": r, "uncheckpointed": min(u, n_layers), "share_prefix": share, "n_questions": n_q}
             try:
-                attribution_maps(backend, first, ("gradxinput",), rows_per_pass=r, uncheckpointed=u)
-                t_g, peak_g, _ = measure_best(lambda items=items, r=r, u=u: attribution_maps(
-                    backend, items, ("gradxinput",), rows_per_pass=r, uncheckpointed=u), args.repeats)  # fmt: skip
+                attribution_maps(backend, first, ("gradxinput",), rows_per_pass=r, uncheckpointed=u, share_prefix=share)
+                t_g, peak_g, _ = measure_best(lambda items=items, r=r, u=u, share=share: attribution_maps(
+                    backend, items, ("gradxinput",), rows_per_pass=r, uncheckpointed=u, share_prefix=share),
+                    args.repeats)  # fmt: skip
                 if r not in forward:
                     attribution_margins(backend, first, rows_per_pass=r)
                     forward[r] = measure_best(lambda items=items, r=r: attribution_margins(
@@ -166,21 +172,24 @@ def gradxinput_sweep(name: str, backend, args, ratio) -> dict:
                 torch.cuda.empty_cache()
                 entry["oom"] = True
                 sweep.append(entry)
-                print(f"  {name} gradxinput R={r} u={u}: out of memory", flush=True)
+                print(f"  {name} gradxinput R={r} u={u} shared={int(share)}: out of memory", flush=True)
                 continue
             entry.update(s_per_question=t_g / n_q, forward_only_s_per_question=t_f / n_q,
                          gradxinput_over_forward=t_g / t_f, peak_over_weights=ratio(peak_g),
                          forward_peak_over_weights=ratio(peak_f))  # fmt: skip
             sweep.append(entry)
-            print(f"  {name} gradxinput R={r} u={u}: {t_g / n_q * 1e3:.1f} ms/question, {t_g / t_f:.2f}x its forward "
+            print(f"  {name} gradxinput R={r} u={u} shared={int(share)}: {t_g / n_q * 1e3:.1f} ms/question, "
+                  f"{t_g / t_f:.2f}x its forward "
                   f"({t_f / n_q * 1e3:.1f} ms/question), peak {ratio(peak_g)}", flush=True)  # fmt: skip
     by_rows = {}
     for e in sweep:
-        if "oom" not in e and (e["rows"] not in by_rows or e["uncheckpointed"] == defaults["uncheckpointed"]):
+        default = e["uncheckpointed"] == defaults["uncheckpointed"] and e["share_prefix"] == defaults["share_prefix"]
+        if "oom" not in e and (e["rows"] not in by_rows or default):
             by_rows[e["rows"]] = e
     choice = choose(sweep)
-    print(f"  {name} gradxinput choice: {choice and (choice['rows'], choice['uncheckpointed'])} "
-          f"(defaults now R={defaults['rows']}, u={defaults['uncheckpointed']})", flush=True)  # fmt: skip
+    print(f"  {name} gradxinput choice: {choice and (choice['rows'], choice['uncheckpointed'], choice['share_prefix'])}"
+          f" (defaults now R={defaults['rows']}, u={defaults['uncheckpointed']}, shared={defaults['share_prefix']})",
+          flush=True)  # fmt: skip
     return {"gradxinput_sweep": sweep, "gradxinput": by_rows, "gradxinput_choice": choice,
             "gradxinput_defaults": defaults}  # fmt: skip
 
@@ -264,6 +273,8 @@ def main(argv=None) -> int:
     )
     p.add_argument("--grad_uncheckpointed", nargs="+", default=["1"],
                    help="decoder layers left uncheckpointed, the same syntax; every (rows, u) pair is run")  # fmt: skip
+    p.add_argument("--grad_share", nargs="+", default=[],
+                   help="1 shared prefix, 0 one row per question, the same syntax (default: the library's)")
     p.add_argument("--grad_studies", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2, help="gradient x input timings: the least of this many runs")
     p.add_argument("--grad_questions", type=int, default=2)

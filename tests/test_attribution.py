@@ -94,7 +94,7 @@ def test_causal_fast_path_equals_the_masked_path(backend, causal_calls, monkeypa
     packed mask (float32). MedGemma's rows (image block, sliding layers) never take it, nor
     relevancy (its eager attention needs the mask)."""
     n_layers = len(backend._attention)
-    fast = attribution_maps(backend, items(), ("gradxinput",), rows_per_pass=2, uncheckpointed=1)
+    fast = attribution_maps(backend, items(), ("gradxinput",), rows_per_pass=2, uncheckpointed=1, share_prefix=False)
     margins = attribution_margins(backend, items(), rows_per_pass=2)
     taken = len(causal_calls)
     # 2 passes: each layer forward once, checkpointed layers again in the backward; 2 margin passes
@@ -103,13 +103,53 @@ def test_causal_fast_path_equals_the_masked_path(backend, causal_calls, monkeypa
     attribution_maps(backend, items()[1:], ("relevancy",))
     assert len(causal_calls) == taken, "relevancy took the causal fast path"
     monkeypatch.setattr(engine, "CAUSAL_FAST_PATH", False)
-    masked = attribution_maps(backend, items(), ("gradxinput",), rows_per_pass=2, uncheckpointed=1)
+    masked = attribution_maps(backend, items(), ("gradxinput",), rows_per_pass=2, uncheckpointed=1,
+                              share_prefix=False)  # fmt: skip
     assert len(causal_calls) == taken
     _close(fast["gradxinput"], masked["gradxinput"], f"{backend.name} gradxinput, fast path vs masked")
     diff = float(np.abs(fast.margin - masked.margin).max())
     assert diff <= TOL, f"{backend.name}: margins, fast path vs masked, max diff {diff:.3e}"
     diff = float(np.abs(margins - attribution_margins(backend, items(), rows_per_pass=2)).max())
     assert diff <= TOL, f"{backend.name}: forward-only margins, fast path vs masked, max diff {diff:.3e}"
+
+
+def test_shared_prefix_passes_equal_one_question_per_row(backend, monkeypatch):
+    """Gradient x input with each study's questions packed after one copy of its prefix (one
+    backward per question, the graph kept between them) gives every map and margin of the one
+    question per row layout. LLaVA-Rad's shared rows run the prefix on plain causal SDPA and
+    only the packed questions under the mask (engine._split_attention, forward, recomputation
+    and backward); the same under the whole mask. MedGemma's image block never takes it."""
+    from medvlm.core import engine
+
+    calls = []
+    real = engine._split_attention
+    monkeypatch.setattr(engine, "_split_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    n_layers = len(backend._attention)
+    per_row = attribution_maps(backend, items(), ("gradxinput",), rows_per_pass=2, uncheckpointed=1,
+                               share_prefix=False)  # fmt: skip
+    shared = attribution_maps(backend, items(), ("gradxinput",), rows_per_pass=3, uncheckpointed=1,
+                              share_prefix=True)  # fmt: skip
+    # study a's two questions share one row (one forward, two backwards recomputing the n - 1
+    # checkpointed layers each); study b's single question is a row of its own (pure causal)
+    expected = n_layers + 2 * (n_layers - 1) if backend.name == "llava_rad" else 0
+    assert len(calls) == expected, f"{backend.name}: {len(calls)} split attention calls, expected {expected}"
+    _close(shared["gradxinput"], per_row["gradxinput"], f"{backend.name} gradxinput, shared prefix vs per row")
+    diff = float(np.abs(shared.margin - per_row.margin).max())
+    assert diff <= TOL, f"{backend.name}: margins, shared prefix vs per row, max diff {diff:.3e}"
+    assert np.abs(shared["gradxinput"][0] - shared["gradxinput"][1]).max() > 1e-6, "questions sharing a row differ"
+    monkeypatch.setattr(engine, "CAUSAL_FAST_PATH", False)
+    masked = attribution_maps(backend, items(), ("gradxinput",), rows_per_pass=3, uncheckpointed=1,
+                              share_prefix=True)  # fmt: skip
+    assert len(calls) == expected
+    _close(masked["gradxinput"], shared["gradxinput"], f"{backend.name} gradxinput, split vs masked attention")
+
+
+def test_shared_passes_never_mix_studies():
+    from medvlm.core.attribution import _passes
+
+    assert _passes([0, 0, 0, 1, 1, 2], 2, shared=True) == [[0, 1], [2], [3, 4], [5]]
+    assert _passes([0, 0, 0, 1, 1, 2], 2, shared=False) == [[0, 1], [2, 3], [4, 5]]
+    assert _passes([0, 0, 1], 5, shared=True) == [[0, 1], [2]]
 
 
 def test_recomputation_stops_before_llava_rads_down_projection(backend):
@@ -121,7 +161,7 @@ def test_recomputation_stops_before_llava_rads_down_projection(backend):
     calls = []
     hooks = [layer.mlp.down_proj.register_forward_hook(lambda *a: calls.append(1)) for layer in layers]
     try:
-        attribution_maps(backend, items(), ("gradxinput",), rows_per_pass=2, uncheckpointed=1)
+        attribution_maps(backend, items(), ("gradxinput",), rows_per_pass=2, uncheckpointed=1, share_prefix=False)
     finally:
         for h in hooks:
             h.remove()
@@ -154,7 +194,7 @@ def _saved_before_backward(backend, monkeypatch, lean: bool):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         att = attribution_maps(backend, items()[:1], ("gradxinput",), rows_per_pass=2,
-                               uncheckpointed=len(backend._attention))  # fmt: skip
+                               uncheckpointed=len(backend._attention), share_prefix=False)  # fmt: skip
     monkeypatch.undo()
     return state["bytes"], att["gradxinput"]
 

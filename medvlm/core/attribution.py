@@ -113,9 +113,12 @@ from medvlm.core.store import map_key
 ATTRIBUTION_KINDS = ("attention", "gradxinput", "relevancy")
 GRADIENT_KINDS = ("gradxinput", "relevancy")
 #: rows (questions) per gradient pass when the caller does not say, by backend name
-DEFAULT_ROWS = {"llava_rad": {"gradxinput": 2, "relevancy": 1}, "medgemma": {"gradxinput": 8, "relevancy": 1}}
+DEFAULT_ROWS = {"llava_rad": {"gradxinput": 6, "relevancy": 1}, "medgemma": {"gradxinput": 8, "relevancy": 1}}
 #: decoder layers run without activation checkpointing when the caller does not say, by backend name
 DEFAULT_UNCHECKPOINTED = {"llava_rad": {"gradxinput": 1, "relevancy": 1}, "medgemma": {"gradxinput": 1, "relevancy": 1}}
+#: gradient x input's passes share each study's prefix among its questions (one row, one
+#: backward per question) when the caller does not say, by backend name
+DEFAULT_SHARED_PREFIX = {"llava_rad": True, "medgemma": False}
 #: images through the vision tower at once (its activations are the pass's other memory peak)
 IMAGE_CHUNK = 8
 RELEVANCY_ATTENTION = "medvlm_relevancy"
@@ -475,12 +478,18 @@ def relevancy_attention(attention_modules: Sequence[torch.nn.Module], recorder: 
 # -- the pass -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Rows:
-    """R questions as batch rows: their ids and their study's image embeddings."""
+    """Q questions in K batch rows: their ids and each row's study's image embeddings. owner:
+    the row of each question (packed one after another after the row's prefix); () for one
+    question per row (K = Q)."""
 
     before: tuple[int, ...]
     after: tuple[int, ...]
     suffixes: list[tuple[int, ...]]
-    image: torch.Tensor  # [R, n_image, d]
+    image: torch.Tensor  # [K, n_image, d]
+    owner: tuple[int, ...] = ()
+
+    def owners(self) -> list[int]:
+        return list(self.owner) if self.owner else list(range(len(self.suffixes)))
 
 
 @dataclass(frozen=True)
@@ -498,19 +507,20 @@ class _RowPass:
 def _row_pass(pc: _Pieces, rows: _Rows, fast: bool = True) -> _RowPass:
     """The masks of R rows (engine.pass_masks: with fast, plain causal attention when the
     rows' mask is provably that, e.g. LLaVA-Rad's rows; never for MedGemma's image block)."""
-    n_rows = len(rows.suffixes)
     start = len(rows.before)
     prefix_len = start + pc.n_image + len(rows.after)
-    layout = pack_suffixes(rows.suffixes, list(range(n_rows)), n_rows, pc.pad_id)
+    layout = pack_suffixes(rows.suffixes, rows.owners(), rows.image.shape[0], pc.pad_id)
     span = (start, start + pc.n_image) if pc.bidirectional else None
-    mask, pos, context = pass_masks(pc.config, layout, prefix_len, pc.device, span, pc.attention if fast else ())
+    mask, pos, context = pass_masks(pc.config, layout, prefix_len, pc.device, span, pc.attention if fast else (),
+                                    split=fast)  # fmt: skip
     return _RowPass(layout, prefix_len, mask, pos, context)
 
 
 def _forward_rows(pc: _Pieces, rows: _Rows, leaf: torch.Tensor, rp: _RowPass):
-    """Logits margin of each row: the decoder over [before, image (leaf), after, suffix] under
-    the row pass's masks (run inside rp.context). -> (margin [R], answer positions [R], T)."""
-    n_rows = len(rows.suffixes)
+    """Logits margin of each question: the decoder over each row's [before, image (leaf), after,
+    its questions' suffixes] under the row pass's masks (run inside rp.context).
+    -> (margin [Q], answer positions [Q] within their rows, T)."""
+    n_rows = leaf.shape[0]
     layout, prefix_len, mask, position_ids = rp.layout, rp.prefix_len, rp.mask, rp.position_ids
     ids = lambda x: to_device(torch.tensor([list(x)], dtype=torch.long), pc.device)  # noqa: E731
     parts = [pc.embed(ids(rows.before)).expand(n_rows, -1, -1), leaf.to(pc.dtype)]
@@ -518,9 +528,10 @@ def _forward_rows(pc: _Pieces, rows: _Rows, leaf: torch.Tensor, rp: _RowPass):
         parts.append(pc.embed(ids(rows.after)).expand(n_rows, -1, -1))
     parts.append(pc.embed(to_device(layout.suffix_ids, pc.device)))
     embeds = torch.cat(parts, dim=1)
-    answer = torch.tensor([prefix_len + len(s) - 1 for s in rows.suffixes], device=pc.device)
+    answer = [prefix_len + layout.start_of[q] + len(s) - 1 for q, s in enumerate(rows.suffixes)]
+    answer = torch.tensor(answer, device=pc.device)
     hidden = pc.decode(embeds, mask, position_ids)
-    logits = pc.head(hidden[torch.arange(n_rows, device=pc.device), answer])
+    logits = pc.head(hidden[torch.tensor(rows.owners(), device=pc.device), answer])
     return answer_margin(logits, pc.answer_tokens), answer, embeds.shape[1]
 
 
@@ -544,9 +555,7 @@ def _gradient_rows(pc: _Pieces, rows: _Rows, kind: str | None, target: torch.Ten
           checkpointed_layers(pc.decoder_layers[:split])):  # fmt: skip
         if kind == "gradxinput":
             m, _, _ = _forward_rows(pc, rows, leaf, rp)
-            (grad,) = torch.autograd.grad(m.sum(), leaf)
-            acc = torch.promote_types(leaf.dtype, torch.float32)
-            return m.detach(), (grad.to(acc) * leaf.detach().to(acc)).sum(-1)
+            return m.detach(), _gradxinput_backwards(m, leaf, rows.owners())
         if kind != "relevancy":
             raise ValueError(f"unknown gradient map kind {kind!r}; valid: {', '.join(GRADIENT_KINDS)}")
         prefix_len = start + pc.n_image + len(rows.after)
@@ -565,6 +574,26 @@ def _gradient_rows(pc: _Pieces, rows: _Rows, kind: str | None, target: torch.Ten
         return m.detach(), recorder.row[:, start : start + pc.n_image]
 
 
+def _gradxinput_backwards(m: torch.Tensor, leaf: torch.Tensor, owner: list[int]) -> torch.Tensor:
+    """Each question's (grad_e m_q * e).sum(hidden) over its row's image embeddings e (leaf
+    [K, n_image, d]; m [Q], owner [Q] its row): one backward per slot j, for the j-th question
+    of every row at once (rows never share a leaf, so each row's gradient is its own
+    question's; questions of one row share it, hence one backward each). -> [Q, n_image]."""
+    slot, seen = [], {}
+    for r in owner:
+        slot.append(seen.get(r, 0))
+        seen[r] = slot[-1] + 1
+    acc = torch.promote_types(leaf.dtype, torch.float32)
+    out = torch.empty((len(owner), leaf.shape[1]), dtype=acc, device=leaf.device)
+    n_slots = max(slot) + 1
+    for j in range(n_slots):
+        qs = [q for q, s in enumerate(slot) if s == j]
+        (grad,) = torch.autograd.grad(m[qs].sum(), leaf, retain_graph=j < n_slots - 1)
+        rows = torch.tensor([owner[q] for q in qs], device=leaf.device)
+        out[qs] = (grad[rows].to(acc) * leaf.detach()[rows].to(acc)).sum(-1)
+    return out
+
+
 def _image_embeddings(pc: _Pieces, images) -> torch.Tensor:
     """[K, n_image, d] of K images, IMAGE_CHUNK at a time through the vision tower."""
     image = torch.cat([pc.image_embeddings(images[i : i + IMAGE_CHUNK]) for i in range(0, len(images), IMAGE_CHUNK)])
@@ -581,6 +610,7 @@ def attribution_maps(
     rows_per_pass: int | dict | None = None,
     answers: Sequence[str] | None = None,
     uncheckpointed: int | None = None,
+    share_prefix: bool | None = None,
 ) -> Attribution:
     """Gradient maps for every question of several studies.
 
@@ -599,6 +629,10 @@ def attribution_maps(
                    recomputation would follow its forward at once): each saves one layer's
                    recomputation per pass and costs one layer's activations per row. Values
                    never change.
+    share_prefix   gradient x input only: each pass is one batch row holding up to
+                   rows_per_pass questions of one study after one copy of its prefix, with one
+                   backward per question (default DEFAULT_SHARED_PREFIX[backend.name]); else one
+                   row per question. Values never change.
     returns        Attribution: maps {kind: [Q, 1, n_image] float32}, margin, p_yes, target
     """
     kinds = tuple(dict.fromkeys(kinds))
@@ -630,10 +664,15 @@ def attribution_maps(
         size = int(size or DEFAULT_ROWS[backend.name][kind])
         if size < 1:
             raise ValueError(f"rows_per_pass must be >= 1, got {size}")
+        shared = kind == "gradxinput" and (DEFAULT_SHARED_PREFIX[backend.name] if share_prefix is None
+                                           else bool(share_prefix))  # fmt: skip
         out, ms = [], []
-        for lo in range(0, len(questions), size):
-            idx = list(range(lo, min(lo + size, len(questions))))
-            rows = _Rows(before, after, [prompts[i][2] for i in idx], image[study[idx]])
+        for idx in _passes([k for k, _ in questions], size, shared):
+            suffixes = [prompts[i][2] for i in idx]
+            if shared:
+                rows = _Rows(before, after, suffixes, image[study[idx[:1]]], owner=(0,) * len(idx))
+            else:
+                rows = _Rows(before, after, suffixes, image[study[idx]])
             target = None
             if answers is not None:
                 target = torch.tensor([1.0 if answers[i] == "yes" else -1.0 for i in idx])
@@ -646,6 +685,16 @@ def attribution_maps(
     target = tuple(answers) if answers is not None else tuple("yes" if x >= 0 else "no" for x in margin)
     return Attribution(maps=maps, layers={k: layers[k] for k in kinds}, margin=margin,
                        p_yes=1.0 / (1.0 + np.exp(-margin)), target=target)  # fmt: skip
+
+
+def _passes(study: list[int], size: int, shared: bool) -> list[list[int]]:
+    """Question indices of each pass: consecutive runs of at most size questions; with shared,
+    never two studies in one pass."""
+    cuts = [i for i in range(1, len(study)) if shared and study[i] != study[i - 1]]
+    out = []
+    for lo, hi in zip([0, *cuts], [*cuts, len(study)], strict=True):
+        out += [list(range(a, min(a + size, hi))) for a in range(lo, hi, size)]
+    return out
 
 
 def attribution_margins(backend, items: Sequence[tuple], rows_per_pass: int = 4) -> np.ndarray:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
 from medvlm.core.capture import CaptureSpec, capture_resid_norms, capture_rows
 from medvlm.core.scoring import AnswerTokens, yes_probability
@@ -205,6 +205,8 @@ def packed_masks(config, layout: PackedLayout, prefix_len: int, device, bidirect
 #: it off to compare with the masked path
 CAUSAL_FAST_PATH = True
 CAUSAL_ATTENTION = "medvlm_causal"
+SPLIT_ATTENTION = "medvlm_split"
+_SPLIT_ATTR = "_medvlm_split_prefix_len"
 
 
 def pure_causal(config, layout: PackedLayout, bidirectional_span=None) -> bool:
@@ -251,21 +253,71 @@ def causal_attention(configs: Sequence) -> Iterator[None]:
             c._attn_implementation = impl
 
 
-def pass_masks(config, layout: PackedLayout, prefix_len: int, device, bidirectional_span=None,
-               attention_modules: Sequence[torch.nn.Module] = ()):  # fmt: skip
-    """packed_masks, or its pure-causal fast path. -> (mask, position_ids [K, T], context):
-    run the decoder (its backward too, where checkpointed layers recompute) inside context.
+def causal_prefix(config, bidirectional_span=None) -> bool:
+    """True when packed_masks' prefix block is plain causal attention whatever the packing: no
+    bidirectional span, every layer full attention (no sliding window, no other layer type)."""
+    types = list(getattr(config, "layer_types", None) or [])
+    return not (bidirectional_span is not None or getattr(config, "sliding_window", None)
+                or set(types) - {"full_attention"})  # fmt: skip
 
-    The fast path is taken when CAUSAL_FAST_PATH, pure_causal(...), and config and every
-    module of attention_modules (the decoder's self-attention; none given: never) run on
-    "sdpa": then mask is None, the position ids are 0 .. T - 1 in every row (the pads' own
+
+def _split_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Packed rows whose prefix attends plainly causally (causal_prefix): the P prefix queries
+    on SDPA's is_causal kernel over the prefix keys (flash / cuDNN, forward and backward), the
+    W packed question queries under their rows of the block mask over all keys. The same as
+    SDPA under the whole mask (prefix queries never see a packed key). query [b, h, T, d],
+    key/value [b, kv_h, T, d], attention_mask [b, 1, T, T] bool -> ([b, T, h, d], None)."""
+    p = getattr(module, _SPLIT_ATTR)
+    if attention_mask is None or attention_mask.dtype != torch.bool or key.shape[2] != query.shape[2]:
+        raise RuntimeError("the split attention needs the packed pass's boolean mask and no cache")
+    head, _ = sdpa_attention_forward(module, query[:, :, :p], key[:, :, :p], value[:, :, :p], None, dropout=dropout,
+                                     scaling=scaling, is_causal=True, **kwargs)  # fmt: skip
+    tail, _ = sdpa_attention_forward(module, query[:, :, p:], key, value, attention_mask[:, :, p:], dropout=dropout,
+                                     scaling=scaling, is_causal=False, **kwargs)  # fmt: skip
+    return torch.cat([head, tail], dim=1), None
+
+
+@contextlib.contextmanager
+def split_attention(configs: Sequence, attention_modules: Sequence[torch.nn.Module], prefix_len: int) -> Iterator[None]:
+    """Every config's attention on _split_attention (prefix of prefix_len tokens) for the
+    block; the 4-D boolean mask the caller passes reaches it unchanged. Each restored after."""
+    AttentionInterface.register(SPLIT_ATTENTION, _split_attention)
+    AttentionMaskInterface.register(SPLIT_ATTENTION, sdpa_mask)
+    unique = list({id(c): c for c in configs}.values())
+    saved = [c._attn_implementation for c in unique]
+    try:
+        for c in unique:
+            c._attn_implementation = SPLIT_ATTENTION
+        for m in attention_modules:
+            setattr(m, _SPLIT_ATTR, prefix_len)
+        yield
+    finally:
+        for m in attention_modules:
+            if _SPLIT_ATTR in vars(m):
+                delattr(m, _SPLIT_ATTR)
+        for c, impl in zip(unique, saved, strict=True):
+            c._attn_implementation = impl
+
+
+def pass_masks(config, layout: PackedLayout, prefix_len: int, device, bidirectional_span=None,
+               attention_modules: Sequence[torch.nn.Module] = (), split: bool = False):  # fmt: skip
+    """packed_masks, or one of its fast paths. -> (mask, position_ids [K, T], context): run the
+    decoder (its backward too, where checkpointed layers recompute) inside context.
+
+    The fast paths are taken when CAUSAL_FAST_PATH and config and every module of
+    attention_modules (the decoder's self-attention; none given: never) run on "sdpa". With
+    pure_causal(...): mask is None, the position ids are 0 .. T - 1 in every row (the pads' own
     positions change; no real token sees a pad) and context puts the decoder on
-    _causal_attention. Otherwise packed_masks' (mask, position_ids) and a null context."""
+    _causal_attention. Else, with split and causal_prefix(...): packed_masks' mask and
+    position ids, and context puts the decoder on _split_attention. Otherwise packed_masks'
+    (mask, position_ids) and a null context."""
     configs = [config, *(m.config for m in attention_modules)]
-    fast = (CAUSAL_FAST_PATH and len(configs) > 1 and all(c._attn_implementation == "sdpa" for c in configs)
-            and pure_causal(config, layout, bidirectional_span))  # fmt: skip
+    sdpa = CAUSAL_FAST_PATH and len(configs) > 1 and all(c._attn_implementation == "sdpa" for c in configs)
+    fast = sdpa and pure_causal(config, layout, bidirectional_span)
     if not fast:
         mask, pos = packed_masks(config, layout, prefix_len, device, bidirectional_span)
+        if sdpa and split and causal_prefix(config, bidirectional_span):
+            return mask, pos, split_attention(configs, attention_modules, prefix_len)
         return mask, pos, contextlib.nullcontext()
     k_studies, width = layout.owner.shape
     pos = to_device(torch.arange(prefix_len + width).repeat(k_studies, 1), device)
