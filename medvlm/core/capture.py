@@ -44,7 +44,7 @@ _CAPTURE_ATTR = "_medvlm_row_capture"
 _CAUSAL_PREFIX_ATTR = "_medvlm_causal_prefix"
 
 
-def _mask_never_skipped(*args, **kwargs):
+def mask_never_skipped(*args, **kwargs):
     """sdpa_mask that always materialises the boolean mask (no is_causal shortcut)."""
     kwargs["allow_is_causal_skip"] = False
     return sdpa_mask(*args, **kwargs)
@@ -92,7 +92,7 @@ def _row_capture_attention(
 def register() -> str:
     """Register the attention and mask functions (idempotent). Returns the name."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, _row_capture_attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _mask_never_skipped)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, mask_never_skipped)
     return ATTN_IMPLEMENTATION
 
 
