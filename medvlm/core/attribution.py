@@ -30,9 +30,13 @@ How it is computed (exact, not sampled): one batch row per question, each row it
 prefix (text, image embeddings, text) and the question's suffix, under the packed pass's masks
 (medvlm.core.engine.pass_masks: one question per row). The image embeddings of each row are their
 own leaf tensor, so the gradient of sum_r m_r splits into each question's own gradient: rows
-never share a leaf (two questions of one study share the prefix, whose gradient differs per
-question, so a packed row of several questions cannot give per-question gradients in one
-backward). Every decoder layer but the last `uncheckpointed` runs under activation
+never share a leaf. With share_prefix (gradient x input; LLaVA-Rad's default), a pass is one
+row instead: one study's prefix once, its questions packed after it under the block mask (as
+the scorer packs them), and one backward per question (the prefix's gradient differs per
+question, so one backward of the sum would mix them): the forward is paid once per study,
+the recomputation and the backward once per question. LLaVA-Rad's shared row runs its prefix
+queries on SDPA's causal kernel and only the packed questions under the mask
+(engine.split_attention). Every decoder layer but the last `uncheckpointed` runs under activation
 checkpointing (non-reentrant torch.utils.checkpoint, installed for the pass and removed): the
 forward keeps each layer's input only; the backward recomputes one layer at a time. Model
 parameters are frozen for the pass (requires_grad restored after), so no weight gradient is
@@ -47,8 +51,10 @@ decoder's RMS norms run fused (medvlm.core.fused_norms; not for a compiled or fl
 Defaults by backend (backend.name), chosen by benchmarks/bench_faithfulness.py's sweep on an
 H200 (bf16, full-size random weights; goals: gradient x input <= 3x the same rows' forward
 alone, peak memory <= 1.15 x the weights):
-    DEFAULT_ROWS             questions per pass: LLaVA-Rad gradient x input 2 (T ~1434:
-                             compute-bound already at one row, memory-bound beyond two);
+    DEFAULT_ROWS             questions per pass: LLaVA-Rad gradient x input 6 (one study's six
+                             paraphrases in one shared row, DEFAULT_SHARED_PREFIX; one row per
+                             question, 2 were best: T ~1434 is compute-bound already at one
+                             row, memory-bound beyond two);
                              MedGemma 8 (T ~300: its forward is host/launch-bound, so more rows
                              per pass bring the gradient pass to compute-bound; 16 rows exceed
                              the memory goal); relevancy 1
