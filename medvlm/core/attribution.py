@@ -61,11 +61,18 @@ alone, peak memory <= 1.15 x the weights):
     DEFAULT_UNCHECKPOINTED   layers at the end run without checkpointing, per kind: 1 (each
                              further layer saves 1/L of a forward per pass, for one layer's
                              activations per row; the memory goal leaves no room for more at
-                             two rows)
+                             two rows), but 4 for LLaVA-Rad's shared row (one row per pass)
     Measured in two runs on 2026-11-30 (benchmarks/results/2026-11-30-nvidia-h200-faithfulness
     .json and -faithfulness-sweep.json): LLaVA-Rad (R 2, u 1) 3.00x and 3.01x its forward, peak
     1.12x the weights ((1, 6): 2.97x and 3.70x, too unsteady to choose; (2, 6): 2.88x but
     1.26x); MedGemma (8, 1) 2.91x and 2.53x, 1.12x ((16, 1): 2.20x / 2.36x but 1.22x).
+    On one H100 on 2026-12-08 (benchmarks/results/2026-12-08-nvidia-h100-x1.log): LLaVA-Rad's
+    shared row of 6 questions with 4 layers uncheckpointed took 127.3, 142.7 and 141.1 ms per
+    question at 1.12x the weights, one row per question (2, 1) 146.4 ms at 1.12x (same calls);
+    against the forward of one question per row at 6 rows (45.2-45.5 ms) that is 2.80x-3.15x.
+    MedGemma (8, 1) 3.24x and 3.37x (26.6 and 27.3 ms, one call 39.6 ms), its forward faster
+    since the cast-free bf16 norms (8.1-8.2 ms per question, was 10.2); a shared row is 16x
+    there (six small backwards, launch-bound).
 Only speed and memory depend on them; every value is the same whatever they are.
 
 Cost per question (T = prefix + suffix tokens, F = one forward of those T tokens):
@@ -119,7 +126,7 @@ GRADIENT_KINDS = ("gradxinput", "relevancy")
 #: rows (questions) per gradient pass when the caller does not say, by backend name
 DEFAULT_ROWS = {"llava_rad": {"gradxinput": 6, "relevancy": 1}, "medgemma": {"gradxinput": 8, "relevancy": 1}}
 #: decoder layers run without activation checkpointing when the caller does not say, by backend name
-DEFAULT_UNCHECKPOINTED = {"llava_rad": {"gradxinput": 1, "relevancy": 1}, "medgemma": {"gradxinput": 1, "relevancy": 1}}
+DEFAULT_UNCHECKPOINTED = {"llava_rad": {"gradxinput": 4, "relevancy": 1}, "medgemma": {"gradxinput": 1, "relevancy": 1}}
 #: gradient x input's passes share each study's prefix among its questions (one row, one
 #: backward per question) when the caller does not say, by backend name
 DEFAULT_SHARED_PREFIX = {"llava_rad": True, "medgemma": False}
