@@ -68,7 +68,8 @@ alone, peak memory <= 1.15 x the weights):
     1.26x); MedGemma (8, 1) 2.91x and 2.53x, 1.12x ((16, 1): 2.20x / 2.36x but 1.22x).
     On one H100 on 2026-12-08 (benchmarks/results/2026-12-08-nvidia-h100-x1.log): LLaVA-Rad's
     shared row of 6 questions with 4 layers uncheckpointed took 127.3, 142.7 and 141.1 ms per
-    question at 1.12x the weights, one row per question (2, 1) 146.4 ms at 1.12x (same calls);
+    question at 1.12x the weights, one row per question (2, 1) 146.4 ms at 1.12x (beside the
+    third; 145.8-147.1 in the day's earlier leases);
     against the forward of one question per row at 6 rows (45.2-45.5 ms) that is 2.80x-3.15x.
     MedGemma (8, 1) 3.24x and 3.37x (26.6 and 27.3 ms, one call 39.6 ms), its forward faster
     since the cast-free bf16 norms (8.1-8.2 ms per question, was 10.2); a shared row is 16x
