@@ -466,6 +466,29 @@ def test_a_fixed_label_is_taken_on_resume(tmp_path, capsys):
     assert row.answer_gt == "no" and row.polarity == "negated" and row.correct == (row.answer == "no")
 
 
+def test_an_image_replaced_in_place_is_scored_again_on_resume(tmp_path):
+    """Resume compares each record's image stamp (size and modification time) with the file:
+    a study whose image was replaced under the same name is scored again, the others are not."""
+    from medvlm.core.pipeline import image_stamp
+
+    csv = make_project(tmp_path / "proj", n_studies=2)
+    out = tmp_path / "out"
+    assert cli.main(tiny_args(csv, out)) == 0
+    first = pd.read_json(out / "results.jsonl", lines=True)
+    assert first["image_stamp"].notna().all()
+    df = pd.read_csv(csv)
+    image = (csv.parent / df.image_path.iloc[0]).resolve()
+    assert first.loc[first.image_path == str(image), "image_stamp"].iloc[0] == image_stamp(image)
+    n_rows = int((df.image_path == df.image_path.iloc[0]).sum())
+    Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)  # a new image, same name
+    st = os.stat(image)
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # coarse file-system clocks
+    assert cli.main(tiny_args(csv, out)) == 0
+    counts = json.loads((out / "manifest.json").read_text())["counts"]["medgemma"]
+    assert counts["rescored_changed"] == n_rows, counts
+    assert counts["skipped_done"] == len(df) - n_rows, counts
+
+
 def test_the_cli_lets_idle_cpu_threads_sleep(monkeypatch):
     """OMP_WAIT_POLICY=PASSIVE before torch is imported (the demo's tiny ops stalled 3-6 x with
     spinning threads when another process held a core); a value the user set is kept."""

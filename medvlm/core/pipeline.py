@@ -9,6 +9,7 @@ error halves the batch and retries. Rerunning into the same folder skips finishe
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -49,8 +50,19 @@ def _base_record(model: str, row, random_weights: bool) -> dict:
         "polarity": getattr(row, "polarity", None),
         "line": int(row.line),
         "image_path": str(row.image_abspath),
+        "image_stamp": image_stamp(row.image_abspath),
         "random_weights": random_weights,
     }
+
+
+def image_stamp(path) -> str | None:
+    """"<bytes>:<modified, ns>" of an image file: an image replaced or edited in place changes
+    it (so resume scores its rows again); None where the file cannot be read."""
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _ok_record(model: str, row, s, geometry: dict, notes, seconds: float, random_weights: bool) -> dict:
@@ -241,20 +253,26 @@ def pending_rows(store: ResultsStore, model: str, rows: pd.DataFrame) -> tuple[p
     """(rows still to score, how many of them were done but changed in the CSV since).
 
     A row is done when the store's latest record for its key is ok and still has the CSV's
-    question, image, answer_gt and polarity; a row whose CSV line changed (a fixed label, a
-    reworded question) is scored again, and its new record supersedes the old one."""
+    question, image, answer_gt and polarity, and its image file the size and modification time
+    recorded (image_stamp); a row whose CSV line changed (a fixed label, a reworded question)
+    or whose image was replaced in place is scored again, and its new record supersedes the
+    old one. (Records written before image stamps existed are not compared on it.)"""
     df = read_results(store.root)
     if df.empty:
         return rows, 0
     ok = df[(df["model"] == model) & (df["status"] == "ok")]
     stored = {(str(r["study_id"]), str(r["finding"]), int(r["variant_id"])): r for r in ok.to_dict("records")}
-    keep, changed = [], 0
+    keep, changed, stamps = [], 0, {}
     for row in rows.itertuples(index=False):
         rec = stored.get((str(row.study_id), str(row.finding), int(row.variant_id)))
         if rec is None:
             keep.append(True)
             continue
+        path = getattr(row, "image_abspath", None)
+        if path not in stamps:
+            stamps[path] = image_stamp(path)
         same = all(_same(rec.get(k), getattr(row, col, None)) for k, col in _ROW_FIELDS.items())
+        same = same and _same(rec.get("image_stamp"), stamps[path])
         keep.append(not same)
         changed += not same
     return rows[keep], changed
