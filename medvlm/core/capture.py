@@ -183,6 +183,28 @@ class RowCapture:
 
 
 @contextlib.contextmanager
+def attention_installed(name: str, configs: Sequence, attrs: Sequence[tuple] = ()) -> Iterator[None]:
+    """For one block: every distinct config of configs on the registered attention `name`, and
+    each (module, attribute, value) of attrs set; all restored after, even when the block fails."""
+    unique = list({id(c): c for c in configs}.values())
+    saved = [c._attn_implementation for c in unique]
+    done = []
+    try:
+        for c in unique:
+            c._attn_implementation = name
+        for module, attr, value in attrs:
+            setattr(module, attr, value)
+            done.append((module, attr))
+        yield
+    finally:
+        for module, attr in done:
+            if attr in vars(module):
+                delattr(module, attr)
+        for c, impl in zip(unique, saved, strict=True):
+            c._attn_implementation = impl
+
+
+@contextlib.contextmanager
 def capture_rows(
     attention_modules: Sequence[torch.nn.Module], spec: CaptureSpec
 ) -> Iterator[RowCapture]:
@@ -197,25 +219,12 @@ def capture_rows(
     missing = [i for i in spec.layers if i not in by_layer]
     if missing:
         raise ValueError(f"no attention module for layers {missing}; the model has {len(by_layer)}")
-    configs = {id(m.config): m.config for m in attention_modules}
-    saved = {k: c._attn_implementation for k, c in configs.items()}
     capture = RowCapture(spec)
-    try:
-        for c in configs.values():
-            c._attn_implementation = ATTN_IMPLEMENTATION
-        for i in spec.layers:
-            setattr(by_layer[i], _CAPTURE_ATTR, capture)
-        if spec.causal_prefix:
-            for m in attention_modules:
-                setattr(m, _CAUSAL_PREFIX_ATTR, spec.causal_prefix)
+    attrs = [(by_layer[i], _CAPTURE_ATTR, capture) for i in spec.layers]
+    if spec.causal_prefix:
+        attrs += [(m, _CAUSAL_PREFIX_ATTR, spec.causal_prefix) for m in attention_modules]
+    with attention_installed(ATTN_IMPLEMENTATION, [m.config for m in attention_modules], attrs):
         yield capture
-    finally:
-        for m in attention_modules:
-            for attr in (_CAPTURE_ATTR, _CAUSAL_PREFIX_ATTR):
-                if attr in vars(m):
-                    delattr(m, attr)
-        for k, c in configs.items():
-            c._attn_implementation = saved[k]
     got = sorted(capture.hook_pattern)
     if got != sorted(spec.layers):
         raise RuntimeError(f"capture recorded layers {got}, expected {sorted(spec.layers)}")

@@ -38,7 +38,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
-from medvlm.core.capture import CaptureSpec, capture_resid_norms, capture_rows
+from medvlm.core.capture import CaptureSpec, attention_installed, capture_resid_norms, capture_rows
 from medvlm.core.scoring import AnswerTokens, yes_probability
 
 
@@ -209,14 +209,21 @@ SPLIT_ATTENTION = "medvlm_split"
 _SPLIT_ATTR = "_medvlm_split_prefix_len"
 
 
+def causal_prefix(config, bidirectional_span=None) -> bool:
+    """True when packed_masks' prefix block is plain causal attention whatever the packing: no
+    bidirectional span, every layer full attention (no sliding window, no other layer type)."""
+    types = list(getattr(config, "layer_types", None) or [])
+    return not (bidirectional_span is not None or getattr(config, "sliding_window", None)
+                or set(types) - {"full_attention"})  # fmt: skip
+
+
 def pure_causal(config, layout: PackedLayout, bidirectional_span=None) -> bool:
     """True when packed_masks' mask equals plain causal attention at every real (non-pad)
     token: every row holds at most one question, its pads after its last real token (so
     under causal attention no real token sees a pad, and the prefix + question are positions
     0 .. n - 1 as the mask has them), no bidirectional span and every layer full attention
     (no sliding window, no other layer type). Host-side, no device work."""
-    types = list(getattr(config, "layer_types", None) or [])
-    if bidirectional_span is not None or getattr(config, "sliding_window", None) or set(types) - {"full_attention"}:
+    if not causal_prefix(config, bidirectional_span):
         return False
     owner = layout.owner  # [K, W], -1 for pads
     real = owner >= 0
@@ -242,23 +249,8 @@ def causal_attention(configs: Sequence) -> Iterator[None]:
     AttentionInterface.register(CAUSAL_ATTENTION, _causal_attention)
     if CAUSAL_ATTENTION in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
         raise RuntimeError(f"a mask function is registered under {CAUSAL_ATTENTION!r}: masks would be built")
-    unique = list({id(c): c for c in configs}.values())
-    saved = [c._attn_implementation for c in unique]
-    try:
-        for c in unique:
-            c._attn_implementation = CAUSAL_ATTENTION
+    with attention_installed(CAUSAL_ATTENTION, configs):
         yield
-    finally:
-        for c, impl in zip(unique, saved, strict=True):
-            c._attn_implementation = impl
-
-
-def causal_prefix(config, bidirectional_span=None) -> bool:
-    """True when packed_masks' prefix block is plain causal attention whatever the packing: no
-    bidirectional span, every layer full attention (no sliding window, no other layer type)."""
-    types = list(getattr(config, "layer_types", None) or [])
-    return not (bidirectional_span is not None or getattr(config, "sliding_window", None)
-                or set(types) - {"full_attention"})  # fmt: skip
 
 
 def _split_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -283,20 +275,8 @@ def split_attention(configs: Sequence, attention_modules: Sequence[torch.nn.Modu
     block; the 4-D boolean mask the caller passes reaches it unchanged. Each restored after."""
     AttentionInterface.register(SPLIT_ATTENTION, _split_attention)
     AttentionMaskInterface.register(SPLIT_ATTENTION, sdpa_mask)
-    unique = list({id(c): c for c in configs}.values())
-    saved = [c._attn_implementation for c in unique]
-    try:
-        for c in unique:
-            c._attn_implementation = SPLIT_ATTENTION
-        for m in attention_modules:
-            setattr(m, _SPLIT_ATTR, prefix_len)
+    with attention_installed(SPLIT_ATTENTION, configs, [(m, _SPLIT_ATTR, prefix_len) for m in attention_modules]):
         yield
-    finally:
-        for m in attention_modules:
-            if _SPLIT_ATTR in vars(m):
-                delattr(m, _SPLIT_ATTR)
-        for c, impl in zip(unique, saved, strict=True):
-            c._attn_implementation = impl
 
 
 def pass_masks(config, layout: PackedLayout, prefix_len: int, device, bidirectional_span=None,

@@ -14,7 +14,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface
 
-from medvlm.core.capture import mask_never_skipped
+from medvlm.core.capture import attention_installed, mask_never_skipped
 
 RELEVANCY_ATTENTION = "medvlm_relevancy"
 _RECORDER_ATTR = "_medvlm_relevancy_recorder"
@@ -95,17 +95,6 @@ def relevancy_attention(attention_modules: Sequence[torch.nn.Module], recorder: 
     """The decoder's attention on _relevancy_attention, reporting to recorder, for one block."""
     AttentionInterface.register(RELEVANCY_ATTENTION, _relevancy_attention)
     AttentionMaskInterface.register(RELEVANCY_ATTENTION, mask_never_skipped)
-    configs = {id(m.config): m.config for m in attention_modules}
-    saved = {k: c._attn_implementation for k, c in configs.items()}
-    try:
-        for c in configs.values():
-            c._attn_implementation = RELEVANCY_ATTENTION
-        for m in attention_modules:
-            setattr(m, _RECORDER_ATTR, recorder)
+    attrs = [(m, _RECORDER_ATTR, recorder) for m in attention_modules]
+    with attention_installed(RELEVANCY_ATTENTION, [m.config for m in attention_modules], attrs):
         yield recorder
-    finally:
-        for m in attention_modules:
-            if _RECORDER_ATTR in vars(m):
-                delattr(m, _RECORDER_ATTR)
-        for k, c in configs.items():
-            c._attn_implementation = saved[k]
