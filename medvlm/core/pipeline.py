@@ -37,7 +37,8 @@ def _geometry_record(backend: VLMBackend, size: tuple[int, int]) -> dict:
     return backend.geometry(*size).to_record()
 
 
-def _base_record(model: str, row, random_weights: bool) -> dict:
+def _base_record(model: str, row, random_weights: bool, stamp: str | None) -> dict:
+    """The fields every record has; stamp: image_stamp of the row's image."""
     return {
         "model": model,
         "study_id": str(row.study_id),
@@ -50,7 +51,7 @@ def _base_record(model: str, row, random_weights: bool) -> dict:
         "polarity": getattr(row, "polarity", None),
         "line": int(row.line),
         "image_path": str(row.image_abspath),
-        "image_stamp": image_stamp(row.image_abspath),
+        "image_stamp": stamp,
         "random_weights": random_weights,
     }
 
@@ -65,8 +66,14 @@ def image_stamp(path) -> str | None:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def _ok_record(model: str, row, s, geometry: dict, notes, seconds: float, random_weights: bool) -> dict:
-    rec = _base_record(model, row, random_weights)
+def _stamps(rows) -> dict:
+    """{image path: image_stamp} of the rows' images, each file looked at once."""
+    return {p: image_stamp(p) for p in {row.image_abspath for row in rows}}
+
+
+def _ok_record(model: str, row, s, geometry: dict, notes, seconds: float, random_weights: bool,
+               stamp: str | None) -> dict:  # fmt: skip
+    rec = _base_record(model, row, random_weights, stamp)
     rec.update(
         status="ok",
         error=None,
@@ -90,7 +97,10 @@ def _ok_record(model: str, row, s, geometry: dict, notes, seconds: float, random
 
 def _failed_records(model: str, rows, reason: str, random_weights: bool, tb: str | None = None) -> list[dict]:
     extra = {"traceback": tb} if tb else {}
-    return [{**_base_record(model, row, random_weights), "status": "failed", "error": reason, **extra} for row in rows]
+    rows = list(rows)
+    stamps = _stamps(rows)
+    return [{**_base_record(model, row, random_weights, stamps[row.image_abspath]), "status": "failed", "error": reason,
+             **extra} for row in rows]  # fmt: skip
 
 
 def _halve(batch_size: int) -> int:
@@ -103,8 +113,10 @@ def _halve(batch_size: int) -> int:
 def _ok_results(model: str, rows, scores, geometry: dict, notes, seconds: float, random_weights: bool):
     """(records, maps) for rows scored successfully, one QuestionScore per row."""
     records, maps = [], {}
+    rows = list(rows)
+    stamps = _stamps(rows)
     for row, s in zip(rows, scores, strict=True):
-        records.append(_ok_record(model, row, s, geometry, notes, seconds, random_weights))
+        records.append(_ok_record(model, row, s, geometry, notes, seconds, random_weights, stamps[row.image_abspath]))
         maps[map_key(row.finding, row.variant_id)] = (s.layers, s.attention)
         if s.generic_attention is not None:  # the study's generic-prompt map (relative attention), stored once
             maps[map_key(GENERIC_FINDING, 0, "generic")] = (s.layers, s.generic_attention)
