@@ -146,7 +146,7 @@ def gradxinput_sweep(name: str, backend, args, ratio) -> dict:
     shares = [bool(v) for v in per_model(args.grad_share, name)] or [defaults["share_prefix"]]
     n_layers = len(backend._attention)
     q = args.grad_questions
-    sweep, forward = [], {}
+    sweep, forward_warmed = [], set()
     for r in rows:
         n_q = max(args.grad_studies * q, 2 * r)
         items = [(im, PARAPHRASES[:q], None) for im in images(-(-n_q // q))]
@@ -156,9 +156,9 @@ def gradxinput_sweep(name: str, backend, args, ratio) -> dict:
             entry = {"rows": r, "uncheckpointed": min(u, n_layers), "share_prefix": share, "n_questions": n_q}
             try:
                 attribution_maps(backend, first, ("gradxinput",), rows_per_pass=r, uncheckpointed=u, share_prefix=share)
-                if r not in forward:
+                if r not in forward_warmed:
                     attribution_margins(backend, first, rows_per_pass=r)
-                    forward[r] = True
+                    forward_warmed.add(r)
                 # gradient and forward timed in turn, so that the machine's drift between runs
                 # (up to 12% on one H100 within minutes) falls on both sides of each ratio
                 grads, fwds = [], []
