@@ -311,7 +311,7 @@ def _empty_panel(ax: Axes, geometry: Geometry, message: str) -> None:
     )
 
 
-def _wrap(text: str, fig_w_in: float, size: float) -> list[str]:
+def wrap_to_width(text: str, fig_w_in: float, size: float) -> list[str]:
     """`text` wrapped to the figure's width at font `size` (about 0.55 em per character)."""
     width = max(20, int((fig_w_in * 72.0 - 16.0) / (0.55 * size)))
     return [line for para in str(text).split("\n") for line in (textwrap.wrap(para, width) or [""])]
@@ -533,7 +533,7 @@ def paraphrase_grid(
     sub = _heading_line(study_id, None, ground_truth)
     if sub:
         head.append((sub, 10.0, "normal"))
-    foot = _wrap(provenance, width, _FOOT_SIZE) if provenance else []
+    foot = wrap_to_width(provenance, width, _FOOT_SIZE) if provenance else []
     fig, row_axes = page.figure(rows, head, foot)
     axes = [ax for r in row_axes for ax in r]
     mappable = None
@@ -630,7 +630,7 @@ def side_by_side(
     else:
         foot_text = [provenance] if provenance else []
     foot_text.append(SHARED_SCALE_TEXT if shared_scale else SEPARATE_SCALE_TEXT)
-    foot = [line for t in foot_text for line in _wrap(t, width, _FOOT_SIZE)]
+    foot = [line for t in foot_text for line in wrap_to_width(t, width, _FOOT_SIZE)]
     rows = [{"height": panel_h, "title_lines": 2, "panels": [(x, panel_w) for x in xs]}]
     fig, (axes,) = page.figure(rows, head, foot)
     mappable = None

@@ -14,7 +14,7 @@ from PIL import Image
 
 from medvlm.core.geometry import Geometry
 from medvlm.report.figure_canvas import new_figure, random_weights_banner
-from medvlm.report.figures import overlay
+from medvlm.report.figures import overlay, wrap_to_width
 from medvlm.report.forest import forest_plot
 
 GROUNDING_SHOWN = ("pointing_hit", "energy", "otsu_iou")
@@ -94,7 +94,8 @@ def maps_with_region(
             xs = (np.arange(small.shape[1]) + 0.5) * step
             ax.contour(xs, ys, small, levels=[0.5], colors=["#00e5ff"], linewidths=1.2)
     outline = f"cyan outline: {region_label}; " if mask is not None and mask.any() else ""
-    fig.suptitle(f"{title}\n{outline}each panel on its own colour scale (0 to its largest share)", fontsize=8)
+    text = f"{title}\n{outline}each panel on its own colour scale (0 to its largest share)"
+    fig.suptitle("\n".join(wrap_to_width(text, fig.get_figwidth(), 8)), fontsize=8)
     if random_weights:
         random_weights_banner(fig)
     return fig
