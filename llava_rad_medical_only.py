@@ -51,10 +51,18 @@ import torch
 from PIL import Image
 
 from medvlm.core.aggregate import resolve_layers
-from medvlm.core.backend import GENERIC, QuestionScore, VLMBackend, question_scores
+from medvlm.core.backend import GENERIC, PendingScores, QuestionScore, VLMBackend, question_scores
 from medvlm.core.capture import attention_modules_of
 from medvlm.core.config import MedicalAttentionConfig
-from medvlm.core.engine import cache_kwargs, new_cache, score_packed, score_shared_prefix, select_cache, to_device
+from medvlm.core.engine import (
+    cache_kwargs,
+    new_cache,
+    score_packed,
+    score_shared_prefix,
+    select_cache,
+    to_device,
+    to_host,
+)
 from medvlm.core.fused_norms import fused_rms_norms, norm_modules
 from medvlm.core.geometry import Geometry, shortest_side_center_crop_geometry
 from medvlm.core.llava_rad_loading import (  # noqa: F401 - the checkpoint layout and loaders, importable from here
@@ -754,9 +762,14 @@ class LLaVARadMedical(VLMBackend):
                 "pixel_values": pixel_values}  # fmt: skip
         return {**prep, **self.prepare_controls(items)}
 
-    @torch.no_grad()
     def score_prepared(self, prep: dict) -> list[list[QuestionScore]]:
         """The device-side half of score_many, on what prepare() returned."""
+        return self.launch_prepared(prep).result()
+
+    @torch.no_grad()
+    def launch_prepared(self, prep: dict) -> PendingScores:
+        """score_prepared's device work launched, its results queued to the host; read with
+        .result() (VLMBackend.launch_prepared)."""
         self._require_loaded()
         items, toks, queries, rows, owners = prep["items"], prep["toks"], prep["queries"], prep["rows"], prep["owners"]
         prefix = toks[0].prefix_ids
@@ -811,8 +824,10 @@ class LLaVARadMedical(VLMBackend):
             }
             for r, t in enumerate(toks)
         ]
-        return question_scores(out, items, owners, [t.prompt for t in toks], [g[0] for g in generated], extras,
-                               self.keep_logits, controls)  # fmt: skip
+        host, ready = to_host(out, self.keep_logits)  # queued now: read without waiting for the next pass
+        return PendingScores(lambda: question_scores(host, items, owners, [t.prompt for t in toks],
+                                                     [g[0] for g in generated], extras, self.keep_logits, controls),
+                             ready)  # fmt: skip
 
     def _decode(self, embeds: torch.Tensor, mask, position_ids: torch.Tensor) -> torch.Tensor:
         """The decoder over input embeddings [K, T, d] under a packed pass's mask -> hidden [K, T, d]."""

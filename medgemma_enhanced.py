@@ -31,10 +31,10 @@ import torch
 from PIL import Image
 
 from medvlm.core.aggregate import resolve_layers
-from medvlm.core.backend import GENERIC, QuestionScore, VLMBackend, question_scores
+from medvlm.core.backend import GENERIC, PendingScores, QuestionScore, VLMBackend, question_scores
 from medvlm.core.capture import attention_modules_of
 from medvlm.core.config import MedicalAttentionConfig
-from medvlm.core.engine import score_packed, score_shared_prefix, to_device
+from medvlm.core.engine import score_packed, score_shared_prefix, to_device, to_host
 from medvlm.core.fused_norms import fused_rms_norms, module_forward, norm_modules, patched_forwards
 from medvlm.core.geometry import Geometry, square_resize_geometry
 from medvlm.core.queries import suffix_query_positions
@@ -634,9 +634,14 @@ class MedGemmaMedical(VLMBackend):
                 "owners": owners, "pixel_values": pixel_values}  # fmt: skip
         return {**prep, **self.prepare_controls(items)}
 
-    @torch.no_grad()
     def score_prepared(self, prep: dict) -> list[list[QuestionScore]]:
         """The device-side half of score_many, on what prepare() returned."""
+        return self.launch_prepared(prep).result()
+
+    @torch.no_grad()
+    def launch_prepared(self, prep: dict) -> PendingScores:
+        """score_prepared's device work launched, its results queued to the host; read with
+        .result() (VLMBackend.launch_prepared)."""
         items, entries, suffixes, queries = prep["items"], prep["entries"], prep["suffixes"], prep["queries"]
         rows, owners, pixel_values = prep["rows"], prep["owners"], prep["pixel_values"]
         device = next(self.model.parameters()).device
@@ -696,8 +701,10 @@ class MedGemmaMedical(VLMBackend):
              "suffix_len": len(suffixes[r])}
             for r in range(len(owners))
         ]  # fmt: skip
-        return question_scores(out, items, owners, [e["prompt"] for e in entries],
-                               [generated.get(o) for o in owners], extras, self.keep_logits, controls)  # fmt: skip
+        host, ready = to_host(out, self.keep_logits)  # queued now: read without waiting for the next pass
+        texts = [generated.get(o) for o in owners]
+        return PendingScores(lambda: question_scores(host, items, owners, [e["prompt"] for e in entries], texts, extras,
+                                                     self.keep_logits, controls), ready)  # fmt: skip
 
     def _language(self, embeds: torch.Tensor, mask, position_ids: torch.Tensor) -> torch.Tensor:
         """The decoder over input embeddings [K, T, d] under a packed pass's masks -> hidden [K, T, d]."""

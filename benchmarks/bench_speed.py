@@ -20,7 +20,8 @@ reported beside it as floor_with_vision_attention_s_per_study.
 
 naive = what the original scripts did per question: the full prompt with eager attention and
 output_attentions=True, then generate 50 tokens (archive/). ours = the backend's passes as the
-runner drives them (score_prepared, the next pass prepared in a thread meanwhile).
+runner drives them (each pass launched before the previous one is read, the next prepared in a
+thread meanwhile); overlap_ab times that against reading each pass before launching the next.
 """
 
 from __future__ import annotations
@@ -141,11 +142,14 @@ def unique_paraphrases(i: int) -> list[str]:
     return [f"{q[:-1]} (case {i:03d})?" for q in PARAPHRASES]
 
 
-def time_pass(backend, imgs, k: int, unique: bool = False) -> tuple[float, float]:
-    """(seconds per study, peak GiB) scoring imgs k studies per backend pass; unique: each study
-    asks its own questions (unique_paraphrases) instead of the same PARAPHRASES. The controls'
-    memo (a control's P(yes) is computed once per unique prompt) is emptied after the warm-up,
-    so the timed run pays for every prompt it meets first."""
+def time_pass(backend, imgs, k: int, unique: bool = False, overlap: bool = True) -> tuple[float, float]:
+    """(seconds per study, peak GiB) scoring imgs k studies per backend pass as the runner
+    drives them: the next pass prepared in a thread meanwhile and, with overlap, each pass
+    launched before the previous one is read (launch_prepared / result); without it, each
+    read before the next is launched (the runner until 2026-12-08). unique: each study asks its
+    own questions (unique_paraphrases) instead of the same PARAPHRASES. The controls' memo (a
+    control's P(yes) is computed once per unique prompt) is emptied after the warm-up, so the
+    timed run pays for every prompt it meets first."""
     cuda = DEVICE["name"] == "cuda"
     items = [(im, unique_paraphrases(i) if unique else PARAPHRASES, None) for i, im in enumerate(imgs)]
     backend.score_many(items[: max(k, 1)])  # warm-up at this batch shape
@@ -157,17 +161,42 @@ def time_pass(backend, imgs, k: int, unique: bool = False) -> tuple[float, float
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    # as the runner does: the next pass's images and prompts prepared in a thread meanwhile
     with ThreadPoolExecutor(max_workers=1) as pool:
         future = pool.submit(backend.prepare, items[:k])
+        previous = None
         for i in range(0, len(items), k):
             prepared = future.result()
             if i + k < len(items):
                 future = pool.submit(backend.prepare, items[i + k : i + 2 * k])
-            backend.score_prepared(prepared)
+            if overlap:
+                launched = backend.launch_prepared(prepared)
+                if previous is not None:
+                    previous.result()
+                previous = launched
+            else:
+                backend.score_prepared(prepared)
+        if previous is not None:
+            previous.result()
     sync()
     per_study = (time.perf_counter() - t0) / len(items)
     return per_study, (torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
+
+
+def overlap_ab(backend, imgs, k: int, rounds: int) -> dict:
+    """Seconds per study with passes overlapped (launched before the previous one is read)
+    and without, alternated in this process, `rounds` each: the least of each, and peaks."""
+    runs: dict[str, list] = {"overlapped": [], "sequential": []}
+    for _ in range(rounds):
+        for label in runs:
+            runs[label].append(time_pass(backend, imgs, k, overlap=label == "overlapped"))
+    out = {label: {"s_per_study": min(t for t, _ in v), "all_s_per_study": [t for t, _ in v],
+                   "peak_gib": max(p for _, p in v)} for label, v in runs.items()}  # fmt: skip
+    out["sequential_over_overlapped"] = out["sequential"]["s_per_study"] / out["overlapped"]["s_per_study"]
+    print(f"  {backend.name} k={k}: overlapped {out['overlapped']['s_per_study'] * 1e3:.1f}, sequential "
+          f"{out['sequential']['s_per_study'] * 1e3:.1f} ms/study (runs: "
+          f"{[round(t * 1e3, 1) for t in out['overlapped']['all_s_per_study']]} / "
+          f"{[round(t * 1e3, 1) for t in out['sequential']['all_s_per_study']]})", flush=True)  # fmt: skip
+    return out
 
 
 def bench_model(name: str, args, tflops: float) -> dict:
@@ -193,6 +222,9 @@ def bench_model(name: str, args, tflops: float) -> dict:
     k_best = min(fits or args.studies_per_pass, key=lambda k: sweep[str(k)]["s_per_study"] if fits
                  else sweep[str(k)]["peak_gib"])  # fmt: skip
     ours, peak_gib = time_pass(backend, imgs, k_best)
+    overlap = None
+    if args.overlap_rounds:
+        overlap = overlap_ab(backend, imgs[: args.sweep_studies], k_best, args.overlap_rounds)
     validity = time_validity(backend, imgs, k_best, ours, weights_gib) if args.validity else None
     compiled = None
     if args.compile:  # the opt-in path: norms, MLPs and vision layers compiled
@@ -226,6 +258,7 @@ def bench_model(name: str, args, tflops: float) -> dict:
         "naive_over_ours": naive / ours if naive else None,
         "ours_over_floor": ours / floor,
         "sweep": sweep,
+        "overlap_ab": overlap,
         "validity": validity,
         "compiled": compiled,
         "tokens_per_study": {"prefix": prefix, "suffixes": suffix},
@@ -386,6 +419,8 @@ def main(argv=None) -> int:
     p.add_argument("--studies_per_pass", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--sweep_studies", type=int, default=32, help="studies timed for each studies_per_pass")
     p.add_argument("--exactness_only", action="store_true")
+    p.add_argument("--overlap_rounds", type=int, default=2,
+                   help="A/B rounds of overlapped against sequential passes at the chosen k (0: none)")
     p.add_argument("--compile", action="store_true", help="also time (and check) the opt-in compiled path")
     p.add_argument("--skip_exactness", action="store_true")
     p.add_argument("--no_validity", dest="validity", action="store_false",

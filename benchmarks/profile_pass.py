@@ -166,8 +166,10 @@ def find_syncs(backend, a, k: int) -> None:
 
 
 def three_ways(backend, a, k: int) -> tuple[list, int]:
-    """ms/study with each pass prepared in line, in a thread (as the runner does), and
-    beforehand (the device side alone). Returns the timed items and the passes."""
+    """ms/study with each pass prepared in line, in a thread (as the runner does: each pass
+    launched before the previous one is read; and, for comparison, each read before the next
+    is launched), and beforehand (the device side alone, each pass read before the next).
+    Returns the timed items and the passes."""
     imgs = images(a.n + k)
     items = [(im, PARAPHRASES, None) for im in imgs]
     t0 = time.perf_counter()
@@ -183,6 +185,7 @@ def three_ways(backend, a, k: int) -> tuple[list, int]:
     sync()
     wall = (time.perf_counter() - t0) * 1e3 / n_pass
     threaded = time_pass(backend, [im for im, _, _ in timed], k)[0] * 1e3 * k
+    sequential = time_pass(backend, [im for im, _, _ in timed], k, overlap=False)[0] * 1e3 * k
     preps = [backend.prepare(timed[i : i + k]) for i in range(0, len(timed), k)]
     sync()
     t0 = time.perf_counter()
@@ -190,7 +193,8 @@ def three_ways(backend, a, k: int) -> tuple[list, int]:
         backend.score_prepared(prep)
     sync()
     device_side = (time.perf_counter() - t0) * 1e3 / n_pass
-    print(f"{a.model} k={k}: ms/study: prepared in line {wall / k:.1f}, in a thread {threaded / k:.1f}, "
+    print(f"{a.model} k={k}: ms/study: prepared in line {wall / k:.1f}, in a thread {threaded / k:.1f} "
+          f"(passes overlapped, as the runner does; read before the next launch: {sequential / k:.1f}), "
           f"beforehand (device side alone) {device_side / k:.1f}  (warm-up {warm:.1f} s)", flush=True)
     return timed, n_pass
 

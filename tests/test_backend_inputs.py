@@ -252,3 +252,18 @@ def test_weight_free_example_runs(tmp_path, monkeypatch):
     lines = out.getvalue().splitlines()
     assert [line.split()[0] for line in lines] == ["llava_rad", "medgemma"]
     assert all(line.endswith("True") for line in lines)
+
+
+def test_pending_scores_wait_for_their_copies_then_build_once():
+    from medvlm.core.backend import PendingScores
+
+    log = []
+
+    class Event:
+        def synchronize(self):
+            log.append("waited")
+
+    pending = PendingScores(lambda: log.append("built") or [["scores"]], Event())
+    assert log == [], "nothing is waited for or built before result()"
+    assert pending.result() == [["scores"]] and pending.result() == [["scores"]]
+    assert log == ["waited", "built"], f"expected one wait, then one build: {log}"

@@ -175,3 +175,14 @@ def test_faithfulness_passes_run_plain_causal_for_llava_rad_only(model, causal_c
     diff = float(np.abs(fast - masked).max())
     assert diff <= 1e-6, f"{model}: fast path vs masked pass, P(yes) max diff {diff:.3e}"
     assert np.ptp(masked) > 1e-6, "the three passes' P(yes) are all equal: the comparison could not fail"
+
+
+def test_to_host_drops_the_logits_unless_kept_and_waits_on_nothing_off_cuda():
+    p = torch.rand(3, dtype=torch.float64)
+    out = engine.PackedScores(logits=torch.randn(3, 11), p_yes=p, coverage=p, attention=torch.rand(3, 2, 4),
+                              image_mass=torch.rand(3, 2), layers=(0, 1), n_query=torch.ones(3, dtype=torch.long))
+    host, ready = engine.to_host(out)
+    assert ready is None and host.logits is None
+    assert torch.equal(host.attention, out.attention) and torch.equal(host.p_yes, out.p_yes)
+    kept, _ = engine.to_host(out, keep_logits=True)
+    assert torch.equal(kept.logits, out.logits)

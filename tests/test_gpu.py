@@ -109,7 +109,8 @@ def test_siglip_gelu_epilogue_on_cuda_is_the_tanh_mlp():
 @pytest.mark.parametrize("model", ["medgemma", "llava_rad"])
 def test_a_pass_never_waits_on_the_gpu_before_its_results_are_read(model, validity, tmp_path, rgb_image,
                                                                    monkeypatch):
-    """No host synchronisation from the pass's first launch until the results are read: a
+    """No host synchronisation from the pass's first launch until the results are read
+    (launch_prepared returns; PendingScores.result reads): a
     sync after the vision tower's launches (a blocking copy, a tensor formatted into a
     message) would leave the GPU idle while the decoder is launched one kernel at a time.
     The control passes and the generic prompt are held to the same rule."""
@@ -132,13 +133,33 @@ def test_a_pass_never_waits_on_the_gpu_before_its_results_are_read(model, validi
     try:
         with pytest.raises(RuntimeError, match="synchroniz"):
             torch.zeros(1, device="cuda").item()  # the check itself is armed
-        backend.score_prepared(prep)
+        pending = backend.launch_prepared(prep)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    pending.result()
     ((out, owners),) = seen
     got = [p for p, (_, i) in zip(out.p_yes.tolist(), owners, strict=True) if i != GENERIC]
     want = [s.p_yes for study in expected for s in study]
     assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-6
+
+
+@pytest.mark.parametrize("model", ["medgemma", "llava_rad"])
+def test_a_launched_pass_is_read_without_waiting_for_the_work_launched_after_it(model, tmp_path, rgb_image):
+    """The runner launches the next pass before reading this one (medvlm.core.pipeline): reading
+    must wait for this pass's copies alone (a .cpu() in the reading would wait for the next
+    pass too, and leave the GPU idle while the host reads), and read what score_prepared reads."""
+    backend = _cuda_backend(model, tmp_path)
+    items = [(rgb_image, QUESTIONS, None)] * 2
+    expected = backend.score_many(items)
+    first = backend.launch_prepared(backend.prepare(items))
+    torch.cuda._sleep(2_000_000_000)  # about a second of the GPU spinning, queued after the pass
+    later = torch.cuda.Event()
+    later.record()
+    got = first.result()
+    assert not later.query(), "reading the pass waited for the work launched after it"
+    torch.cuda.synchronize()
+    for a, b in zip([s for study in got for s in study], [s for study in expected for s in study], strict=True):
+        assert abs(a.p_yes - b.p_yes) <= 1e-6 and max_diff(a.attention, b.attention) <= 1e-6
 
 
 def test_pixels_normalised_on_cuda_equal_the_processor_on_the_cpu(rgb_image):

@@ -122,3 +122,53 @@ def test_a_failed_write_stops_the_run_and_earlier_passes_stay_written(tmp_path):
 def test_run_config_refuses_bad_values(tmp_path, bad):
     with pytest.raises(ValueError):
         RunConfig(output_dir=tmp_path, **bad)
+
+
+class OverlappingBackend(FakeBackend):
+    """FakeBackend in two halves, logging each pass's launch and reading; the reading of pass
+    number `fail_read` raises (as an asynchronous device error would surface there)."""
+
+    def __init__(self, fail_read=None):
+        super().__init__()
+        self.log, self.fail_read, self.passes = [], fail_read, 0
+
+    def launch_prepared(self, prepared):
+        from medvlm.core.backend import PendingScores
+
+        n, self.passes = self.passes, self.passes + 1
+        self.log.append(("launch", n))
+        scores = self.score_many(prepared)
+
+        def build():
+            self.log.append(("read", n))
+            if n == self.fail_read:
+                raise RuntimeError("device fault")
+            return scores
+
+        return PendingScores(build)
+
+
+def test_each_pass_is_launched_before_the_previous_one_is_read(tmp_path):
+    """The GPU runs pass n + 1 while the host reads pass n: launches lead readings by one."""
+    rows = _rows(tmp_path, 8)
+    backend = OverlappingBackend()
+    cfg = RunConfig(output_dir=tmp_path / "out", batch_size=12)
+    counts = run_model(backend, rows, ResultsStore(cfg.output_dir), cfg, random_weights=True)
+    assert counts["ok"] == 48
+    want = [("launch", 0), ("launch", 1), ("read", 0), ("launch", 2), ("read", 1), ("launch", 3), ("read", 2),
+            ("read", 3)]  # fmt: skip
+    assert backend.log == want, f"launch / read order {backend.log}"
+    df = read_results(cfg.output_dir)
+    assert list(dict.fromkeys(df.study_id)) == [f"s{s}" for s in range(8)], "results written out of order"
+    assert (df.seconds > 0).all()
+
+
+def test_a_pass_whose_reading_fails_is_scored_study_by_study(tmp_path):
+    rows = _rows(tmp_path, 6)
+    backend = OverlappingBackend(fail_read=1)
+    cfg = RunConfig(output_dir=tmp_path / "out", batch_size=12)
+    counts = run_model(backend, rows, ResultsStore(cfg.output_dir), cfg, random_weights=True)
+    assert counts["ok"] == 36 and counts["failed"] == 0
+    assert backend.calls == [12, 12, 12, 6, 6], f"passes and re-scored studies: {backend.calls}"
+    df = read_results(cfg.output_dir)
+    assert list(dict.fromkeys(df.study_id)) == [f"s{s}" for s in range(6)]

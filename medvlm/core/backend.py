@@ -5,7 +5,8 @@ subclass :class:`VLMBackend`. The runner never knows which model it drives.
 
     backend.score(image, questions, findings)  -> list[QuestionScore], one per question
     backend.score_many([(image, questions, findings), ...]) -> one such list per study
-        (= backend.score_prepared(backend.prepare(items)): host work, then device work)
+        (= backend.score_prepared(backend.prepare(items)): host work, then device work;
+        score_prepared = launch_prepared(...).result(): the device work launched, then read)
     backend.grid                               -> (rows, cols) of the image-token grid
     backend.geometry(width, height)            -> Geometry: where the grid sits on the image
 
@@ -22,7 +23,7 @@ VLMBackend.checked_items, the one place these rules live):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -216,6 +217,31 @@ def question_scores(
     return results
 
 
+class PendingScores:
+    """A pass whose device work is launched and whose results are on their way to the host
+    (medvlm.core.engine.to_host). result() waits for that pass's copies alone, not for work
+    launched after it, then builds its QuestionScores (once; later calls return the same).
+
+    build  () -> list[list[QuestionScore]], run on the host copies once they have landed
+    ready  the CUDA event recorded after the copies, or None (nothing to wait for)
+    """
+
+    def __init__(self, build: Callable[[], list[list[QuestionScore]]], ready=None):
+        self._build, self._ready, self._scores = build, ready, None
+
+    @classmethod
+    def done(cls, scores: list[list[QuestionScore]]) -> PendingScores:
+        """Scores already on the host (a backend without a launched half)."""
+        return cls(lambda: scores)
+
+    def result(self) -> list[list[QuestionScore]]:
+        if self._build is not None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            self._scores, self._build, self._ready = self._build(), None, None
+        return self._scores
+
+
 class VLMBackend(ABC):
     """A model that answers yes/no questions about one image and reports where it looked."""
 
@@ -304,6 +330,14 @@ class VLMBackend(ABC):
     def score_prepared(self, prepared) -> list[list[QuestionScore]]:
         """The device-side work of score_many, on what prepare() returned."""
         return VLMBackend.score_many(self, prepared)
+
+    def launch_prepared(self, prepared) -> PendingScores:
+        """score_prepared in two halves: launch the pass's device work and queue its results'
+        copies to the host, without waiting; PendingScores.result() then waits for this pass
+        alone and builds its scores. A runner launches the next pass before reading this one,
+        so the GPU does not idle while the host reads results (medvlm.core.pipeline.run_model).
+        Equal to score_prepared(prepared) once read. Default: score_prepared, already done."""
+        return PendingScores.done(self.score_prepared(prepared))
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """The model's image preprocessing: PIL image -> [3, S, S] (what prepare() runs on

@@ -31,7 +31,7 @@ import contextlib
 import copy
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import AttentionInterface
@@ -46,7 +46,8 @@ from medvlm.core.scoring import AnswerTokens, yes_probability
 class PackedScores:
     """One forward over Q questions.
 
-    logits      [Q, vocab] float32: next-token logits at each row's last real token
+    logits      [Q, vocab] float32: next-token logits at each row's last real token (None in
+                a host copy made without keep_logits: to_host)
     p_yes       [Q] float64;  coverage [Q] float64
     attention   [Q, L, n_image] or [Q, L, H, n_image] float32: rows averaged over each
                 question's valid query tokens (head mode "none" keeps heads)
@@ -57,7 +58,7 @@ class PackedScores:
                 state entering each layer read (hook_resid_pre_norm), or None when not captured
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     p_yes: torch.Tensor
     coverage: torch.Tensor
     attention: torch.Tensor
@@ -65,6 +66,32 @@ class PackedScores:
     layers: tuple[int, ...]
     n_query: torch.Tensor
     image_norms: torch.Tensor | None = None
+
+
+def to_host(out: PackedScores, keep_logits: bool = False) -> tuple[PackedScores, torch.cuda.Event | None]:
+    """(out's tensors on the host, a CUDA event recorded after their copies; None off CUDA).
+
+    Called where a pass's launches end, it queues the copies of what question_scores reads
+    (logits only when keep_logits; else None) behind the pass and ahead of anything launched
+    later: waiting on the event waits for this pass alone, so a runner can launch the next pass
+    first and read this one while the GPU runs it (a plain .cpu() would wait for both). On
+    CUDA the copies land in pinned host memory, asynchronously; the host tensors must not be
+    read before event.synchronize()."""
+    if not out.p_yes.is_cuda:
+        return replace(out, logits=out.logits if keep_logits else None), None
+
+    def host(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        dst = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return dst.copy_(t, non_blocking=True)
+
+    moved = replace(out, logits=host(out.logits) if keep_logits else None, p_yes=host(out.p_yes),
+                    coverage=host(out.coverage), attention=host(out.attention), image_mass=host(out.image_mass),
+                    n_query=host(out.n_query), image_norms=host(out.image_norms))  # fmt: skip
+    event = torch.cuda.Event()
+    event.record()
+    return moved, event
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medvlm.analysis.sinks import NORM_FINDING, NORM_KIND
-from medvlm.core.backend import VLMBackend
+from medvlm.core.backend import PendingScores, VLMBackend
 from medvlm.core.config import MODEL_NAMES, RunConfig, dist_env  # noqa: F401 - re-exported
 from medvlm.core.store import GENERIC_FINDING, ResultsStore, map_key, read_results
 from medvlm.data.data import ImageLoadError, load_image
@@ -202,6 +202,71 @@ def prepare_studies(backend: VLMBackend, studies: list[pd.DataFrame], random_wei
     return pre
 
 
+@dataclass
+class LaunchedStudies:
+    """One pass of whole studies, its device work launched (or its launch failed): read it with
+    finish_studies."""
+
+    studies: list[pd.DataFrame]
+    pre: PreparedStudies
+    batch_size: int  # after the launch (halved on CUDA out-of-memory)
+    started: float  # perf_counter at the launch
+    pending: PendingScores | None = None  # None: scored study by study when read
+
+
+def launch_studies(
+    backend: VLMBackend,
+    studies: list[pd.DataFrame],
+    batch_size: int,
+    random_weights: bool,
+    pre: PreparedStudies | None = None,
+) -> LaunchedStudies:
+    """Launch one backend pass over several studies when their questions fit in batch_size
+    (backend.launch_prepared: nothing waits for the GPU). A launch that fails leaves the
+    studies to be scored one by one when read; CUDA OOM halves the batch first."""
+    pre = pre or prepare_studies(backend, studies, random_weights)
+    launched = LaunchedStudies(studies, pre, batch_size, time.perf_counter())
+    n_questions = sum(len(rows) for rows, _ in pre.ready)
+    if pre.ready and pre.error is None and (len(pre.ready) == 1 or n_questions <= batch_size):
+        try:
+            launched.pending = backend.launch_prepared(pre.prepared)
+        except Exception as e:  # noqa: BLE001 - retried study by study when read, where errors are recorded
+            if is_oom(e):
+                launched.batch_size = _halve(batch_size)
+    return launched
+
+
+def finish_studies(backend: VLMBackend, launched: LaunchedStudies, random_weights: bool, since: float | None = None):
+    """Read a launched pass: ([(study_id, records, maps)], batch size used). If its joint pass
+    failed (at launch or when read), each study is scored alone (score_study), so one bad study
+    cannot fail the others; CUDA OOM halves the batch first. Each record's seconds is the
+    pass's share of the wall time per question: from `since` (the previous pass's reading, as
+    passes overlap) or the launch, whichever is later, to this reading."""
+    model = backend.name
+    pre, batch_size = launched.pre, launched.batch_size
+    out = list(pre.failed)
+    scored = None
+    if launched.pending is not None:
+        try:
+            scored = launched.pending.result()
+        except Exception as e:  # noqa: BLE001 - retried study by study below, where errors are recorded
+            if is_oom(e):
+                batch_size = _halve(batch_size)
+    if scored is not None:
+        n_questions = sum(len(rows) for rows, _ in pre.ready)
+        dt = (time.perf_counter() - max(launched.started, since or 0.0)) / max(n_questions, 1)
+        for (rows, img), scores in zip(pre.ready, scored, strict=True):
+            geometry = _geometry_record(backend, img.image.size)
+            records, maps = _ok_results(model, rows.itertuples(index=False), scores, geometry, img.notes, dt,
+                                        random_weights)  # fmt: skip
+            out.append((rows.iloc[0].study_id, records, maps))
+        return out, batch_size
+    for rows, img in pre.ready:
+        records, maps, batch_size = score_study(backend, rows, img, batch_size, random_weights)
+        out.append((rows.iloc[0].study_id, records, maps))
+    return out, batch_size
+
+
 def score_studies(
     backend: VLMBackend,
     studies: list[pd.DataFrame],
@@ -209,37 +274,14 @@ def score_studies(
     random_weights: bool,
     pre: PreparedStudies | None = None,
 ):
-    """Score several studies in one backend pass when their questions fit in batch_size.
-    Returns ([(study_id, records, maps)], batch size used).
+    """Score several studies in one backend pass when their questions fit in batch_size
+    (launch_studies, then finish_studies). Returns ([(study_id, records, maps)], batch size used).
 
     A study whose image cannot be read is recorded failed. If the joint pass fails, each
     study is scored alone (score_study), so one bad study cannot fail the others; CUDA OOM
     halves the batch first.
     """
-    model = backend.name
-    pre = pre or prepare_studies(backend, studies, random_weights)
-    out = list(pre.failed)
-    n_questions = sum(len(rows) for rows, _ in pre.ready)
-    if pre.ready and pre.error is None and (len(pre.ready) == 1 or n_questions <= batch_size):
-        t0 = time.perf_counter()
-        try:
-            scored = backend.score_prepared(pre.prepared)
-        except Exception as e:  # noqa: BLE001 - retried study by study below, where errors are recorded
-            scored = None
-            if is_oom(e):
-                batch_size = _halve(batch_size)
-        if scored is not None:
-            dt = (time.perf_counter() - t0) / max(n_questions, 1)
-            for (rows, img), scores in zip(pre.ready, scored, strict=True):
-                geometry = _geometry_record(backend, img.image.size)
-                records, maps = _ok_results(model, rows.itertuples(index=False), scores, geometry, img.notes, dt,
-                                            random_weights)  # fmt: skip
-                out.append((rows.iloc[0].study_id, records, maps))
-            return out, batch_size
-    for rows, img in pre.ready:
-        records, maps, batch_size = score_study(backend, rows, img, batch_size, random_weights)
-        out.append((rows.iloc[0].study_id, records, maps))
-    return out, batch_size
+    return finish_studies(backend, launch_studies(backend, studies, batch_size, random_weights, pre), random_weights)
 
 
 def _next_chunk(groups: list[pd.DataFrame], i: int, batch_size: int) -> tuple[list[pd.DataFrame], int]:
@@ -306,10 +348,12 @@ def run_model(
     random_weights: bool,
 ) -> dict:
     """Score every not-yet-finished row of `rows` with one backend, packing whole studies into
-    forward passes of at most cfg.batch_size questions. While the device runs a pass, one
-    thread prepares the next pass's images and prompts (not while generating text, which
-    shares the tokenizer) and another writes the previous pass's results, in order; a failed
-    write stops the run at the next pass. Returns counts and timing."""
+    forward passes of at most cfg.batch_size questions. Passes overlap: each is launched
+    (launch_studies) before the previous one is read (finish_studies), so the GPU runs it while
+    the host reads, records and hands over the previous one; meanwhile one thread prepares the
+    pass after it (images and prompts; not while generating text, which shares the tokenizer)
+    and another writes results, in order; a failed write stops the run at the next pass.
+    Returns counts and timing."""
     model = backend.name
     pending, changed = pending_rows(store, model, rows)
     groups = [g for _, g in pending.groupby("study_id", sort=False)]
@@ -318,31 +362,45 @@ def run_model(
     t0 = time.perf_counter()
     batch_size = cfg.batch_size or backend.default_batch_size
     prefetch = not cfg.attention.generate
+    gradients = [k for k in cfg.attribution if k != "attention"]
     bar = tqdm(total=len(groups), desc=model, unit="study", disable=None)
     written = None  # the previous pass's write
+    last_read = None  # when the previous pass was read
+
+    def read(launched: LaunchedStudies) -> None:
+        """Read a launched pass, add its gradient maps, hand its results to the writer."""
+        nonlocal batch_size, written, last_read
+        results, used = finish_studies(backend, launched, random_weights, since=last_read)
+        last_read = time.perf_counter()
+        batch_size = min(batch_size, used)
+        if gradients:  # gradient maps of the pass's answered questions, into the same maps files
+            from medvlm.analysis.faithfulness_run import add_gradient_maps
+
+            images = {str(r.iloc[0].study_id): img.image for r, img in launched.pre.ready}
+            add_gradient_maps(backend, [(str(st), rec, mp) for st, rec, mp in results], images, gradients)
+        if written is not None:
+            written.result()  # raises the previous write's error, if any
+        written = writer.submit(_write_results, store, model, results)
+        for _, records, _ in results:
+            for r in records:
+                counts[r["status"]] += 1
+        bar.update(len(launched.studies))
+
     with ThreadPoolExecutor(max_workers=1) as pool, ThreadPoolExecutor(max_workers=1) as writer:
         chunk, i = _next_chunk(groups, 0, batch_size)
         future = pool.submit(prepare_studies, backend, chunk, random_weights) if chunk and prefetch else None
+        previous = None  # the pass launched last, not yet read
         while chunk:
             pre = future.result() if future is not None else None
             nxt, i_next = _next_chunk(groups, i, batch_size)
             future = pool.submit(prepare_studies, backend, nxt, random_weights) if nxt and prefetch else None
-            results, batch_size = score_studies(backend, chunk, batch_size, random_weights, pre)
-            gradients = [k for k in cfg.attribution if k != "attention"]
-            if gradients:  # gradient maps of the pass's answered questions, into the same maps files
-                from medvlm.analysis.faithfulness_run import add_gradient_maps
-
-                images = ({str(r.iloc[0].study_id): img.image for r, img in pre.ready} if pre is not None else
-                          {str(r.iloc[0].study_id): load_image(r.iloc[0].image_abspath).image for r in chunk})
-                add_gradient_maps(backend, [(str(st), rec, mp) for st, rec, mp in results], images, gradients)
-            if written is not None:
-                written.result()  # raises the previous write's error, if any
-            written = writer.submit(_write_results, store, model, results)
-            for _, records, _ in results:
-                for r in records:
-                    counts[r["status"]] += 1
-            bar.update(len(chunk))
-            chunk, i = nxt, i_next
+            current = launch_studies(backend, chunk, batch_size, random_weights, pre)
+            batch_size = current.batch_size
+            if previous is not None:
+                read(previous)  # while the device runs `current`
+            previous, chunk, i = current, nxt, i_next
+        if previous is not None:
+            read(previous)
         if written is not None:
             written.result()
     bar.close()
