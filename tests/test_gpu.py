@@ -162,6 +162,47 @@ def test_a_launched_pass_is_read_without_waiting_for_the_work_launched_after_it(
         assert abs(a.p_yes - b.p_yes) <= 1e-6 and max_diff(a.attention, b.attention) <= 1e-6
 
 
+@pytest.mark.parametrize("model", ["medgemma", "llava_rad"])
+def test_gradient_passes_never_wait_on_the_gpu_until_the_maps_are_read(model, tmp_path, rgb_image):
+    """Gradient x input (one row per question, and a shared prefix) and the forward-only margins:
+    after the image embeddings, nothing makes the host wait on the GPU but the reading of the
+    results after the last pass (a sync per pass, or per backward, leaves the GPU idle while
+    the host launches the next one)."""
+    import traceback
+    import warnings
+
+    from medvlm.core import attribution
+
+    backend = _cuda_backend(model, tmp_path)
+    items = [(rgb_image, QUESTIONS, None)] * 2
+
+    def run():
+        attribution.attribution_maps(backend, items, rows_per_pass=2, share_prefix=False)
+        attribution.attribution_maps(backend, items, rows_per_pass=2, share_prefix=True)
+        attribution.attribution_margins(backend, items, rows_per_pass=2)
+
+    run()  # warm-up: one-time checks may sync
+    torch.cuda.synchronize()
+    syncs = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            frames = [f for f in traceback.extract_stack()[:-1] if f.filename.endswith("attribution.py")]
+            syncs.append((frames[-1].name, frames[-1].line) if frames else ("?", str(message)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert syncs, "the sync check is not armed: reading the maps must sync"
+    bad = [s for s in syncs if s[0] not in ("_image_embeddings", "image_embeddings") and ".cpu().numpy()" not in s[1]]
+    assert not bad, f"host syncs inside the gradient passes: {bad}"
+
+
 def test_pixels_normalised_on_cuda_equal_the_processor_on_the_cpu(rgb_image):
     """The processor's rescale_and_normalize on the GPU rounds as on the CPU: bit for bit."""
     from medgemma_enhanced import normalize_pixels

@@ -150,8 +150,8 @@ def answer_margin(logits: torch.Tensor, tokens) -> torch.Tensor:
     """logits [n, vocab] -> m [n] = logsumexp(yes logits) - logsumexp(no logits), in float32 or
     wider (float64 stays float64): the logit of medvlm.core.scoring.yes_probability's P(yes)."""
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    yes = torch.tensor(tokens.yes_ids, device=x.device)
-    no = torch.tensor(tokens.no_ids, device=x.device)
+    yes = to_device(torch.tensor(tokens.yes_ids), x.device)
+    no = to_device(torch.tensor(tokens.no_ids), x.device)
     return torch.logsumexp(x.index_select(1, yes), dim=-1) - torch.logsumexp(x.index_select(1, no), dim=-1)
 
 
@@ -280,7 +280,7 @@ class _MedGemmaPieces(_Pieces):
         from medgemma_enhanced import normalize_pixels, siglip_fast_path
 
         b = self.backend
-        pixels = b.pixel_values(images).to(self.device)
+        pixels = b.pixel_values(images).to(self.device, non_blocking=True)  # pinned on a GPU: no host wait
         if pixels.dtype == torch.uint8:
             pixels = normalize_pixels(b.processor.image_processor, pixels)
         with torch.no_grad(), siglip_fast_path(b._vision_model):
@@ -443,9 +443,10 @@ def _forward_rows(pc: _Pieces, rows: _Rows, leaf: torch.Tensor, rp: _RowPass):
     parts.append(pc.embed(to_device(layout.suffix_ids, pc.device)))
     embeds = torch.cat(parts, dim=1)
     answer = [prefix_len + layout.start_of[q] + len(s) - 1 for q, s in enumerate(rows.suffixes)]
-    answer = torch.tensor(answer, device=pc.device)
+    answer = to_device(torch.tensor(answer), pc.device)
+    owners = to_device(torch.tensor(rows.owners()), pc.device)
     hidden = pc.decode(embeds, mask, position_ids)
-    logits = pc.head(hidden[torch.tensor(rows.owners(), device=pc.device), answer])
+    logits = pc.head(hidden[owners, answer])
     return answer_margin(logits, pc.answer_tokens), answer, embeds.shape[1]
 
 
@@ -503,7 +504,7 @@ def _gradxinput_backwards(m: torch.Tensor, leaf: torch.Tensor, owner: list[int])
     for j in range(n_slots):
         qs = [q for q, s in enumerate(slot) if s == j]
         (grad,) = torch.autograd.grad(m[qs].sum(), leaf, retain_graph=j < n_slots - 1)
-        rows = torch.tensor([owner[q] for q in qs], device=leaf.device)
+        rows = to_device(torch.tensor([owner[q] for q in qs]), leaf.device)
         out[qs] = (grad[rows].to(acc) * leaf.detach()[rows].to(acc)).sum(-1)
     return out
 
@@ -514,6 +515,12 @@ def _image_embeddings(pc: _Pieces, images) -> torch.Tensor:
     if image.shape[1] != pc.n_image:
         raise RuntimeError(f"expected {pc.n_image} image embeddings per image, found {image.shape[1]}")
     return image
+
+
+def _images_of(image: torch.Tensor, study: list[int], idx: list[int]) -> torch.Tensor:
+    """[len(idx), n_image, d]: the image embeddings of questions idx (study[i]: question i's
+    image), indexed without a host sync."""
+    return image[to_device(torch.tensor([study[i] for i in idx]), image.device)]
 
 
 def attribution_maps(
@@ -570,7 +577,7 @@ def attribution_maps(
         if p[:2] != (before, after):
             raise ValueError(f"question {q!r} does not share the image prefix of the first question")
     image = _image_embeddings(pc, [im for im, _, _ in items])
-    study = torch.tensor([k for k, _ in questions], device=image.device)
+    study = [k for k, _ in questions]
     maps, margin = {}, None
     for kind in kinds:
         u = DEFAULT_UNCHECKPOINTED[backend.name][kind] if uncheckpointed is None else uncheckpointed
@@ -584,17 +591,17 @@ def attribution_maps(
         for idx in _passes([k for k, _ in questions], size, shared):
             suffixes = [prompts[i][2] for i in idx]
             if shared:
-                rows = _Rows(before, after, suffixes, image[study[idx[:1]]], owner=(0,) * len(idx))
+                rows = _Rows(before, after, suffixes, _images_of(image, study, idx[:1]), owner=(0,) * len(idx))
             else:
-                rows = _Rows(before, after, suffixes, image[study[idx]])
+                rows = _Rows(before, after, suffixes, _images_of(image, study, idx))
             target = None
             if answers is not None:
                 target = torch.tensor([1.0 if answers[i] == "yes" else -1.0 for i in idx])
             m, value = _gradient_rows(pc, rows, kind, target, u)
-            out.append(value.float().cpu())
-            ms.append(m.double().cpu())
-        maps[kind] = torch.cat(out)[:, None, :].numpy()
-        margin = torch.cat(ms).numpy() if margin is None else margin
+            out.append(value.float())  # read once after the last pass: no pass waits on the GPU
+            ms.append(m.double())
+        maps[kind] = torch.cat(out)[:, None, :].cpu().numpy()
+        margin = torch.cat(ms).cpu().numpy() if margin is None else margin
     layers = {"gradxinput": (0,), "relevancy": (len(pc.decoder_layers) - 1,)}
     target = tuple(answers) if answers is not None else tuple("yes" if x >= 0 else "no" for x in margin)
     return Attribution(maps=maps, layers={k: layers[k] for k in kinds}, margin=margin,
@@ -620,10 +627,10 @@ def attribution_margins(backend, items: Sequence[tuple], rows_per_pass: int = 4)
     questions = [(k, q) for k, (_, qs, _) in enumerate(items) for q in qs]
     prompts = [pc.prompt(q) for _, q in questions]
     image = _image_embeddings(pc, [im for im, _, _ in items])
-    study = torch.tensor([k for k, _ in questions], device=image.device)
+    study = [k for k, _ in questions]
     out = []
     for lo in range(0, len(questions), rows_per_pass):
         idx = list(range(lo, min(lo + rows_per_pass, len(questions))))
-        rows = _Rows(prompts[0][0], prompts[0][1], [prompts[i][2] for i in idx], image[study[idx]])
-        out.append(_gradient_rows(pc, rows, None)[0].double().cpu())
-    return torch.cat(out).numpy()
+        rows = _Rows(prompts[0][0], prompts[0][1], [prompts[i][2] for i in idx], _images_of(image, study, idx))
+        out.append(_gradient_rows(pc, rows, None)[0].double())
+    return torch.cat(out).cpu().numpy()
