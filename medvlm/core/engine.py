@@ -90,7 +90,7 @@ def to_host(out: PackedScores, keep_logits: bool = False) -> tuple[PackedScores,
                     coverage=host(out.coverage), attention=host(out.attention), image_mass=host(out.image_mass),
                     n_query=host(out.n_query), image_norms=host(out.image_norms))  # fmt: skip
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(out.p_yes.device))  # the copies' stream, whatever the current device
     return moved, event
 
 
