@@ -503,9 +503,11 @@ def _gradxinput_backwards(m: torch.Tensor, leaf: torch.Tensor, owner: list[int])
     n_slots = max(slot) + 1
     for j in range(n_slots):
         qs = [q for q, s in enumerate(slot) if s == j]
-        (grad,) = torch.autograd.grad(m[qs].sum(), leaf, retain_graph=j < n_slots - 1)
+        # index tensors on the device (a Python list as an index is copied there blocking: a host sync)
+        q_index = to_device(torch.tensor(qs), leaf.device)
         rows = to_device(torch.tensor([owner[q] for q in qs]), leaf.device)
-        out[qs] = (grad[rows].to(acc) * leaf.detach()[rows].to(acc)).sum(-1)
+        (grad,) = torch.autograd.grad(m.index_select(0, q_index).sum(), leaf, retain_graph=j < n_slots - 1)
+        out.index_copy_(0, q_index, (grad[rows].to(acc) * leaf.detach()[rows].to(acc)).sum(-1))
     return out
 
 
