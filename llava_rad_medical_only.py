@@ -57,6 +57,7 @@ from medvlm.core.config import MedicalAttentionConfig
 from medvlm.core.engine import (
     cache_kwargs,
     new_cache,
+    on_stream,
     score_packed,
     score_shared_prefix,
     select_cache,
@@ -621,6 +622,7 @@ class LLaVARadMedical(VLMBackend):
             "generic_prompt": self.config.generic_prompt,
             "compiled": self.compiled,
             "fused_rms_norms": bool(self._norms) and not self.compiled,
+            "tower_stream": self.tower_stream is not None,
         }
         if loaded:
             d["image_span"] = [self.placeholder_index, self.placeholder_index + self.n_image_tokens]
@@ -638,10 +640,13 @@ class LLaVARadMedical(VLMBackend):
             parts += [layer.mlp, layer.input_layernorm, layer.post_attention_layernorm]
         return [(m, True) for m in parts]
 
+    def vision_device(self) -> torch.device | None:
+        return None if self.vision is None else next(self.vision.parameters()).device
+
     def unload(self) -> None:
         on_cuda = self.model is not None and self.device.type == "cuda"
         self.model = self.vision = self.projector = None
-        self._attention = self._norms = None
+        self._attention = self._norms = self.tower_stream = None
         self.control_memo.clear()
         gc.collect()
         if on_cuda:
@@ -777,7 +782,7 @@ class LLaVARadMedical(VLMBackend):
         span = (p, p + n_img)
         prefix_len = p + n_img
         decoder = self.model.model
-        img = self.image_embeddings(prep["pixel_values"])
+        img = on_stream(self.tower_stream, lambda: self.image_embeddings(prep["pixel_values"]))  # beside the last pass
         if img.shape[1] != n_img:
             raise RuntimeError(f"expected {n_img} image embeddings per image, found {img.shape[1]}")
         text = self._text_embeddings(prefix, img.shape[0])

@@ -34,7 +34,7 @@ from medvlm.core.aggregate import resolve_layers
 from medvlm.core.backend import GENERIC, PendingScores, QuestionScore, VLMBackend, question_scores
 from medvlm.core.capture import attention_modules_of
 from medvlm.core.config import MedicalAttentionConfig
-from medvlm.core.engine import score_packed, score_shared_prefix, to_device, to_host
+from medvlm.core.engine import on_stream, score_packed, score_shared_prefix, to_device, to_host
 from medvlm.core.fused_norms import fused_rms_norms, module_forward, norm_modules, patched_forwards
 from medvlm.core.geometry import Geometry, square_resize_geometry
 from medvlm.core.queries import suffix_query_positions
@@ -438,8 +438,12 @@ class MedGemmaMedical(VLMBackend):
             "compiled": self.compiled,
             "fused_rms_norms": bool(self._norms) and not self.compiled,
             "pixel_normalization": "device" if self._normalize_on_device else "host",
-            "siglip_gelu_epilogue": epilogue_gelu_is_tanh(self._vision_model.embeddings.patch_embedding.weight.device),
+            "siglip_gelu_epilogue": epilogue_gelu_is_tanh(self.vision_device()),
+            "tower_stream": self.tower_stream is not None,
         }
+
+    def vision_device(self) -> torch.device:
+        return self._vision_model.embeddings.patch_embedding.weight.device
 
     def compile_regions(self) -> list[tuple[torch.nn.Module, bool | None]]:
         """The SigLIP encoder layers (a fixed token count per image) and each decoder layer's
@@ -456,6 +460,7 @@ class MedGemmaMedical(VLMBackend):
     def unload(self) -> None:
         device = next(self.model.parameters()).device
         del self.model, self._decoder, self._attention, self._vision_model, self._norms
+        self.tower_stream = None
         self.control_memo.clear()
         gc.collect()
         if device.type == "cuda":
@@ -650,29 +655,35 @@ class MedGemmaMedical(VLMBackend):
         prefix_len, (start, end) = first["prefix_len"], first["span"]
         n_img = len(items)
         prefix = to_device(torch.tensor([first["prefix"]]), device)  # [1, P]; no host sync
-        pixels = pixel_values.to(device=device, non_blocking=True)
-        if pixels.dtype == torch.uint8:
-            pixels = normalize_pixels(self.processor.image_processor, pixels)
-        pixels = pixels.to(dtype)
         embed = self.model.model.get_input_embeddings()  # Gemma3's scaled embedding
 
-        def forward_with(pixels, n_img):
+        def features(host_pixels):
+            """Host pixels [k, 3, S, S] -> image features [k, 256, d] (tower and projector) in
+            the model dtype; every device input made here (engine.on_stream)."""
+            pixels = host_pixels.to(device=device, non_blocking=True)
+            if pixels.dtype == torch.uint8:
+                pixels = normalize_pixels(self.processor.image_processor, pixels)
+            with siglip_fast_path(self._vision_model), fused_rms_norms(() if self.compiled else self._norms):
+                image = self.image_features(pixels.to(dtype))
+            if image.shape[1] != end - start:
+                raise FactError(f"expected {end - start} image embeddings per image, found {image.shape[1]}")
+            return image.to(dtype)
+
+        def forward_with(image):
             def forward(suffix_ids, position_ids, mask):
                 # The image features go into their span directly: the model's own merge (given
                 # input_ids and pixel_values) formats a device tensor into its check message,
                 # a host sync that would hold the decoder's launches until the tower finished.
-                with siglip_fast_path(self._vision_model), fused_rms_norms(() if self.compiled else self._norms):
-                    image = self.image_features(pixels)
-                    if image.shape[1] != end - start:
-                        raise FactError(f"expected {end - start} image embeddings per image, found {image.shape[1]}")
-                    parts = [embed(prefix[:, :start]), image.to(dtype), embed(prefix[:, end:]), embed(suffix_ids)]
-                    embeds = torch.cat([p.expand(n_img, -1, -1) for p in parts], dim=1)
+                with fused_rms_norms(() if self.compiled else self._norms):
+                    parts = [embed(prefix[:, :start]), image, embed(prefix[:, end:]), embed(suffix_ids)]
+                    embeds = torch.cat([p.expand(image.shape[0], -1, -1) for p in parts], dim=1)
                     return self._language(embeds, mask, position_ids)
 
             return forward
 
+        image = on_stream(self.tower_stream, lambda: features(pixel_values))  # beside the previous pass's decoder
         out = score_packed(
-            forward=forward_with(pixels, n_img),
+            forward=forward_with(image),
             head=self._head,
             attention_modules=self._attention,
             config=self.model.config.get_text_config(),
@@ -690,7 +701,8 @@ class MedGemmaMedical(VLMBackend):
             device=device,
             decoder_layers=self._decoder.layers,  # the image tokens' norms entering each layer read
         )
-        controls = self._controls(prep, forward_with, device, dtype, (start, end), prefix_len)
+        controls = self._controls(prep, lambda host_pixels: forward_with(features(host_pixels)), device, dtype,
+                                  (start, end), prefix_len)  # fmt: skip
         generated = {}
         if self.config.generate:
             for k, (image, questions, _) in enumerate(items):
@@ -715,11 +727,12 @@ class MedGemmaMedical(VLMBackend):
             use_cache=False,
         ).last_hidden_state
 
-    def _controls(self, prep: dict, forward_with, device, dtype, span, prefix_len) -> dict:
+    def _controls(self, prep: dict, forward_for, device, dtype, span, prefix_len) -> dict:
         """{control: P(yes) [n_questions] float64}: each control's prompts not yet in
         self.control_memo are scored in one extra single-row pass holding a shared prefix (the
         grey image's, or the template's text without the image) and those questions packed
-        after it; logits only. The rest are read from the memo (a control names no study)."""
+        after it; logits only. The rest are read from the memo (a control names no study).
+        forward_for: host pixels [1, 3, S, S] -> the pass's forward with that image."""
         owners, suffixes = prep["owners"], prep["suffixes"]
         questions = [r for r, (_, i) in enumerate(owners) if i != GENERIC]
         common = {"head": self._head, "attention_modules": self._attention,
@@ -732,11 +745,8 @@ class MedGemmaMedical(VLMBackend):
             sfx = [suffixes[r] for r in questions]
 
             def blank(idx):
-                pixels = self.blank_pixels().to(device=device, non_blocking=True)
-                if pixels.dtype == torch.uint8:
-                    pixels = normalize_pixels(self.processor.image_processor, pixels)
                 part = [sfx[i] for i in idx]
-                return score_shared_prefix(forward=forward_with(pixels.to(dtype), 1), prefix_len=prefix_len,
+                return score_shared_prefix(forward=forward_for(self.blank_pixels()), prefix_len=prefix_len,
                                            suffixes=part, bidirectional_span=span, **common)  # fmt: skip
 
             prefix = list(prep["entries"][0]["prefix"])  # the image's placeholder ids included

@@ -87,6 +87,13 @@ def get_backend_loader(name: str):
         backend = load(cfg)
         if cfg.compile:
             backend.compile()
+        if cfg.overlap_tower:
+            from medvlm.core.preflight import UsageError
+
+            try:
+                backend.overlap_tower()
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         return backend
 
     return load_and_compile
@@ -299,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--compile", action="store_true",
                    help="torch.compile norms, MLPs and vision layers: 10-20%% faster once compiled, after 10-20 s of "
                         "compiling on an H200 (long runs on a GPU)")  # fmt: skip
+    f.add_argument("--overlap_tower", action="store_true",
+                   help="run each pass's vision tower on a second CUDA stream, beside the previous pass's decoder "
+                        "(same results; off by default until timed: README, Speed)")  # fmt: skip
     return p
 
 
@@ -355,8 +365,8 @@ def parse_args(argv=None) -> RunConfig:
         output_dir=a.output_dir, csv=a.csv, image_root=a.image_root, models=tuple(a.models), n_studies=a.n_studies,
         sample=a.sample, seed=a.seed, cluster_by=a.cluster_by, llava_rad_model=a.llava_rad_model,
         llava_rad_base=a.llava_rad_base, medgemma_model=a.medgemma_model, dtype=a.dtype, load_in_8bit=a.load_in_8bit,
-        load_in_4bit=a.load_in_4bit, batch_size=a.batch_size, compile=a.compile, strict=a.strict, overwrite=a.overwrite,
-        analyze_only=a.analyze_only, demo=a.demo, random_models=random_models,
+        load_in_4bit=a.load_in_4bit, batch_size=a.batch_size, compile=a.compile, overlap_tower=a.overlap_tower,
+        strict=a.strict, overwrite=a.overwrite, analyze_only=a.analyze_only, demo=a.demo, random_models=random_models,
         attention=attention, n_boot=a.n_boot or (2000 if a.demo else 10_000), bootstrap_seed=a.bootstrap_seed,
         n_figure_studies=n_figures,
         figure_studies=tuple(a.figure_studies) if a.figure_studies else None,
@@ -396,6 +406,8 @@ def main(argv=None) -> int:
     try:
         if cfg.overwrite and cfg.world_size > 1:
             raise UsageError("--overwrite under several processes would race; run it once on one process first")
+        if cfg.overlap_tower and cfg.device == "cpu":
+            raise UsageError("--overlap_tower needs a CUDA GPU, and this process runs on the CPU: drop --overlap_tower")
         if cfg.world_size > 1:
             import torch
 

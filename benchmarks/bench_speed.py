@@ -142,14 +142,24 @@ def unique_paraphrases(i: int) -> list[str]:
     return [f"{q[:-1]} (case {i:03d})?" for q in PARAPHRASES]
 
 
-def time_pass(backend, imgs, k: int, unique: bool = False, overlap: bool = True) -> tuple[float, float]:
+def time_pass(backend, imgs, k: int, unique: bool = False, overlap: bool = True, tower: bool = False
+              ) -> tuple[float, float]:  # fmt: skip
     """(seconds per study, peak GiB) scoring imgs k studies per backend pass as the runner
     drives them: the next pass prepared in a thread meanwhile and, with overlap, each pass
     launched before the previous one is read (launch_prepared / result); without it, each
-    read before the next is launched (the runner until 2026-12-08). unique: each study asks its
+    read before the next is launched (the runner until 2026-12-08). tower: each pass's vision
+    tower on a second stream (--overlap_tower), for this run only. unique: each study asks its
     own questions (unique_paraphrases) instead of the same PARAPHRASES. The controls' memo (a
     control's P(yes) is computed once per unique prompt) is emptied after the warm-up, so the
     timed run pays for every prompt it meets first."""
+    backend.overlap_tower(tower)
+    try:
+        return _time_pass(backend, imgs, k, unique, overlap)
+    finally:
+        backend.overlap_tower(False)
+
+
+def _time_pass(backend, imgs, k: int, unique: bool, overlap: bool) -> tuple[float, float]:
     cuda = DEVICE["name"] == "cuda"
     items = [(im, unique_paraphrases(i) if unique else PARAPHRASES, None) for i, im in enumerate(imgs)]
     backend.score_many(items[: max(k, 1)])  # warm-up at this batch shape
@@ -182,20 +192,32 @@ def time_pass(backend, imgs, k: int, unique: bool = False, overlap: bool = True)
     return per_study, (torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
 
 
-def overlap_ab(backend, imgs, k: int, rounds: int) -> dict:
-    """Seconds per study with passes overlapped (launched before the previous one is read)
-    and without, alternated in this process, `rounds` each: the least of each, and peaks."""
-    runs: dict[str, list] = {"overlapped": [], "sequential": []}
+def ab_runs(backend, imgs, k: int, arms: dict[str, dict], rounds: int) -> dict:
+    """Each arm's time_pass keywords run alternated in this process, `rounds` times each:
+    {arm: {s_per_study (the least), all_s_per_study, peak_gib (the most)}}, printed."""
+    runs: dict[str, list] = {label: [] for label in arms}
     for _ in range(rounds):
-        for label in runs:
-            runs[label].append(time_pass(backend, imgs, k, overlap=label == "overlapped"))
+        for label, kwargs in arms.items():
+            runs[label].append(time_pass(backend, imgs, k, **kwargs))
     out = {label: {"s_per_study": min(t for t, _ in v), "all_s_per_study": [t for t, _ in v],
                    "peak_gib": max(p for _, p in v)} for label, v in runs.items()}  # fmt: skip
+    print(f"  {backend.name} k={k}: " + ", ".join(
+        f"{label} {v['s_per_study'] * 1e3:.1f} ms/study {[round(t * 1e3, 1) for t in v['all_s_per_study']]} "
+        f"peak {v['peak_gib']:.2f} GiB" for label, v in out.items()), flush=True)  # fmt: skip
+    return out
+
+
+def overlap_ab(backend, imgs, k: int, rounds: int) -> dict:
+    """Seconds per study with passes overlapped (launched before the previous one is read),
+    without, and (on CUDA) overlapped with each tower on its own stream (--overlap_tower),
+    alternated in this process, `rounds` each: the least of each, and peaks."""
+    arms = {"overlapped": {}, "sequential": {"overlap": False}}
+    if DEVICE["name"] == "cuda":
+        arms["tower_stream"] = {"tower": True}
+    out = ab_runs(backend, imgs, k, arms, rounds)
     out["sequential_over_overlapped"] = out["sequential"]["s_per_study"] / out["overlapped"]["s_per_study"]
-    print(f"  {backend.name} k={k}: overlapped {out['overlapped']['s_per_study'] * 1e3:.1f}, sequential "
-          f"{out['sequential']['s_per_study'] * 1e3:.1f} ms/study (runs: "
-          f"{[round(t * 1e3, 1) for t in out['overlapped']['all_s_per_study']]} / "
-          f"{[round(t * 1e3, 1) for t in out['sequential']['all_s_per_study']]})", flush=True)  # fmt: skip
+    if "tower_stream" in out:
+        out["overlapped_over_tower_stream"] = out["overlapped"]["s_per_study"] / out["tower_stream"]["s_per_study"]
     return out
 
 
@@ -229,7 +251,7 @@ def bench_model(name: str, args, tflops: float) -> dict:
     compiled = None
     if args.compile:  # the opt-in path: norms, MLPs and vision layers compiled
         try:
-            compiled = time_compiled(backend, imgs, k_best, floor, weights_gib)
+            compiled = time_compiled(backend, imgs, k_best, floor, weights_gib, tower_rounds=args.overlap_rounds)
         except Exception as e:  # recorded, not hidden: the eager numbers above stand
             compiled = {"error": f"{type(e).__name__}: {e}"[:2000]}
         print(f"  {name} compiled: {compiled}", flush=True)
@@ -308,8 +330,9 @@ def time_validity(backend, imgs, k: int, plain: float, weights_gib: float) -> di
     return out
 
 
-def time_compiled(backend, imgs, k: int, floor: float, weights_gib: float) -> dict:
-    """compile(), warm up on the shapes the timed run meets, then time as time_pass does."""
+def time_compiled(backend, imgs, k: int, floor: float, weights_gib: float, tower_rounds: int = 0) -> dict:
+    """compile(), warm up on the shapes the timed run meets, then time as time_pass does;
+    with tower_rounds (CUDA), also one stream against the tower on its own, alternated."""
     t0 = time.perf_counter()
     backend.compile()
     for n in {k, len(imgs) % k or k}:
@@ -317,8 +340,15 @@ def time_compiled(backend, imgs, k: int, floor: float, weights_gib: float) -> di
     sync()
     compile_s = time.perf_counter() - t0
     t, peak = time_pass(backend, imgs, k)
+    tower = None
+    if DEVICE["name"] == "cuda" and tower_rounds:  # the compiled path with each tower on its own stream, A/B
+        tower = ab_runs(backend, imgs, k, {"one_stream": {}, "tower_stream": {"tower": True}}, tower_rounds)
+        for v in tower.values():
+            v["ours_over_floor"] = v["s_per_study"] / floor
+            v["peak_over_weights"] = v["peak_gib"] / weights_gib
     return {"s_per_study": t, "peak_gib": peak, "peak_over_weights": peak / weights_gib, "ours_over_floor": t / floor,
-            "naive_over_ours": None, "compile_s": compile_s, "studies_per_pass": k}  # fmt: skip
+            "naive_over_ours": None, "compile_s": compile_s, "studies_per_pass": k,
+            "tower_stream_ab": tower}  # fmt: skip
 
 
 def backend_parameters(backend):

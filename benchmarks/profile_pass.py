@@ -187,15 +187,39 @@ def three_ways(backend, a, k: int) -> tuple[list, int]:
     threaded = time_pass(backend, [im for im, _, _ in timed], k)[0] * 1e3 * k
     sequential = time_pass(backend, [im for im, _, _ in timed], k, overlap=False)[0] * 1e3 * k
     preps = [backend.prepare(timed[i : i + k]) for i in range(0, len(timed), k)]
-    sync()
-    t0 = time.perf_counter()
-    for prep in preps:
-        backend.score_prepared(prep)
-    sync()
-    device_side = (time.perf_counter() - t0) * 1e3 / n_pass
+
+    def device_alone(overlap: bool) -> float:
+        """ms per pass of the prepared passes, each launched before the previous is read or not."""
+        sync()
+        t0, previous = time.perf_counter(), None
+        for prep in preps:
+            if not overlap:
+                backend.score_prepared(prep)
+                continue
+            launched = backend.launch_prepared(prep)
+            if previous is not None:
+                previous.result()
+            previous = launched
+        if previous is not None:
+            previous.result()
+        sync()
+        return (time.perf_counter() - t0) * 1e3 / n_pass
+
+    device_side = device_alone(overlap=False)
+    device_overlapped = device_alone(overlap=True)
     print(f"{a.model} k={k}: ms/study: prepared in line {wall / k:.1f}, in a thread {threaded / k:.1f} "
           f"(passes overlapped, as the runner does; read before the next launch: {sequential / k:.1f}), "
-          f"beforehand (device side alone) {device_side / k:.1f}  (warm-up {warm:.1f} s)", flush=True)
+          f"beforehand (device side alone) {device_side / k:.1f}, overlapped {device_overlapped / k:.1f}  "
+          f"(warm-up {warm:.1f} s)", flush=True)  # fmt: skip
+    if torch.cuda.is_available():  # each pass's tower on its own stream (--overlap_tower)
+        threaded_tower = time_pass(backend, [im for im, _, _ in timed], k, tower=True)[0] * 1e3 * k
+        backend.overlap_tower()
+        try:
+            device_tower = device_alone(overlap=True)
+        finally:
+            backend.overlap_tower(False)
+        print(f"{a.model} k={k}: tower on its own stream: in a thread {threaded_tower / k:.1f}, beforehand "
+              f"{device_tower / k:.1f} ms/study", flush=True)  # fmt: skip
     return timed, n_pass
 
 

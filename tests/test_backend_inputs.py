@@ -267,3 +267,15 @@ def test_pending_scores_wait_for_their_copies_then_build_once():
     assert log == [], "nothing is waited for or built before result()"
     assert pending.result() == [["scores"]] and pending.result() == [["scores"]]
     assert log == ["waited", "built"], f"expected one wait, then one build: {log}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a model on the CPU")
+def test_overlap_tower_refuses_a_tower_off_cuda_and_is_recorded(backend):
+    """overlap_tower needs a second CUDA stream: on the CPU it says where the tower is, and the
+    manifest's tower_stream stays false (tests/test_gpu.py checks the stream itself)."""
+    with pytest.raises(ValueError, match=rf"--overlap_tower needs the vision tower on a CUDA device; model "
+                                         rf"'{backend.name}' has it on cpu"):  # fmt: skip
+        backend.overlap_tower()
+    assert backend.tower_stream is None and backend.describe()["tower_stream"] is False
+    backend.overlap_tower(False)  # turning it off is always allowed
+    assert backend.tower_stream is None

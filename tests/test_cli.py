@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 import run_medical_vlm_analysis as cli
@@ -206,6 +207,15 @@ def test_layers_out_of_range_refused_before_loading(tmp_path, capsys, no_loading
     line = one_error_line(capsys)
     assert "99" in line and "0..5" in line, line
     assert not no_loading
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a run on the CPU")
+def test_overlap_tower_on_the_cpu_refused_before_loading(tmp_path, capsys, no_loading):
+    csv = make_project(tmp_path / "proj")
+    assert cli.main(tiny_args(csv, tmp_path / "out", "--overlap_tower")) == 2
+    line = one_error_line(capsys)
+    assert "--overlap_tower needs a CUDA GPU" in line and "on the CPU" in line, line
+    assert not no_loading and not (tmp_path / "out").exists()
 
 
 def test_an_analysis_failure_keeps_the_results(tmp_path, capsys, monkeypatch):

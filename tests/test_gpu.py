@@ -105,15 +105,17 @@ def test_siglip_gelu_epilogue_on_cuda_is_the_tanh_mlp():
     assert d <= 1e-5, f"fused MLP differs from SiglipMLP by {d:.3g} (fp32)"
 
 
+@pytest.mark.parametrize("tower", [False, True], ids=["one_stream", "tower_stream"])
 @pytest.mark.parametrize("validity", [False, True], ids=["plain", "controls_and_generic"])
 @pytest.mark.parametrize("model", ["medgemma", "llava_rad"])
-def test_a_pass_never_waits_on_the_gpu_before_its_results_are_read(model, validity, tmp_path, rgb_image,
+def test_a_pass_never_waits_on_the_gpu_before_its_results_are_read(model, validity, tower, tmp_path, rgb_image,
                                                                    monkeypatch):
     """No host synchronisation from the pass's first launch until the results are read
     (launch_prepared returns; PendingScores.result reads): a
     sync after the vision tower's launches (a blocking copy, a tensor formatted into a
     message) would leave the GPU idle while the decoder is launched one kernel at a time.
-    The control passes and the generic prompt are held to the same rule."""
+    The control passes and the generic prompt are held to the same rule, and so is the
+    tower on its own stream (overlap_tower)."""
     import llava_rad_medical_only
     import medgemma_enhanced
     from medvlm.core.backend import GENERIC
@@ -122,6 +124,7 @@ def test_a_pass_never_waits_on_the_gpu_before_its_results_are_read(model, validi
     module = medgemma_enhanced if model == "medgemma" else llava_rad_medical_only
     config = MedicalAttentionConfig(controls=CONTROLS, generic_prompt=GENERIC_PROMPT) if validity else None
     backend = _cuda_backend(model, tmp_path, config)
+    backend.overlap_tower(tower)
     items = [(rgb_image, QUESTIONS, None)] * 2
     expected = backend.score_many(items)  # warm-up: one-time checks and handles may sync
     prep = backend.prepare(items)
@@ -160,6 +163,46 @@ def test_a_launched_pass_is_read_without_waiting_for_the_work_launched_after_it(
     torch.cuda.synchronize()
     for a, b in zip([s for study in got for s in study], [s for study in expected for s in study], strict=True):
         assert abs(a.p_yes - b.p_yes) <= 1e-6 and max_diff(a.attention, b.attention) <= 1e-6
+
+
+@pytest.mark.parametrize("model", ["medgemma", "llava_rad"])
+def test_overlap_tower_runs_the_next_towers_beside_queued_work_and_changes_no_result(model, tmp_path, rgb_image,
+                                                                                    monkeypatch):
+    """With overlap_tower, a pass launched while the GPU is busy (a second of spinning queued
+    on the pass's stream, as the previous pass's decoder would be) runs its vision tower at
+    once on the second stream, and its decoder after both; every score equals the one-stream
+    pass's exactly (the same kernels on the same inputs), the studies kept apart."""
+    backend = _cuda_backend(model, tmp_path)
+    items = [(rgb_image, QUESTIONS, None), (rgb_image.transpose(0), QUESTIONS[::-1], None)]  # two different studies
+    expected = backend.score_many(items)
+    backend.overlap_tower()
+    assert backend.describe()["tower_stream"] is True
+    backend.score_many(items)  # warm-up on the new stream
+    tower = "image_features" if model == "medgemma" else "image_embeddings"
+    done, inner = [], getattr(backend, tower)
+
+    def traced(pixels):
+        out = inner(pixels)
+        done.append(torch.cuda.Event())
+        done[-1].record()  # on the stream the tower runs on
+        return out
+
+    monkeypatch.setattr(backend, tower, traced)
+    prep = backend.prepare(items)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of the GPU spinning on the pass's stream
+    busy = torch.cuda.Event()
+    busy.record()
+    pending = backend.launch_prepared(prep)
+    (tower_done,) = done
+    tower_done.synchronize()
+    assert not busy.query(), "the tower waited for the work queued before the pass"
+    got = pending.result()
+    assert busy.query(), "the pass's results were read before the work queued ahead of its decoder"
+    for a, b in zip([s for study in got for s in study], [s for study in expected for s in study], strict=True):
+        assert a.p_yes == b.p_yes and max_diff(a.attention, b.attention) == 0, (a.question, a.p_yes, b.p_yes)
+    backend.overlap_tower(False)
+    assert backend.tower_stream is None and backend.describe()["tower_stream"] is False
 
 
 @pytest.mark.parametrize("model", ["medgemma", "llava_rad"])

@@ -251,6 +251,9 @@ class VLMBackend(ABC):
     default_batch_size: int = 36
     #: whether compile() has run (recorded in the manifest)
     compiled: bool = False
+    #: the second CUDA stream each pass's vision tower is queued on (overlap_tower); None: the
+    #: pass's own stream
+    tower_stream: torch.cuda.Stream | None = None
 
     @property
     @abstractmethod
@@ -410,6 +413,27 @@ class VLMBackend(ABC):
             module.compile(dynamic=dynamic)
         self.compiled = True
         return len(regions)
+
+    def vision_device(self) -> torch.device | None:
+        """The device each pass's vision tower runs on; None where the backend runs no tower
+        of its own in its passes (overlap_tower then refuses)."""
+        return None
+
+    def overlap_tower(self, on: bool = True) -> None:
+        """Queue each scoring pass's vision tower (and projector) on a second CUDA stream
+        (medvlm.core.engine.on_stream), so that a runner launching pass n + 1 before reading
+        pass n (medvlm.core.pipeline) has the GPU run the next pass's tower beside this pass's
+        decoder; the decoder of a pass still waits for its own tower. The same kernels on the
+        same inputs: the same results. Off by default; recorded in the manifest. Refused
+        (ValueError) where the tower is not on a CUDA device."""
+        if not on:
+            self.tower_stream = None
+            return
+        device = self.vision_device()
+        if device is None or device.type != "cuda":
+            raise ValueError(f"--overlap_tower needs the vision tower on a CUDA device; model {self.name!r} has it on "
+                             f"{device or 'no device of its own'}")  # fmt: skip
+        self.tower_stream = torch.cuda.Stream(device)
 
     def describe(self) -> dict:
         """Facts for the manifest: model id, revision, dtype, attention implementation,

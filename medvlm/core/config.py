@@ -125,6 +125,7 @@ class RunConfig:
     load_in_4bit: bool = False
     batch_size: int | None = None  # questions per forward; None: the backend's default
     compile: bool = False  # torch.compile the backends' norms, MLPs and vision layers (long runs)
+    overlap_tower: bool = False  # each pass's vision tower on a second CUDA stream (VLMBackend.overlap_tower)
     strict: bool = False
     overwrite: bool = False
     analyze_only: bool = False

@@ -106,6 +106,25 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def on_stream(stream: torch.cuda.Stream | None, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """fn()'s tensor with fn's kernels queued on `stream` (None: run fn as is, on the current
+    stream). The current stream waits for them before anything queued on it later, and the
+    tensor's memory is held for the current stream's use (record_stream), so the caller reads
+    it as if fn had run in line; what changes is that fn's work need not wait behind what the
+    current stream already holds (the previous pass: a vision tower overlapping the previous
+    pass's decoder). fn must make its device inputs itself (from host tensors or weights):
+    a tensor written on the current stream before the call may not be written yet when fn's
+    kernels run. The results are the same kernels' on the same inputs, so the same values."""
+    if stream is None:
+        return fn()
+    current = torch.cuda.current_stream(stream.device)
+    with torch.cuda.stream(stream):
+        out = fn()
+    current.wait_stream(stream)
+    out.record_stream(current)
+    return out
+
+
 def new_cache():
     """An empty DynamicCache for generation: built without a config, every layer keeps every
     key (sliding layers too: the window is applied by the masks), so key columns are absolute
