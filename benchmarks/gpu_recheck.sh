@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # The GPU measurements still owed to issues #15 and #16, in two device calls of at most 10 minutes
-# each. Run from the repository root on a GPU machine, pydicom on the path (README: Speed and
-# exactness), with OUT set to a folder for the logs and JSON (bench_speed's JSON in OUT/<model>/):
+# each. Run from the repository root on a GPU machine, pydicom and pydicom-data on the path
+# (benchmarks/README.md says how on a machine without network), with OUT set to a folder for the
+# logs and JSON (bench_speed's JSON in OUT/<model>/):
 #
 #     OUT=/some/folder bash benchmarks/gpu_recheck.sh 1     # then, on the same machine:
 #     OUT=/some/folder bash benchmarks/gpu_recheck.sh 2
 #
 # Part 1 (MedGemma; #16's goal is its ratio to the floor with the vision tower's attention):
-#   1. the GPU tests, among them those of 2026-12-08's second session: a launched pass is read
-#      without waiting for the work queued after it (the runner's overlapped passes), and the
-#      gradient passes make no host sync until their maps are read
+#   1. the GPU tests, among them those written without a GPU: a launched pass is read without
+#      waiting for the work queued after it (the runner's overlapped passes), the gradient passes
+#      make no host sync until their maps are read, and --overlap_tower runs the next tower beside
+#      queued work with the same scores to the bit
 #   2. bench_speed for MedGemma, default and compiled, with its exactness against the float32
 #      eager reference and the A/B of overlapped passes against each pass read before the next
-#      launch (overlap_ab: three rounds, alternated, in one process)
-#   3. profile_pass's three ways (prepared in line, in a thread with and without overlap, the
-#      device side alone)
+#      launch and against the tower on its own stream (overlap_ab: three rounds, alternated, in
+#      one process; the compiled path's tower_stream_ab likewise)
+#   3. profile_pass's ways (prepared in line, in a thread with and without overlap, the device
+#      side alone with and without overlap, and with the tower on its own stream)
 # Part 2:
 #   4. gradient x input (#15) at the defaults and one step either side, with its forward-only
 #      baselines (the sync-free passes)
