@@ -55,6 +55,7 @@ from bench_speed import PARAPHRASES, backend_parameters, build, images  # noqa: 
 
 from medvlm.analysis.faithfulness import FaithfulnessConfig, faithfulness_for_studies  # noqa: E402
 from medvlm.core.attribution import (  # noqa: E402
+    DEFAULT_QUESTIONS_PER_BACKWARD,
     DEFAULT_ROWS,
     DEFAULT_SHARED_PREFIX,
     DEFAULT_UNCHECKPOINTED,
@@ -133,17 +134,20 @@ def _oom_types() -> tuple:
 
 
 def gradxinput_sweep(name: str, backend, args, ratio) -> dict:
-    """Every (R, u, s) of this model's --grad_rows x --grad_uncheckpointed x --grad_share:
+    """Every (R, u, s, t) of this model's --grad_rows x --grad_uncheckpointed x --grad_share x
+    --grad_together (t, questions per vmapped backward, only with s; 1 without):
     gradient x input per question (at least --grad_studies x --grad_questions questions, and
     two full passes), against the same questions' forward alone at R rows per pass, the two
     timed in turn --repeats times: the least of each (gradxinput_over_forward) and the median
     of the runs' own ratios (paired_ratio_median). -> {"gradxinput_sweep": [entry, ...],
-    "gradxinput": {R: its entry at the default u and s (else the first)}, "gradxinput_choice":
-    choose(sweep), "gradxinput_defaults": the library's R, u and s}."""
+    "gradxinput": {R: its entry at the default u, s and t (else the first)}, "gradxinput_choice":
+    choose(sweep), "gradxinput_defaults": the library's R, u, s and t}."""
     rows, unck = per_model(args.grad_rows, name), per_model(args.grad_uncheckpointed, name)
     defaults = {"rows": DEFAULT_ROWS[name]["gradxinput"], "uncheckpointed": DEFAULT_UNCHECKPOINTED[name]["gradxinput"],
-                "share_prefix": DEFAULT_SHARED_PREFIX[name]}  # fmt: skip
+                "share_prefix": DEFAULT_SHARED_PREFIX[name],
+                "questions_per_backward": DEFAULT_QUESTIONS_PER_BACKWARD[name]}  # fmt: skip
     shares = [bool(v) for v in per_model(args.grad_share, name)] or [defaults["share_prefix"]]
+    togethers = per_model(args.grad_together, name) or [defaults["questions_per_backward"]]
     n_layers = len(backend._attention)
     q = args.grad_questions
     sweep, forward_warmed = [], set()
@@ -152,10 +156,14 @@ def gradxinput_sweep(name: str, backend, args, ratio) -> dict:
         items = [(im, PARAPHRASES[:q], None) for im in images(-(-n_q // q))]
         n_q = len(items) * q
         first = items[: -(-r // q)]  # one full pass of r rows, for the warm-ups
-        for u, share in [(u, sh) for u in unck for sh in shares]:
-            entry = {"rows": r, "uncheckpointed": min(u, n_layers), "share_prefix": share, "n_questions": n_q}
+        combos = [(u, sh, t) for u in unck for sh in shares for t in (togethers if sh else [1])]
+        for u, share, t in dict.fromkeys(combos):
+            entry = {"rows": r, "uncheckpointed": min(u, n_layers), "share_prefix": share,
+                     "questions_per_backward": t, "n_questions": n_q}  # fmt: skip
+            label = f"R={r} u={u} shared={int(share)}" + (f" together={t}" if share else "")
             try:
-                attribution_maps(backend, first, ("gradxinput",), rows_per_pass=r, uncheckpointed=u, share_prefix=share)
+                attribution_maps(backend, first, ("gradxinput",), rows_per_pass=r, uncheckpointed=u, share_prefix=share,
+                                 questions_per_backward=t)  # fmt: skip
                 if r not in forward_warmed:
                     attribution_margins(backend, first, rows_per_pass=r)
                     forward_warmed.add(r)
@@ -163,8 +171,9 @@ def gradxinput_sweep(name: str, backend, args, ratio) -> dict:
                 # (up to 12% on one H100 within minutes) falls on both sides of each ratio
                 grads, fwds = [], []
                 for _ in range(max(1, args.repeats)):
-                    grads.append(measure(lambda items=items, r=r, u=u, share=share: attribution_maps(
-                        backend, items, ("gradxinput",), rows_per_pass=r, uncheckpointed=u, share_prefix=share)))
+                    grads.append(measure(lambda items=items, r=r, u=u, share=share, t=t: attribution_maps(
+                        backend, items, ("gradxinput",), rows_per_pass=r, uncheckpointed=u, share_prefix=share,
+                        questions_per_backward=t)))
                     fwds.append(measure(lambda items=items, r=r: attribution_margins(backend, items, rows_per_pass=r)))
                 t_g, peak_g = min(g[0] for g in grads), max(g[1] for g in grads)
                 t_f, peak_f = min(f[0] for f in fwds), max(f[1] for f in fwds)
@@ -173,25 +182,25 @@ def gradxinput_sweep(name: str, backend, args, ratio) -> dict:
                 torch.cuda.empty_cache()
                 entry["oom"] = True
                 sweep.append(entry)
-                print(f"  {name} gradxinput R={r} u={u} shared={int(share)}: out of memory", flush=True)
+                print(f"  {name} gradxinput {label}: out of memory", flush=True)
                 continue
             entry.update(s_per_question=t_g / n_q, forward_only_s_per_question=t_f / n_q,
                          gradxinput_over_forward=t_g / t_f, paired_ratios=paired,
                          paired_ratio_median=paired[len(paired) // 2], peak_over_weights=ratio(peak_g),
                          forward_peak_over_weights=ratio(peak_f))  # fmt: skip
             sweep.append(entry)
-            print(f"  {name} gradxinput R={r} u={u} shared={int(share)}: {t_g / n_q * 1e3:.1f} ms/question, "
+            print(f"  {name} gradxinput {label}: {t_g / n_q * 1e3:.1f} ms/question, "
                   f"{t_g / t_f:.2f}x its forward (paired median {paired[len(paired) // 2]:.2f}x) "
                   f"({t_f / n_q * 1e3:.1f} ms/question), peak {ratio(peak_g)}", flush=True)  # fmt: skip
     by_rows = {}
     for e in sweep:
-        default = e["uncheckpointed"] == defaults["uncheckpointed"] and e["share_prefix"] == defaults["share_prefix"]
+        default = all(e[k] == defaults[k] for k in ("uncheckpointed", "share_prefix", "questions_per_backward"))
         if "oom" not in e and (e["rows"] not in by_rows or default):
             by_rows[e["rows"]] = e
     choice = choose(sweep)
-    print(f"  {name} gradxinput choice: {choice and (choice['rows'], choice['uncheckpointed'], choice['share_prefix'])}"
-          f" (defaults now R={defaults['rows']}, u={defaults['uncheckpointed']}, shared={defaults['share_prefix']})",
-          flush=True)  # fmt: skip
+    picked = choice and tuple(choice[k] for k in ("rows", "uncheckpointed", "share_prefix", "questions_per_backward"))
+    print(f"  {name} gradxinput choice: {picked} (defaults now R={defaults['rows']}, u={defaults['uncheckpointed']}, "
+          f"shared={defaults['share_prefix']}, together={defaults['questions_per_backward']})", flush=True)  # fmt: skip
     return {"gradxinput_sweep": sweep, "gradxinput": by_rows, "gradxinput_choice": choice,
             "gradxinput_defaults": defaults}  # fmt: skip
 
@@ -283,6 +292,8 @@ def main(argv=None) -> int:
                    help="decoder layers left uncheckpointed, the same syntax; every (rows, u) pair is run")  # fmt: skip
     p.add_argument("--grad_share", nargs="+", default=[],
                    help="1 shared prefix, 0 one row per question, the same syntax (default: the library's)")
+    p.add_argument("--grad_together", nargs="+", default=[],
+                   help="questions of a shared row per vmapped backward, the same syntax (default: the library's)")
     p.add_argument("--grad_studies", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2, help="gradient x input and its forward, timed in turn this often")
     p.add_argument("--grad_questions", type=int, default=2)

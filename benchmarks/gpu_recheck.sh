@@ -19,8 +19,9 @@
 #   3. profile_pass's ways (prepared in line, in a thread with and without overlap, the device
 #      side alone with and without overlap, and with the tower on its own stream)
 # Part 2:
-#   4. gradient x input (#15) at the defaults and one step either side, with its forward-only
-#      baselines (the sync-free passes)
+#   4. gradient x input (#15) at the defaults, and a shared row's questions in one vmapped
+#      backward (questions_per_backward 6; MedGemma shared too), with the forward-only baselines
+#      (the sync-free passes)
 #   5. bench_speed for LLaVA-Rad, default and compiled, with its overlap A/B
 set -uo pipefail
 : "${OUT:?set OUT to the folder for the logs}"
@@ -36,8 +37,9 @@ if [ "$part" = 1 ]; then
 elif [ "$part" = 2 ]; then
     mkdir -p "$OUT/f"
     timeout 230 python benchmarks/bench_faithfulness.py --models llava_rad medgemma --only gradxinput --grad_studies 4 \
-        --grad_questions 6 --repeats 2 --grad_rows llava_rad:6 medgemma:8 --grad_uncheckpointed llava_rad:4,6 medgemma:1,2 \
-        --grad_share llava_rad:1 medgemma:0 --out "$OUT/f" 2>&1 | quiet | tee "$OUT/gradxinput.log"
+        --grad_questions 6 --repeats 2 --grad_rows llava_rad:6 medgemma:8 --grad_uncheckpointed llava_rad:1,4 medgemma:1 \
+        --grad_share llava_rad:1 medgemma:0,1 --grad_together llava_rad:1,6 medgemma:6 --out "$OUT/f" 2>&1 | quiet \
+        | tee "$OUT/gradxinput.log"
     timeout 330 python benchmarks/bench_speed.py --models llava_rad --n_studies 48 --sweep_studies 16 --studies_per_pass 8 \
         --naive_studies 0 --exactness_studies 1 --compile --overlap_rounds 3 --no_validity --out "$OUT/llava_rad" 2>&1 | quiet \
         | tee "$OUT/speed-llava_rad.log"

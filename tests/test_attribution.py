@@ -144,6 +144,37 @@ def test_shared_prefix_passes_equal_one_question_per_row(backend, monkeypatch):
     _close(masked["gradxinput"], shared["gradxinput"], f"{backend.name} gradxinput, split vs masked attention")
 
 
+@pytest.mark.parametrize("together", [2, 5])
+def test_questions_of_a_shared_row_in_one_vmapped_backward_give_the_same_maps(backend, together):
+    """questions_per_backward: a shared row's questions differentiated `together` at a time in
+    one backward vmapped over them (is_grads_batched) give every map and margin of one question
+    per row (the last layer uncheckpointed: its norms' and MLP's _Recomputed backward runs under
+    the vmap too), and walk the checkpointed layers' recomputation once per group of questions:
+    counted at the attention modules."""
+    a, b = images()
+    questions = [*QUESTIONS, "Is there a pneumothorax?", "Is the lung clear?", "Any fracture?"]
+    cases = [(a, questions, None), (b, QUESTIONS[:1], None)]
+    per_row = attribution_maps(backend, cases, ("gradxinput",), rows_per_pass=6, uncheckpointed=1,
+                               share_prefix=False)  # fmt: skip
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in backend._attention]
+    try:
+        vmapped = attribution_maps(backend, cases, ("gradxinput",), rows_per_pass=6, uncheckpointed=1,
+                                   share_prefix=True, questions_per_backward=together)  # fmt: skip
+    finally:
+        for h in hooks:
+            h.remove()
+    n = len(backend._attention)
+    groups = -(-len(questions) // together)  # study a's backwards; study b's single question: one
+    expected = 2 * n + (groups + 1) * (n - 1)  # two forwards, and each backward recomputes n - 1 layers
+    assert len(calls) == expected, f"{backend.name}: {len(calls)} attention calls, expected {expected}"
+    _close(vmapped["gradxinput"], per_row["gradxinput"], f"{backend.name} gradxinput, {together} per backward")
+    diff = float(np.abs(vmapped.margin - per_row.margin).max())
+    assert diff <= TOL, f"{backend.name}: margins, vmapped backward vs per row, max diff {diff:.3e}"
+    with pytest.raises(ValueError, match="questions_per_backward must be >= 1, got -1"):
+        attribution_maps(backend, cases, ("gradxinput",), share_prefix=True, questions_per_backward=-1)
+
+
 def test_shared_passes_never_mix_studies():
     from medvlm.core.attribution import _passes
 
@@ -210,26 +241,29 @@ def test_uncheckpointed_layers_keep_less_for_the_same_maps(backend, monkeypatch)
 
 
 def test_rows_and_checkpointing_default_by_backend(backend, monkeypatch):
-    """rows_per_pass and uncheckpointed left out: the backend's DEFAULT_ROWS and
-    DEFAULT_UNCHECKPOINTED entries decide the passes."""
+    """rows_per_pass, uncheckpointed and questions_per_backward left out: the backend's
+    DEFAULT_ROWS, DEFAULT_UNCHECKPOINTED and DEFAULT_QUESTIONS_PER_BACKWARD entries decide the
+    passes."""
     from medvlm.core import attribution
 
-    for table in (attribution.DEFAULT_ROWS, attribution.DEFAULT_UNCHECKPOINTED):
+    for table in (attribution.DEFAULT_ROWS, attribution.DEFAULT_UNCHECKPOINTED,
+                  attribution.DEFAULT_QUESTIONS_PER_BACKWARD, attribution.DEFAULT_SHARED_PREFIX):  # fmt: skip
         assert set(table) == {"llava_rad", "medgemma"}
     for table in (attribution.DEFAULT_ROWS, attribution.DEFAULT_UNCHECKPOINTED):
         assert all(set(rows) == set(GRADIENT_KINDS) for rows in table.values())
     passes = []
     real = attribution._gradient_rows
 
-    def recorded(pc, rows, kind, target=None, uncheckpointed=1):
-        passes.append((kind, len(rows.suffixes), uncheckpointed))
-        return real(pc, rows, kind, target, uncheckpointed)
+    def recorded(pc, rows, kind, target=None, uncheckpointed=1, together=1):
+        passes.append((kind, len(rows.suffixes), uncheckpointed, together))
+        return real(pc, rows, kind, target, uncheckpointed, together)
 
     monkeypatch.setattr(attribution, "_gradient_rows", recorded)
     monkeypatch.setitem(attribution.DEFAULT_ROWS, backend.name, {"gradxinput": 2, "relevancy": 3})
     monkeypatch.setitem(attribution.DEFAULT_UNCHECKPOINTED, backend.name, {"gradxinput": 2, "relevancy": 4})
+    monkeypatch.setitem(attribution.DEFAULT_QUESTIONS_PER_BACKWARD, backend.name, 5)
     attribution_maps(backend, items(), GRADIENT_KINDS)
-    assert passes == [("gradxinput", 2, 2), ("gradxinput", 1, 2), ("relevancy", 3, 4)]
+    assert passes == [("gradxinput", 2, 2, 5), ("gradxinput", 1, 2, 5), ("relevancy", 3, 4, 5)]
 
 
 def test_margins_reproduce_the_scorers_p_yes(backend, batched):

@@ -65,11 +65,15 @@ def test_gradient_maps_on_cuda_equal_autograd_on_the_eager_reference(model, tmp_
 
     backend = _cuda_backend(model, tmp_path)
     got = attribution_maps(backend, [(rgb_image, QUESTIONS, None)], GRADIENT_KINDS, rows_per_pass=2)
+    # the shared prefix with both questions in one vmapped backward (SDPA's CUDA backward kernels
+    # under vmap: their batching rules or vmap's loop fallback)
+    vmapped = attribution_maps(backend, [(rgb_image, QUESTIONS, None)], ("gradxinput",), rows_per_pass=2,
+                               share_prefix=True, questions_per_backward=2)  # fmt: skip
     for q, question in enumerate(QUESTIONS):
         ref = reference_attribution(backend, rgb_image, question)
-        for kind in GRADIENT_KINDS:
-            want = ref[kind].numpy()
-            d, scale = float(abs(got[kind][q, 0] - want).max()), float(abs(want).max())
+        for kind, maps in [*((k, got[k]) for k in GRADIENT_KINDS), ("gradxinput vmapped", vmapped["gradxinput"])]:
+            want = ref[kind.split()[0]].numpy()
+            d, scale = float(abs(maps[q, 0] - want).max()), float(abs(want).max())
             assert scale > 0 and d <= 1e-5 and d <= 1e-4 * scale, f"{model} {kind} q{q}: {d:.3g} (scale {scale:.3g})"
 
 
@@ -207,7 +211,8 @@ def test_overlap_tower_runs_the_next_towers_beside_queued_work_and_changes_no_re
 
 @pytest.mark.parametrize("model", ["medgemma", "llava_rad"])
 def test_gradient_passes_never_wait_on_the_gpu_until_the_maps_are_read(model, tmp_path, rgb_image):
-    """Gradient x input (one row per question, and a shared prefix) and the forward-only margins:
+    """Gradient x input (one row per question, and a shared prefix, its questions' backwards one
+    by one and vmapped together) and the forward-only margins:
     after the image embeddings, nothing makes the host wait on the GPU but the reading of the
     results after the last pass (a sync per pass, or per backward, leaves the GPU idle while
     the host launches the next one)."""
@@ -222,6 +227,7 @@ def test_gradient_passes_never_wait_on_the_gpu_until_the_maps_are_read(model, tm
     def run():
         attribution.attribution_maps(backend, items, rows_per_pass=2, share_prefix=False)
         attribution.attribution_maps(backend, items, rows_per_pass=2, share_prefix=True)
+        attribution.attribution_maps(backend, items, rows_per_pass=2, share_prefix=True, questions_per_backward=2)
         attribution.attribution_margins(backend, items, rows_per_pass=2)
 
     run()  # warm-up: one-time checks may sync

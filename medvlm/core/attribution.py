@@ -34,7 +34,12 @@ never share a leaf. With share_prefix (gradient x input; LLaVA-Rad's default), a
 row instead: one study's prefix once, its questions packed after it under the block mask (as
 the scorer packs them), and one backward per question (the prefix's gradient differs per
 question, so one backward of the sum would mix them): the forward is paid once per study,
-the recomputation and the backward once per question. LLaVA-Rad's shared row runs its prefix
+the recomputation and the backward once per question. With questions_per_backward = n > 1, n
+of those backwards run as one, vmapped over the questions (torch.autograd.grad with
+is_grads_batched=True, the identity as the batched grad_outputs; the backward is linear in
+them, so each question's gradient is its own): the graph is walked, and each checkpointed layer
+recomputed, once per n questions; the backward's matmuls run on n gradients at once, which is
+also the memory it adds. LLaVA-Rad's shared row runs its prefix
 queries on SDPA's causal kernel and only the packed questions under the mask
 (engine.split_attention). Every decoder layer but the last `uncheckpointed` runs under activation
 checkpointing (non-reentrant torch.utils.checkpoint, installed for the pass and removed): the
@@ -58,6 +63,8 @@ alone, peak memory <= 1.15 x the weights):
                              MedGemma 8 (T ~300: its forward is host/launch-bound, so more rows
                              per pass bring the gradient pass to compute-bound; 16 rows exceed
                              the memory goal); relevancy 1
+    DEFAULT_QUESTIONS_PER_BACKWARD  1 for both (a backward per question: the measured way; the
+                             vmapped backward is exact, tested on the CPU, and not yet timed)
     DEFAULT_UNCHECKPOINTED   layers at the end run without checkpointing, per kind: 1 (each
                              further layer saves 1/L of a forward per pass, for one layer's
                              activations per row; the memory goal leaves no room for more at
@@ -131,6 +138,10 @@ DEFAULT_UNCHECKPOINTED = {"llava_rad": {"gradxinput": 4, "relevancy": 1}, "medge
 #: gradient x input's passes share each study's prefix among its questions (one row, one
 #: backward per question) when the caller does not say, by backend name
 DEFAULT_SHARED_PREFIX = {"llava_rad": True, "medgemma": False}
+#: gradient x input's questions of one shared row differentiated in one vmapped backward when
+#: the caller does not say, by backend name (1: a backward each, the measured default; the
+#: vmapped backward is exact, tested, and waits for its GPU timing)
+DEFAULT_QUESTIONS_PER_BACKWARD = {"llava_rad": 1, "medgemma": 1}
 #: images through the vision tower at once (its activations are the pass's other memory peak)
 IMAGE_CHUNK = 8
 
@@ -451,10 +462,11 @@ def _forward_rows(pc: _Pieces, rows: _Rows, leaf: torch.Tensor, rp: _RowPass):
 
 
 def _gradient_rows(pc: _Pieces, rows: _Rows, kind: str | None, target: torch.Tensor | None = None,
-                   uncheckpointed: int = 1):  # fmt: skip
+                   uncheckpointed: int = 1, together: int = 1):  # fmt: skip
     """One pass over R rows. kind None: margins only (no graph); "gradxinput": [R, n_image];
     "relevancy" (target [R] of +-1, or None for the sign of each row's margin): [R, n_image].
-    The last `uncheckpointed` decoder layers keep their activations (no recomputation).
+    The last `uncheckpointed` decoder layers keep their activations (no recomputation);
+    together: gradient x input's slots per backward (_gradxinput_backwards).
     Returns (margin [R], map or None)."""
     start = len(rows.before)
     if kind is None:
@@ -470,7 +482,7 @@ def _gradient_rows(pc: _Pieces, rows: _Rows, kind: str | None, target: torch.Ten
           checkpointed_layers(pc.decoder_layers[:split])):  # fmt: skip
         if kind == "gradxinput":
             m, _, _ = _forward_rows(pc, rows, leaf, rp)
-            return m.detach(), _gradxinput_backwards(m, leaf, rows.owners())
+            return m.detach(), _gradxinput_backwards(m, leaf, rows.owners(), together)
         if kind != "relevancy":
             raise ValueError(f"unknown gradient map kind {kind!r}; valid: {', '.join(GRADIENT_KINDS)}")
         prefix_len = start + pc.n_image + len(rows.after)
@@ -489,11 +501,17 @@ def _gradient_rows(pc: _Pieces, rows: _Rows, kind: str | None, target: torch.Ten
         return m.detach(), recorder.row[:, start : start + pc.n_image]
 
 
-def _gradxinput_backwards(m: torch.Tensor, leaf: torch.Tensor, owner: list[int]) -> torch.Tensor:
+def _gradxinput_backwards(m: torch.Tensor, leaf: torch.Tensor, owner: list[int], together: int = 1) -> torch.Tensor:
     """Each question's (grad_e m_q * e).sum(hidden) over its row's image embeddings e (leaf
-    [K, n_image, d]; m [Q], owner [Q] its row): one backward per slot j, for the j-th question
-    of every row at once (rows never share a leaf, so each row's gradient is its own
-    question's; questions of one row share it, hence one backward each). -> [Q, n_image]."""
+    [K, n_image, d]; m [Q], owner [Q] its row). Slot j is the j-th question of every row; one
+    slot's gradient is one backward of the sum of its margins (rows never share a leaf, so each
+    row's gradient is its own question's; questions of one row share it, hence a slot each).
+    together: slots differentiated in one backward, vmapped over them
+    (torch.autograd.grad(is_grads_batched=True): one output per slot, the identity as the
+    batched grad_outputs): the graph, and under checkpointing its recomputation, is walked once
+    for those slots instead of once per slot, at the memory of `together` gradients at a time.
+    The same gradients as one backward each (the backward is linear in its grad_outputs).
+    -> [Q, n_image]."""
     slot, seen = [], {}
     for r in owner:
         slot.append(seen.get(r, 0))
@@ -501,13 +519,22 @@ def _gradxinput_backwards(m: torch.Tensor, leaf: torch.Tensor, owner: list[int])
     acc = torch.promote_types(leaf.dtype, torch.float32)
     out = torch.empty((len(owner), leaf.shape[1]), dtype=acc, device=leaf.device)
     n_slots = max(slot) + 1
-    for j in range(n_slots):
-        qs = [q for q, s in enumerate(slot) if s == j]
+    together = max(1, min(int(together), n_slots))
+    for lo in range(0, n_slots, together):
+        group = range(lo, min(lo + together, n_slots))
         # index tensors on the device (a Python list as an index is copied there blocking: a host sync)
-        q_index = to_device(torch.tensor(qs), leaf.device)
-        rows = to_device(torch.tensor([owner[q] for q in qs]), leaf.device)
-        (grad,) = torch.autograd.grad(m.index_select(0, q_index).sum(), leaf, retain_graph=j < n_slots - 1)
-        out.index_copy_(0, q_index, (grad[rows].to(acc) * leaf.detach()[rows].to(acc)).sum(-1))
+        qs = [[q for q, s in enumerate(slot) if s == j] for j in group]
+        index = [to_device(torch.tensor(x), leaf.device) for x in qs]
+        sums = [m.index_select(0, q_index).sum() for q_index in index]
+        retain = group[-1] < n_slots - 1
+        if len(group) == 1:
+            grads = torch.autograd.grad(sums[0], leaf, retain_graph=retain)[0][None]
+        else:
+            eye = torch.eye(len(group), dtype=m.dtype, device=m.device)
+            (grads,) = torch.autograd.grad(torch.stack(sums), leaf, eye, retain_graph=retain, is_grads_batched=True)
+        for grad, x, q_index in zip(grads, qs, index, strict=True):
+            rows = to_device(torch.tensor([owner[q] for q in x]), leaf.device)
+            out.index_copy_(0, q_index, (grad[rows].to(acc) * leaf.detach()[rows].to(acc)).sum(-1))
     return out
 
 
@@ -534,6 +561,7 @@ def attribution_maps(
     answers: Sequence[str] | None = None,
     uncheckpointed: int | None = None,
     share_prefix: bool | None = None,
+    questions_per_backward: int | None = None,
 ) -> Attribution:
     """Gradient maps for every question of several studies.
 
@@ -556,6 +584,11 @@ def attribution_maps(
                    rows_per_pass questions of one study after one copy of its prefix, with one
                    backward per question (default DEFAULT_SHARED_PREFIX[backend.name]); else one
                    row per question. Values never change.
+    questions_per_backward  gradient x input with share_prefix: that many of a row's questions
+                   differentiated in one backward, vmapped over them (is_grads_batched), so the
+                   graph and its checkpointed layers' recomputation are walked once for them
+                   instead of once per question; memory: that many gradients at a time
+                   (default DEFAULT_QUESTIONS_PER_BACKWARD[backend.name]). Values never change.
     returns        Attribution: maps {kind: [Q, 1, n_image] float32}, margin, p_yes, target
     """
     kinds = tuple(dict.fromkeys(kinds))
@@ -589,6 +622,9 @@ def attribution_maps(
             raise ValueError(f"rows_per_pass must be >= 1, got {size}")
         shared = kind == "gradxinput" and (DEFAULT_SHARED_PREFIX[backend.name] if share_prefix is None
                                            else bool(share_prefix))  # fmt: skip
+        together = int(questions_per_backward or DEFAULT_QUESTIONS_PER_BACKWARD[backend.name])
+        if together < 1:
+            raise ValueError(f"questions_per_backward must be >= 1, got {together}")
         out, ms = [], []
         for idx in _passes([k for k, _ in questions], size, shared):
             suffixes = [prompts[i][2] for i in idx]
@@ -599,7 +635,7 @@ def attribution_maps(
             target = None
             if answers is not None:
                 target = torch.tensor([1.0 if answers[i] == "yes" else -1.0 for i in idx])
-            m, value = _gradient_rows(pc, rows, kind, target, u)
+            m, value = _gradient_rows(pc, rows, kind, target, u, together)
             out.append(value.float())  # read once after the last pass: no pass waits on the GPU
             ms.append(m.double())
         maps[kind] = torch.cat(out)[:, None, :].cpu().numpy()
