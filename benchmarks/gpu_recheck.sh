@@ -20,7 +20,7 @@
 #      side alone with and without overlap, and with the tower on its own stream)
 # Part 2:
 #   4. gradient x input (#15) at the defaults, and a shared row's questions in one vmapped
-#      backward (questions_per_backward 6; MedGemma shared too), with the forward-only baselines
+#      backward (questions_per_backward 3 and 6; MedGemma shared too), with the forward-only baselines
 #      (the sync-free passes)
 #   5. bench_speed for LLaVA-Rad, default and compiled, with its overlap A/B
 set -uo pipefail
@@ -38,7 +38,7 @@ elif [ "$part" = 2 ]; then
     mkdir -p "$OUT/f"
     timeout 230 python benchmarks/bench_faithfulness.py --models llava_rad medgemma --only gradxinput --grad_studies 4 \
         --grad_questions 6 --repeats 2 --grad_rows llava_rad:6 medgemma:8 --grad_uncheckpointed llava_rad:1,4 medgemma:1 \
-        --grad_share llava_rad:1 medgemma:0,1 --grad_together llava_rad:1,6 medgemma:6 --out "$OUT/f" 2>&1 | quiet \
+        --grad_share llava_rad:1 medgemma:0,1 --grad_together llava_rad:1,3,6 medgemma:6 --out "$OUT/f" 2>&1 | quiet \
         | tee "$OUT/gradxinput.log"
     timeout 330 python benchmarks/bench_speed.py --models llava_rad --n_studies 48 --sweep_studies 16 --studies_per_pass 8 \
         --naive_studies 0 --exactness_studies 1 --compile --overlap_rounds 3 --no_validity --out "$OUT/llava_rad" 2>&1 | quiet \
