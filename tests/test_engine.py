@@ -2,6 +2,7 @@
 pass itself is compared with the eager full-prompt reference in test_medgemma.py and
 test_llava_rad.py."""
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -186,3 +187,49 @@ def test_to_host_drops_the_logits_unless_kept_and_waits_on_nothing_off_cuda():
     assert torch.equal(host.attention, out.attention) and torch.equal(host.p_yes, out.p_yes)
     kept, _ = engine.to_host(out, keep_logits=True)
     assert torch.equal(kept.logits, out.logits)
+
+
+def test_on_stream_queues_fn_on_the_stream_then_hands_its_tensor_to_the_current_one(monkeypatch):
+    """on_stream's order of events (recorded with stand-ins for torch.cuda's stream calls; the
+    GPU test in tests/test_gpu.py checks the overlap itself): fn runs with `stream` current,
+    then the current stream waits for it, then the tensor is recorded for the current stream's
+    use. Without a stream, fn runs as it is."""
+    events = []
+
+    class FakeStream:
+        def __init__(self, name):
+            self.name, self.device = name, "cuda:0"
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits for {other.name}")
+
+    class FakeTensor:
+        def record_stream(self, s):
+            events.append(f"tensor recorded for {s.name}")
+
+    side, main = FakeStream("side"), FakeStream("main")
+    current = [main]
+
+    @contextlib.contextmanager
+    def stream_context(s):
+        saved, current[0] = current[0], s
+        events.append(f"enter {s.name}")
+        try:
+            yield
+        finally:
+            current[0] = saved
+            events.append(f"leave {s.name}")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(torch.cuda, "stream", stream_context)
+    out = FakeTensor()
+
+    def fn():
+        events.append(f"fn on {current[0].name}")
+        return out
+
+    assert engine.on_stream(side, fn) is out
+    assert events == ["enter side", "fn on side", "leave side", "main waits for side", "tensor recorded for main"]
+    events.clear()
+    assert engine.on_stream(None, fn) is out
+    assert events == ["fn on main"]
