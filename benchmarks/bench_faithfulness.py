@@ -184,6 +184,11 @@ def gradxinput_sweep(name: str, backend, args, ratio) -> dict:
                 sweep.append(entry)
                 print(f"  {name} gradxinput {label}: out of memory", flush=True)
                 continue
+            except Exception as e:  # recorded, not hidden: one failing setting does not end the sweep
+                entry["error"] = f"{type(e).__name__}: {e}"[:2000]
+                sweep.append(entry)
+                print(f"  {name} gradxinput {label}: FAILED {entry['error'][:300]}", flush=True)
+                continue
             entry.update(s_per_question=t_g / n_q, forward_only_s_per_question=t_f / n_q,
                          gradxinput_over_forward=t_g / t_f, paired_ratios=paired,
                          paired_ratio_median=paired[len(paired) // 2], peak_over_weights=ratio(peak_g),
@@ -195,7 +200,7 @@ def gradxinput_sweep(name: str, backend, args, ratio) -> dict:
     by_rows = {}
     for e in sweep:
         default = all(e[k] == defaults[k] for k in ("uncheckpointed", "share_prefix", "questions_per_backward"))
-        if "oom" not in e and (e["rows"] not in by_rows or default):
+        if "oom" not in e and "error" not in e and (e["rows"] not in by_rows or default):
             by_rows[e["rows"]] = e
     choice = choose(sweep)
     picked = choice and tuple(choice[k] for k in ("rows", "uncheckpointed", "share_prefix", "questions_per_backward"))
@@ -209,7 +214,7 @@ def choose(sweep: list[dict]) -> dict | None:
     """Among the combinations within the memory goal (every one off the GPU): the fastest per
     question of those within the 3x goal, else the one of lowest ratio (each ratio the larger
     of its two forms, _ratio). None if none ran."""
-    ok = [e for e in sweep if "oom" not in e
+    ok = [e for e in sweep if "oom" not in e and "error" not in e
           and (e["peak_over_weights"] is None or e["peak_over_weights"] <= GOALS["peak_over_weights"])]  # fmt: skip
     fast = [e for e in ok if _ratio(e) <= GOALS["gradxinput_over_forward"]]
     if fast:
