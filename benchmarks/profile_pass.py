@@ -212,14 +212,16 @@ def three_ways(backend, a, k: int) -> tuple[list, int]:
           f"beforehand (device side alone) {device_side / k:.1f}, overlapped {device_overlapped / k:.1f}  "
           f"(warm-up {warm:.1f} s)", flush=True)  # fmt: skip
     if torch.cuda.is_available():  # each pass's tower on its own stream (--overlap_tower)
-        threaded_tower = time_pass(backend, [im for im, _, _ in timed], k, tower=True)[0] * 1e3 * k
-        backend.overlap_tower()
         try:
+            threaded_tower = time_pass(backend, [im for im, _, _ in timed], k, tower=True)[0] * 1e3 * k
+            backend.overlap_tower()
             device_tower = device_alone(overlap=True)
+            print(f"{a.model} k={k}: tower on its own stream: in a thread {threaded_tower / k:.1f}, beforehand "
+                  f"{device_tower / k:.1f} ms/study", flush=True)  # fmt: skip
+        except Exception as e:  # reported; the profile below still runs
+            print(f"{a.model} k={k}: tower on its own stream FAILED: {type(e).__name__}: {e}"[:600], flush=True)
         finally:
             backend.overlap_tower(False)
-        print(f"{a.model} k={k}: tower on its own stream: in a thread {threaded_tower / k:.1f}, beforehand "
-              f"{device_tower / k:.1f} ms/study", flush=True)  # fmt: skip
     return timed, n_pass
 
 
