@@ -19,14 +19,11 @@ image to a square without cropping; image soft tokens (config.image_token_id) si
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -35,10 +32,25 @@ from medvlm.core.backend import GENERIC, PendingScores, QuestionScore, VLMBacken
 from medvlm.core.capture import attention_modules_of
 from medvlm.core.config import MedicalAttentionConfig
 from medvlm.core.engine import on_stream, score_packed, score_shared_prefix, to_device, to_host
-from medvlm.core.fused_norms import fused_rms_norms, module_forward, norm_modules, patched_forwards
+from medvlm.core.fused_norms import fused_rms_norms, norm_modules
 from medvlm.core.geometry import Geometry, square_resize_geometry
+from medvlm.core.medgemma_pixels import (  # noqa: F401 - the pixel helpers, importable from here
+    _probe_images,
+    normalize_pixels,
+    normalizes_on_device,
+    preprocessing_off,
+    resized_pixels,
+    resizes_like_processor,
+)
 from medvlm.core.queries import suffix_query_positions
 from medvlm.core.scoring import resolve_answer_tokens
+from medvlm.core.siglip_fast import (  # noqa: F401 - the SigLIP fast path, importable from here
+    _EPILOGUE_IS_TANH,
+    GELU_TANH_ACTS,
+    _fused_gelu_mlp,
+    epilogue_gelu_is_tanh,
+    siglip_fast_path,
+)
 
 DEFAULT_MODEL_ID = "google/medgemma-4b-it"
 MIN_TRANSFORMERS = "4.55"
@@ -52,10 +64,6 @@ NUM_TEXT_LAYERS = 34
 TURN_MARKERS = ("<start_of_turn>user", "<start_of_turn>model")
 
 QUANTIZATION = (None, "4bit", "8bit")
-
-
-# SigLIP's MLP activation that cuBLASLt's GELU epilogue computes (tanh approximation)
-GELU_TANH_ACTS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 
 
 class FactError(ValueError):
@@ -202,157 +210,6 @@ def load_medgemma(
     model.eval()
     check_medgemma_facts(model, processor, model_id_or_path)
     return model, processor
-
-
-def _fused_gelu_mlp(mlp, hidden: torch.Tensor) -> torch.Tensor:
-    """SiglipMLP.forward with fc1's bias and tanh-GELU in the matmul's epilogue (cuBLASLt):
-    one kernel instead of a matmul and an elementwise pass over [tokens, 4304].
-    hidden [batch, tokens, width] -> [batch, tokens, width]."""
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    inner = torch._addmm_activation(mlp.fc1.bias, flat, mlp.fc1.weight.t(), use_gelu=True)
-    return mlp.fc2(inner).view(*hidden.shape[:-1], -1)
-
-
-def normalizes_on_device(image_processor, device=None) -> bool:
-    """Whether the processor's work can be split at its last step: resize (and the rest) on
-    the host, with rescale_and_normalize skipped so the pixels stay 8-bit, then the
-    processor's own rescale_and_normalize run on the device. That halves the host's share
-    of each image (the float pass and the float copies) and the bytes sent. Only when the
-    split is exact: checked once on a probe image, run on `device` (the model's), against the
-    processor's own output on the host, bit for bit."""
-    if not callable(getattr(image_processor, "rescale_and_normalize", None)):
-        return False
-    rng = torch.Generator().manual_seed(0)
-    probe = Image.fromarray(torch.randint(0, 256, (37, 29, 3), dtype=torch.uint8, generator=rng).numpy())
-    try:
-        full = image_processor(probe, return_tensors="pt")["pixel_values"]
-        raw = image_processor(probe, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
-        if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8:
-            return False
-        return torch.equal(normalize_pixels(image_processor, raw.to(device)).cpu(), full)
-    except (TypeError, ValueError, AttributeError, RuntimeError):  # an option it lacks, a device it fails on
-        return False
-
-
-def normalize_pixels(image_processor, pixels: torch.Tensor) -> torch.Tensor:
-    """[K, 3, S, S] uint8 (resized by the processor) -> float32, by the processor's own
-    rescale_and_normalize, on whatever device the pixels are."""
-    ip = image_processor
-    return ip.rescale_and_normalize(pixels, ip.do_rescale, ip.rescale_factor, ip.do_normalize,
-                                    tuple(ip.image_mean), tuple(ip.image_std))  # fmt: skip
-
-
-def preprocessing_off(processor) -> dict:
-    """apply_chat_template's keywords that turn the image processor's resize, rescale and
-    normalisation off, as this transformers takes them (a processor_kwargs dict where it has
-    one, else its own keywords)."""
-    off = {"do_resize": False, "do_rescale": False, "do_normalize": False}
-    params = inspect.signature(processor.apply_chat_template).parameters
-    return {"processor_kwargs": off} if "processor_kwargs" in params else off
-
-
-def _probe_images(size: int) -> list[Image.Image]:
-    """Random RGB images around a square target of side `size`: enlarged, reduced, the target
-    itself, one side up and one down, and a very thin one."""
-    rng = np.random.default_rng(0)
-    shapes = [(37, 29), (2 * size + 3, size + size // 2 + 1), (size, size), (size + 1, size - 3), (9, 3 * size + 2)]
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in shapes]
-
-
-def resizes_like_processor(image_processor) -> bool:
-    """Whether resized_pixels (below) gives the processor's own 8-bit pixels (its call with
-    rescale and normalise off) bit for bit. Only for the processor this backend relies on: a
-    resize to one fixed square and nothing else (no pan-and-scan, crop or pad), 8-bit output;
-    then checked once on probe images of several sizes (enlarged, reduced, unchanged)."""
-    ip = image_processor
-    size = getattr(ip, "size", None)
-    h, w = getattr(size, "height", None), getattr(size, "width", None)
-    if not (h and w and h == w) or not getattr(ip, "do_resize", False) or not callable(getattr(ip, "resize", None)):
-        return False
-    if any(getattr(ip, name, False) for name in ("do_pan_and_scan", "do_center_crop", "do_pad")):
-        return False
-    try:
-        for probe in _probe_images(int(h)):
-            ref = ip(probe, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
-            if not isinstance(ref, torch.Tensor) or ref.dtype != torch.uint8:
-                return False
-            if not torch.equal(resized_pixels(ip, [probe]), ref):
-                return False
-    except (TypeError, ValueError, AttributeError, RuntimeError):  # an option or a layout it does not take
-        return False
-    return True
-
-
-def resized_pixels(image_processor, images: Sequence[Image.Image], pin: bool = False) -> torch.Tensor:
-    """[K, 3, S, S] uint8: the processor's own resize (ip.resize, the function its call runs,
-    with its size and resampling) on each 8-bit RGB image, written into one tensor (pinned
-    memory when `pin`). Cheaper than K processor calls for the thread that prepares a pass
-    while another launches the GPU's work: the image goes to the resize as a channels-last
-    view of its pixels (no channels-first copy; the same values, checked by
-    resizes_like_processor), without the call's per-image argument handling, and the
-    resize itself releases the interpreter lock; what holds it per image is Pillow's
-    export of the pixels (Image.tobytes, through numpy) and a few short calls."""
-    ip = image_processor
-    side = (int(ip.size.height), int(ip.size.width))
-    out = torch.empty((len(images), 3, *side), dtype=torch.uint8, pin_memory=pin)
-    for k, image in enumerate(images):
-        if image.mode != "RGB":
-            raise ValueError(f"expected an 8-bit RGB image, got mode {image.mode!r}")
-        # [H, W, 3]: np.asarray takes Pillow's bytes (np.array(image) is several times slower), the copy
-        # makes them writable (torch warns on a read-only array)
-        hwc = torch.from_numpy(np.asarray(image).copy())
-        out[k] = ip.resize(image=hwc.permute(2, 0, 1)[None], size=ip.size, resample=ip.resample)[0]
-    return out
-
-
-_EPILOGUE_IS_TANH: dict[str, bool] = {}
-
-
-def epilogue_gelu_is_tanh(device: torch.device) -> bool:
-    """Whether torch._addmm_activation(use_gelu=True) computes tanh-GELU on this device type,
-    checked once per device type against linear + gelu(approximate="tanh") in float32. (It
-    does on CUDA: cuBLASLt's epilogue and its fallback; on the CPU it computes the erf GELU,
-    so the CPU never takes the fused path.)"""
-    kind = torch.device(device).type
-    if kind not in _EPILOGUE_IS_TANH:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        x, w, b = (torch.randn(*shape, generator=g).to(device) for shape in ((64, 32), (48, 32), (48,)))
-        try:
-            fused = torch._addmm_activation(b, x, w.t(), use_gelu=True)
-            ref = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh")
-            _EPILOGUE_IS_TANH[kind] = bool((fused - ref).abs().max() <= 1e-5)
-        except (RuntimeError, AttributeError):  # an op this torch or device lacks: the unfused forward
-            _EPILOGUE_IS_TANH[kind] = False
-    return _EPILOGUE_IS_TANH[kind]
-
-
-@contextlib.contextmanager
-def siglip_fast_path(vision_model: torch.nn.Module):
-    """The SigLIP tower's forward without two avoidable costs, installed for one call and
-    always removed (the model is left as it was):
-
-    - the patch embeddings leave the convolution as a transposed view ([B, C, N] in memory),
-      and every residual add keeps that layout, so each layer norm copies its input and each
-      residual add runs the strided kernel: the embeddings are made contiguous once (the
-      same values, so the same result);
-    - where the device's epilogue computes tanh-GELU (epilogue_gelu_is_tanh), each MLP's fc1
-      bias and GELU run in the matmul's epilogue (_fused_gelu_mlp): the same function, the
-      GELU applied before the bf16 rounding instead of after.
-    vision_model  SiglipVisionTransformer (.embeddings, .encoder.layers[i].mlp)
-    """
-    fuse = epilogue_gelu_is_tanh(vision_model.embeddings.patch_embedding.weight.device)
-    patches = []
-    for layer in vision_model.encoder.layers if fuse else ():
-        mlp = layer.mlp
-        plain = type(mlp.fc1) is torch.nn.Linear and mlp.fc1.bias is not None  # not 8-/4-bit layers
-        if plain and getattr(mlp.config, "hidden_act", None) in GELU_TANH_ACTS:
-            patches.append((mlp, module_forward(mlp, _fused_gelu_mlp)))
-    hook = vision_model.embeddings.register_forward_hook(lambda m, args, out: out.contiguous())
-    try:
-        with patched_forwards(patches):
-            yield
-    finally:
-        hook.remove()
 
 
 class MedGemmaMedical(VLMBackend):

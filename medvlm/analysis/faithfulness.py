@@ -62,6 +62,7 @@ import pandas as pd
 import torch
 
 from medvlm.analysis.tables import metric_table
+from medvlm.core.medgemma_pixels import normalize_pixels
 
 SUBSTRATES = ("blur", "mean")
 RISE_SIGMA_PX = 5.0  # RISE's blur sigma (klen 11, nsig 5) ...
@@ -230,8 +231,6 @@ def model_pixels(backend, images) -> torch.Tensor:
     rescale_and_normalize, as its pass does on the device)."""
     px = backend.pixel_values(list(images)).to(_device(backend))
     if px.dtype == torch.uint8:
-        from medgemma_enhanced import normalize_pixels
-
         processor = getattr(backend, "processor", None)
         if processor is None:
             raise ValueError(f"backend {backend.name!r} gave 8-bit pixels and has no processor to normalise them")

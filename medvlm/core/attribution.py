@@ -125,7 +125,9 @@ import torch
 
 from medvlm.core.engine import PackedLayout, pack_suffixes, pass_masks, to_device
 from medvlm.core.fused_norms import FUSED, fused_rms_norms, module_forward, patched_forwards
+from medvlm.core.medgemma_pixels import normalize_pixels
 from medvlm.core.relevancy import RelevancyRecorder, relevancy_attention
+from medvlm.core.siglip_fast import siglip_fast_path
 from medvlm.core.store import map_key
 
 #: what --attribution accepts: the scoring pass's own attention plus the gradient maps
@@ -288,8 +290,6 @@ class _MedGemmaPieces(_Pieces):
         self.backend._check_against_processor(self.backend._prompt(question), question)
 
     def image_embeddings(self, images):
-        from medgemma_enhanced import normalize_pixels, siglip_fast_path
-
         b = self.backend
         pixels = b.pixel_values(images).to(self.device, non_blocking=True)  # pinned on a GPU: no host wait
         if pixels.dtype == torch.uint8:
