@@ -34,8 +34,9 @@ keeping each question to the prefix and its own tokens (medvlm.core.engine.score
 and the exact attention rows of the chosen query tokens (medvlm.core.capture) come from that
 forward. archive/reference_llava_rad.py is the slow
 eager reference the tests compare against; archive/llava_rad_official_compare.py compares
-with the official code on the real weights. Reading the checkpoint's files, the LoRA merge and
-the quantization live in medvlm/core/llava_rad_loading.py (their names importable from here).
+with the official code on the real weights. Reading the checkpoint's files, the LoRA merge, the
+projector's weights and the quantization live in medvlm/core/llava_rad_loading.py, the prompt
+and the pixels in medvlm/core/llava_rad_processing.py (their names importable from here).
 """
 
 from __future__ import annotations
@@ -43,10 +44,8 @@ from __future__ import annotations
 import gc
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -81,9 +80,25 @@ from medvlm.core.llava_rad_loading import (  # noqa: F401 - the checkpoint layou
     _read_json,
     _require_bitsandbytes,
     _revision_of,
+    load_non_lora,
     merge_lora,
     quantize_linear_layers,
     resolve_folder,
+)
+from medvlm.core.llava_rad_processing import (  # noqa: F401 - the prompt and pixels, importable from here
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGE_PLACEHOLDER,
+    IMAGE_TOKEN_INDEX,
+    ROLES,
+    SEP,
+    SEP2,
+    SYSTEM_PROMPT,
+    PromptTokens,
+    _resized_size,
+    build_prompt,
+    preprocess_image,
+    tokenize_prompt,
 )
 from medvlm.core.queries import suffix_query_positions
 from medvlm.core.scoring import resolve_answer_tokens
@@ -108,18 +123,7 @@ VISION_ARCH = "vit_base_patch14_dinov2"
 VISION_SELECT_LAYER = -2
 VISION_SELECT_FEATURE = "patch"
 PROJECTOR = "mlp2x_gelu"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip OPENAI_DATASET_MEAN
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # open_clip OPENAI_DATASET_STD
-
-# conv_vicuna_v1 (llava/conversation.py; scripts/eval.sh uses conv_mode "v1"): SeparatorStyle.TWO
-SYSTEM_PROMPT = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-ROLES = ("USER", "ASSISTANT")
-SEP, SEP2 = " ", "</s>"
-IMAGE_PLACEHOLDER = "<image>"
-IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX
+# the prompt template (conv_vicuna_v1) and the CLIP normalisation: medvlm/core/llava_rad_processing.py
 
 ATTN_DESCRIPTION = "sdpa + medvlm_rows capture"
 # config.json keys that belong to LLaVA, not to the Llama language model
@@ -131,15 +135,6 @@ _LLAVA_ONLY_KEYS = {
 
 
 _DEFAULT_CONFIG = MedicalAttentionConfig()  # frozen: safe to share as the default
-
-
-def build_prompt(question_text: str, with_image: bool = True) -> str:
-    """conv_vicuna_v1 with one user turn and an open assistant turn, as model_mimic_cxr.py
-    builds it: "<system> USER: <image>\\n<question> ASSISTANT:" (image placeholder symbolic);
-    with_image False: the same turn without "<image>\\n" (the text-only control)."""
-    q = question_text.replace(IMAGE_PLACEHOLDER, "").strip()
-    image = f"{IMAGE_PLACEHOLDER}\n" if with_image else ""
-    return f"{SYSTEM_PROMPT}{SEP}{ROLES[0]}: {image}{q}{SEP}{ROLES[1]}:"
 
 
 # -- the pieces -----------------------------------------------------------------------------
@@ -186,79 +181,6 @@ def build_projector(projector_type: str, mm_hidden: int, hidden: int) -> torch.n
     for _ in range(1, int(m.group(1))):
         layers += [torch.nn.GELU(), torch.nn.Linear(hidden, hidden)]
     return torch.nn.Sequential(*layers)
-
-
-def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """torchvision Resize(int): the shorter side becomes size, the longer int(size * long / short)."""
-    if width <= height:
-        return size, int(size * height / width)
-    return int(size * width / height), size
-
-
-def preprocess_image(image: Image.Image, size: int, mean, std) -> torch.Tensor:
-    """open_clip's eval transform (Resize(size, bicubic), CenterCrop(size), ToTensor, Normalize)
-    on the RGB image, written with PIL: [3, size, size] float32."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        raise ValueError(
-            f"image mode {image.mode!r} is not 8-bit: make it 8-bit RGB first with medvlm.data.images.as_rgb8 "
-            "(what LLaVARadMedical.preprocess and score do); RGB conversion would clip it"
-        )
-    img = image.convert("RGB")  # model_mimic_cxr.py: Image.open(...).convert("RGB")
-    w, h = img.size
-    if w <= 0 or h <= 0:
-        raise ValueError(f"empty image {w} x {h}")
-    nw, nh = _resized_size(w, h, size)
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
-    img = img.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (x - m) / s
-
-
-@dataclass(frozen=True)
-class PromptTokens:
-    """One prompt split at the image placeholder, as tokenizer_image_token splits it.
-
-    prefix_ids      tokens before the placeholder (BOS + system + "USER: ")
-    suffix_ids      tokens after it (the first chunk's BOS dropped, as the official code does)
-    suffix_offsets  character offsets of suffix_ids in suffix_text (None without a fast tokenizer)
-    suffix_text     the text after "<image>"
-    prompt          the full prompt with "<image>" symbolic
-    """
-
-    prefix_ids: tuple[int, ...]
-    suffix_ids: tuple[int, ...]
-    suffix_offsets: tuple[tuple[int, int], ...] | None
-    suffix_text: str
-    prompt: str
-
-    @property
-    def placeholder_index(self) -> int:
-        return len(self.prefix_ids)
-
-    def input_ids(self) -> list[int]:
-        """Pre-splice ids with the -200 placeholder, as the official tokenizer_image_token returns."""
-        return [*self.prefix_ids, IMAGE_TOKEN_INDEX, *self.suffix_ids]
-
-
-def tokenize_prompt(tokenizer, prompt: str, with_offsets: bool = True) -> PromptTokens:
-    """tokenizer_image_token for a prompt with one "<image>": each chunk tokenised with the
-    tokenizer's specials (BOS); if the first chunk starts with BOS, the first token of every
-    later chunk is dropped."""
-    chunks = prompt.split(IMAGE_PLACEHOLDER)
-    if len(chunks) != 2:
-        raise ValueError(f"the prompt must hold exactly one {IMAGE_PLACEHOLDER}, found {len(chunks) - 1}")
-    first = tokenizer(chunks[0]).input_ids
-    offset = 1 if first and first[0] == tokenizer.bos_token_id else 0
-    if with_offsets:
-        enc = tokenizer(chunks[1], return_offsets_mapping=True)
-        offsets = tuple(tuple(int(v) for v in o) for o in enc["offset_mapping"][offset:])
-    else:
-        enc, offsets = tokenizer(chunks[1]), None
-    return PromptTokens(tuple(first), tuple(enc["input_ids"][offset:]), offsets, chunks[1], prompt)
 
 
 # -- the backend --------------------------------------------------------------------------------
@@ -363,7 +285,7 @@ class LLaVARadMedical(VLMBackend):
         if lm.model.embed_tokens.weight.shape[1] != hidden:
             _fail(cfg_path, f"hidden_size: config says {hidden}, the base has {lm.model.embed_tokens.weight.shape[1]}")
 
-        non_lora_report = self._load_non_lora(model_dir / NON_LORA_NAME, projector, lm)
+        non_lora_report = load_non_lora(model_dir / NON_LORA_NAME, projector, lm)
         lora_report = merge_lora(lm, model_dir)
         if quantization:
             lora_report["quantized_after_merge"] = quantize_linear_layers(lm.model, quantization, dtype)
@@ -529,49 +451,6 @@ class LLaVARadMedical(VLMBackend):
             "blocks_total": len(trunk.blocks),
         }
         return tower, report, (mean, std)
-
-    @staticmethod
-    def _load_non_lora(path: Path, projector: torch.nn.Sequential, lm) -> dict:
-        """non_lora_trainables.bin: keys normalised as the official builder does
-        ("base_model." stripped, then "model." if keys start with "model.model."), loaded with
-        strict=False into LlavaLlamaForCausalLM. Here: the projector (all keys required), any
-        Llama weight (applied, reported), vision-tower keys (ignored, as the official code does
-        while its tower is not yet built); anything else is refused."""
-        raw = _load_tensors(path)
-        sd = {(k[11:] if k.startswith("base_model.") else k): v for k, v in raw.items()}
-        if any(k.startswith("model.model.") for k in sd):
-            sd = {(k[6:] if k.startswith("model.") else k): v for k, v in sd.items()}
-        proj_sd = {k[len("model.mm_projector.") :]: v for k, v in sd.items() if k.startswith("model.mm_projector.")}
-        expected = projector.state_dict()
-        missing = sorted(set(expected) - set(proj_sd))
-        extra = sorted(set(proj_sd) - set(expected))
-        if missing or extra:
-            _fail(path, f"projector keys: missing {['model.mm_projector.' + k for k in missing]}, "
-                        f"unexpected {['model.mm_projector.' + k for k in extra]}")  # fmt: skip
-        for k, v in proj_sd.items():
-            if tuple(v.shape) != tuple(expected[k].shape):
-                _fail(path, f"model.mm_projector.{k}: shape {tuple(v.shape)}, expected {tuple(expected[k].shape)} "
-                            "(mm_hidden_size / hidden_size)")  # fmt: skip
-        projector.load_state_dict({k: v.float() for k, v in proj_sd.items()}, strict=True)
-        lm_sd = lm.state_dict()
-        applied, ignored, unknown = [], [], []
-        for k, v in sd.items():
-            if k.startswith("model.mm_projector."):
-                continue
-            if k in lm_sd and tuple(lm_sd[k].shape) == tuple(v.shape):
-                applied.append(k)
-            elif k.startswith("model.vision_tower."):
-                ignored.append(k)
-            else:
-                unknown.append(k)
-        if unknown:
-            _fail(path, f"unexpected keys (neither projector nor language model): {unknown[:5]} ({len(unknown)})")
-        if applied:
-            with torch.no_grad():
-                params = dict(lm.named_parameters())
-                for k in applied:
-                    params[k].copy_(sd[k].to(params[k].device, params[k].dtype))
-        return {"projector_keys": sorted(proj_sd), "applied_lm_keys": applied, "ignored_vision_keys": len(ignored)}
 
     # -- contract -----------------------------------------------------------------------------
     @property

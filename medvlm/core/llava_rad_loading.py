@@ -1,5 +1,6 @@
 """Loading the official LLaVA-Rad checkpoint's files: the folder / hub resolution, safe tensor
-and JSON reading, the peft LoRA merge and the 8-/4-bit quantization of the merged decoder.
+and JSON reading, the peft LoRA merge, the projector from non_lora_trainables.bin and the
+8-/4-bit quantization of the merged decoder.
 
 Used by llava_rad_medical_only.LLaVARadMedical.load_model (which re-exports these names);
 every failure raises LLaVARadLoadError naming the file.
@@ -250,3 +251,47 @@ def merge_lora(model: torch.nn.Module, adapter_dir: Path) -> dict:
         if not isinstance(acfg.get("target_modules"), str)
         else acfg["target_modules"],
     }
+
+
+# -- the projector and any other non-LoRA weights -------------------------------------------
+def load_non_lora(path: Path, projector: torch.nn.Sequential, lm) -> dict:
+    """non_lora_trainables.bin: keys normalised as the official builder does
+    ("base_model." stripped, then "model." if keys start with "model.model."), loaded with
+    strict=False into LlavaLlamaForCausalLM. Here: the projector (all keys required), any
+    Llama weight (applied, reported), vision-tower keys (ignored, as the official code does
+    while its tower is not yet built); anything else is refused."""
+    raw = _load_tensors(path)
+    sd = {(k[11:] if k.startswith("base_model.") else k): v for k, v in raw.items()}
+    if any(k.startswith("model.model.") for k in sd):
+        sd = {(k[6:] if k.startswith("model.") else k): v for k, v in sd.items()}
+    proj_sd = {k[len("model.mm_projector.") :]: v for k, v in sd.items() if k.startswith("model.mm_projector.")}
+    expected = projector.state_dict()
+    missing = sorted(set(expected) - set(proj_sd))
+    extra = sorted(set(proj_sd) - set(expected))
+    if missing or extra:
+        _fail(path, f"projector keys: missing {['model.mm_projector.' + k for k in missing]}, "
+                    f"unexpected {['model.mm_projector.' + k for k in extra]}")  # fmt: skip
+    for k, v in proj_sd.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            _fail(path, f"model.mm_projector.{k}: shape {tuple(v.shape)}, expected {tuple(expected[k].shape)} "
+                        "(mm_hidden_size / hidden_size)")  # fmt: skip
+    projector.load_state_dict({k: v.float() for k, v in proj_sd.items()}, strict=True)
+    lm_sd = lm.state_dict()
+    applied, ignored, unknown = [], [], []
+    for k, v in sd.items():
+        if k.startswith("model.mm_projector."):
+            continue
+        if k in lm_sd and tuple(lm_sd[k].shape) == tuple(v.shape):
+            applied.append(k)
+        elif k.startswith("model.vision_tower."):
+            ignored.append(k)
+        else:
+            unknown.append(k)
+    if unknown:
+        _fail(path, f"unexpected keys (neither projector nor language model): {unknown[:5]} ({len(unknown)})")
+    if applied:
+        with torch.no_grad():
+            params = dict(lm.named_parameters())
+            for k in applied:
+                params[k].copy_(sd[k].to(params[k].device, params[k].dtype))
+    return {"projector_keys": sorted(proj_sd), "applied_lm_keys": applied, "ignored_vision_keys": len(ignored)}
