@@ -304,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batch_size", type=_positive,
                    help="questions per forward pass, whole studies packed (default per model; halved on CUDA OOM)")
     f.add_argument("--compile", action="store_true",
-                   help="torch.compile norms, MLPs and vision layers: 10-20%% faster once compiled, after 10-20 s of "
-                        "compiling on an H200 (long runs on a GPU)")  # fmt: skip
+                   help="torch.compile norms, MLPs and vision layers: once compiled, LLaVA-Rad about 10%% "
+                        "faster and MedGemma about 2%% (README, Speed), after 10-20 s of compiling (long runs "
+                        "on a GPU)")  # fmt: skip
     f.add_argument("--overlap_tower", action="store_true",
                    help="run each pass's vision tower on a second CUDA stream, beside the previous pass's decoder "
                         "(same results; off by default until timed: README, Speed)")  # fmt: skip
