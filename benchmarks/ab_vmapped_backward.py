@@ -1,11 +1,13 @@
-"""A/B on the CPU, indicative only: gradient x input on LLaVA-Rad's shared row of six questions,
-a backward per question against one backward vmapped over them (attribution_maps'
-questions_per_backward), on a decoder with LLaVA-Rad's depth and token counts but narrow
-(32 layers, hidden 256, 1369 image tokens; float32). The GPU numbers come from
+"""A/B on the CPU, indicative only: gradient x input on a shared row of six questions, a
+backward per question against one backward vmapped over them (attribution_maps'
+questions_per_backward), on a decoder with the model's depth and token counts but narrow
+(float32): LLaVA-Rad 32 layers, hidden 256, 1369 image tokens; MedGemma 34 layers, hidden 256,
+256 image tokens, also against its default of one row per question. The GPU numbers come from
 bench_faithfulness.py --grad_together; this shows the work the vmapped backward removes (the
 checkpointed layers' recomputation per question) where no GPU is lent.
 
-    python benchmarks/ab_vmapped_backward.py                 # about 2 minutes on 2 cores
+    python benchmarks/ab_vmapped_backward.py                 # LLaVA-Rad, about 2 minutes on 2 cores
+    python benchmarks/ab_vmapped_backward.py --model medgemma
 """
 
 from __future__ import annotations
@@ -47,6 +49,21 @@ def narrow_llava_rad(layers: int, hidden: int) -> LLaVARadMedical:
     return b
 
 
+def narrow_medgemma(layers: int, hidden: int):
+    """A MedGemmaMedical on a random Gemma3 with MedGemma's geometry (896 px, 256 image tokens)
+    and `layers` decoder layers of width `hidden`, a narrow SigLIP (the tower is not differentiated)."""
+    from medgemma_enhanced import MedGemmaMedical
+    from medvlm.core.tiny_medgemma import tiny_medgemma
+
+    shapes = {"text": {"hidden_size": hidden, "intermediate_size": 4 * hidden, "num_hidden_layers": layers,
+                       "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": hidden // 8,
+                       "query_pre_attn_scalar": hidden // 8, "global_every": 6, "vocab_size": None},
+              "vision": {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
+                         "image_size": 896, "patch_size": 14}}  # fmt: skip
+    model, processor = tiny_medgemma(shapes=shapes, sliding_window=1024)
+    return MedGemmaMedical(model, processor)
+
+
 def per_question(fn, repeats: int) -> float:
     """The least of `repeats` timed runs (after one warm-up), in seconds per question."""
     fn()
@@ -60,18 +77,27 @@ def per_question(fn, repeats: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--model", choices=["llava_rad", "medgemma"], default="llava_rad")
+    p.add_argument("--layers", type=int, default=None, help="default: the model's (32, 34)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--uncheckpointed", type=int, nargs="+", default=[1, 4])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    b = narrow_llava_rad(args.layers, args.hidden)
+    medgemma = args.model == "medgemma"
+    layers = args.layers or (34 if medgemma else 32)
+    b = (narrow_medgemma if medgemma else narrow_llava_rad)(layers, args.hidden)
     items = [(images(1)[0], PARAPHRASES, None)]
     fwd = per_question(lambda: attribution_margins(b, items, rows_per_pass=len(PARAPHRASES)), args.repeats)
-    print(f"{args.layers} layers x {args.hidden}, {b.n_image_tokens} image tokens; forward, one question per row: "
+    n_image = b.facts.mm_tokens_per_image if medgemma else b.n_image_tokens
+    print(f"{args.model}: {layers} layers x {args.hidden}, {n_image} image tokens; forward, one question per row: "
           f"{fwd * 1e3:.0f} ms/question", flush=True)  # fmt: skip
+    for u in args.uncheckpointed if medgemma else ():  # MedGemma's default: one row per question
+        g = per_question(lambda u=u: attribution_maps(b, items, ("gradxinput",), rows_per_pass=len(PARAPHRASES),
+                                                      uncheckpointed=u, share_prefix=False), args.repeats)  # fmt: skip
+        print(f"one row per question, {u} layers uncheckpointed: {g * 1e3:.0f} ms/question = {g / fwd:.2f}x the "
+              f"forward", flush=True)  # fmt: skip
     for u in args.uncheckpointed:
         for together in (1, len(PARAPHRASES)):
             g = per_question(lambda u=u, together=together: attribution_maps(
