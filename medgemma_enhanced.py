@@ -515,16 +515,12 @@ class MedGemmaMedical(VLMBackend):
         embed = self.model.model.get_input_embeddings()  # Gemma3's scaled embedding
 
         def features(host_pixels):
-            """Host pixels [k, 3, S, S] -> image features [k, 256, d] (tower and projector) in
-            the model dtype; every device input made here (engine.on_stream)."""
-            pixels = host_pixels.to(device=device, non_blocking=True)
-            if pixels.dtype == torch.uint8:
-                pixels = normalize_pixels(self.processor.image_processor, pixels)
-            with siglip_fast_path(self._vision_model), fused_rms_norms(() if self.compiled else self._norms):
-                image = self.image_features(pixels.to(dtype))
+            """image_embeddings, the projector's norm fused as the decoder's are, and checked."""
+            with fused_rms_norms(() if self.compiled else self._norms):
+                image = self.image_embeddings(host_pixels)
             if image.shape[1] != end - start:
                 raise FactError(f"expected {end - start} image embeddings per image, found {image.shape[1]}")
-            return image.to(dtype)
+            return image
 
         def forward_with(image):
             def forward(suffix_ids, position_ids, mask):
@@ -625,6 +621,17 @@ class MedGemmaMedical(VLMBackend):
 
             out["text_only"] = memo.resolve("text_only", context, ids, text_only)
         return out
+
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Host pixels [K, 3, S, S] as prepare() makes them (8-bit, normalised here on the
+        device, or float) -> [K, 256, hidden] in the model dtype: image_features on the SigLIP
+        fast path. Every device input is made here (medvlm.core.engine.on_stream)."""
+        param = next(self.model.parameters())
+        pixels = pixel_values.to(device=param.device, non_blocking=True)  # pinned on a GPU: no host wait
+        if pixels.dtype == torch.uint8:
+            pixels = normalize_pixels(self.processor.image_processor, pixels)
+        with siglip_fast_path(self._vision_model):
+            return self.image_features(pixels.to(param.dtype)).to(param.dtype)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[K, 3, S, S] -> [K, 256, hidden]: the vision tower and the projector (the model's

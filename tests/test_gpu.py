@@ -182,8 +182,7 @@ def test_overlap_tower_runs_the_next_towers_beside_queued_work_and_changes_no_re
     backend.overlap_tower()
     assert backend.describe()["tower_stream"] is True
     backend.score_many(items)  # warm-up on the new stream
-    tower = "image_features" if model == "medgemma" else "image_embeddings"
-    done, inner = [], getattr(backend, tower)
+    done, inner = [], backend.image_embeddings
 
     def traced(pixels):
         out = inner(pixels)
@@ -191,7 +190,7 @@ def test_overlap_tower_runs_the_next_towers_beside_queued_work_and_changes_no_re
         done[-1].record()  # on the stream the tower runs on
         return out
 
-    monkeypatch.setattr(backend, tower, traced)
+    monkeypatch.setattr(backend, "image_embeddings", traced)
     prep = backend.prepare(items)
     torch.cuda.synchronize()
     torch.cuda._sleep(2_000_000_000)  # about a second of the GPU spinning on the pass's stream

@@ -125,9 +125,7 @@ import torch
 
 from medvlm.core.engine import PackedLayout, pack_suffixes, pass_masks, to_device
 from medvlm.core.fused_norms import FUSED, fused_rms_norms, module_forward, patched_forwards
-from medvlm.core.medgemma_pixels import normalize_pixels
 from medvlm.core.relevancy import RelevancyRecorder, relevancy_attention
-from medvlm.core.siglip_fast import siglip_fast_path
 from medvlm.core.store import map_key
 
 #: what --attribution accepts: the scoring pass's own attention plus the gradient maps
@@ -228,8 +226,10 @@ class _Pieces:
         raise NotImplementedError
 
     def image_embeddings(self, images) -> torch.Tensor:
-        """8-bit RGB PIL images -> [K, n_image, d] in the model dtype, no graph."""
-        raise NotImplementedError
+        """8-bit RGB PIL images -> [K, n_image, d] in the model dtype, no graph: the backend's
+        own image_embeddings on its own pixel_values."""
+        with torch.no_grad():
+            return self.backend.image_embeddings(self.backend.pixel_values(images))
 
 
 class _LLaVARadPieces(_Pieces):
@@ -247,10 +247,6 @@ class _LLaVARadPieces(_Pieces):
     def prompt(self, question):
         t = self.backend._tokens(question)
         return tuple(t.prefix_ids), (), tuple(t.suffix_ids)
-
-    def image_embeddings(self, images):
-        with torch.no_grad():
-            return self.backend.image_embeddings(self.backend.pixel_values(images))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.backend.model.model.embed_tokens(ids)
@@ -278,7 +274,6 @@ class _MedGemmaPieces(_Pieces):
         self.attention = backend._attention
         self.n_image = backend.facts.mm_tokens_per_image
         self.bidirectional = True
-        self._images: dict[str, object] = {}
 
     def prompt(self, question):
         e = self.backend._prompt(question)
@@ -288,14 +283,6 @@ class _MedGemmaPieces(_Pieces):
     def check(self, question: str) -> None:
         """The backend's own once-per-question check of our ids against the processor's."""
         self.backend._check_against_processor(self.backend._prompt(question), question)
-
-    def image_embeddings(self, images):
-        b = self.backend
-        pixels = b.pixel_values(images).to(self.device, non_blocking=True)  # pinned on a GPU: no host wait
-        if pixels.dtype == torch.uint8:
-            pixels = normalize_pixels(b.processor.image_processor, pixels)
-        with torch.no_grad(), siglip_fast_path(b._vision_model):
-            return b.image_features(pixels.to(self.dtype)).to(self.dtype)
 
     def embed(self, ids):
         return self.backend.model.model.get_input_embeddings()(ids)
