@@ -84,6 +84,7 @@ from medvlm.core.llava_rad_loading import (  # noqa: F401 - the checkpoint layou
     merge_lora,
     quantize_linear_layers,
     resolve_folder,
+    state_mismatch,
 )
 from medvlm.core.llava_rad_processing import (  # noqa: F401 - the prompt and pixels, importable from here
     CLIP_MEAN,
@@ -427,14 +428,10 @@ class LLaVARadMedical(VLMBackend):
         ignored = sorted(k for k in trunk_state if k.startswith(("head.", "fc_norm.")))  # never used by features
         for k in ignored:
             trunk_state.pop(k)
-        expected = trunk.state_dict()
-        missing = sorted(set(expected) - set(trunk_state))
-        unexpected = sorted(set(trunk_state) - set(expected))
+        missing, unexpected, bad = state_mismatch(trunk.state_dict(), trunk_state)
         if missing or unexpected:
             _fail(ckpt_path, f"visual.trunk.* does not match timm {arch}: missing {missing[:5]} "
                              f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")  # fmt: skip
-        bad = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in trunk_state.items()
-               if tuple(v.shape) != tuple(expected[k].shape)]  # fmt: skip
         if bad:
             _fail(ckpt_path, f"shape mismatch (key, file, model): {bad[:3]}")
         trunk.load_state_dict({k: v.float() for k, v in trunk_state.items()}, strict=True)

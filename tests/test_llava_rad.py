@@ -5,6 +5,7 @@ preprocessing vs torchvision, and the tokenisation vs the official slow (sentenc
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -284,6 +285,31 @@ def test_contradicted_fact_is_refused(tiny, tmp_path, file, changes, fact):
     with pytest.raises(LLaVARadLoadError, match=fact) as err:
         _load(m, b)
     assert file in str(err.value)
+
+
+def test_weight_of_the_wrong_shape_is_refused_naming_both_shapes(tiny, tmp_path):
+    """A trunk or projector weight present under its key but of another shape: the file, the
+    key and both shapes are named (medvlm.core.llava_rad_loading.state_mismatch)."""
+    m, b = _copy(tiny, tmp_path)
+    ck = torch.load(m / "biomedclipcxr_518_checkpoint.pt", weights_only=True)
+    key = "module.visual.trunk.blocks.1.attn.qkv.weight"
+    shape = tuple(ck["state_dict"][key].shape)
+    ck["state_dict"][key] = ck["state_dict"][key][:-1]
+    torch.save(ck, m / "biomedclipcxr_518_checkpoint.pt")
+    bad = (shape[0] - 1, *shape[1:])
+    with pytest.raises(LLaVARadLoadError, match=re.escape(f"('blocks.1.attn.qkv.weight', {bad}, {shape})")) as err:
+        _load(m, b)
+    assert "checkpoint.pt" in str(err.value) and "shape mismatch" in str(err.value)
+    m, b = _copy(tiny, tmp_path / "second")
+    sd = torch.load(m / "non_lora_trainables.bin", weights_only=True)
+    key = "base_model.model.model.mm_projector.2.weight"
+    shape = tuple(sd[key].shape)
+    sd[key] = sd[key][:, :-1]
+    torch.save(sd, m / "non_lora_trainables.bin")
+    bad = (shape[0], shape[1] - 1)
+    message = f"model.mm_projector.2.weight: shape {bad}, expected {shape}"
+    with pytest.raises(LLaVARadLoadError, match=re.escape(message)):
+        _load(m, b)
 
 
 def test_weight_file_that_does_not_fit_is_refused(tiny, tmp_path):

@@ -253,6 +253,17 @@ def merge_lora(model: torch.nn.Module, adapter_dir: Path) -> dict:
     }
 
 
+def state_mismatch(expected: dict, got: dict) -> tuple[list[str], list[str], list[tuple[str, tuple, tuple]]]:
+    """How a file's weights `got` fail a module's state dict `expected`: (missing keys, sorted;
+    unexpected keys, sorted; (key, file shape, module shape) of the shared keys whose shapes
+    differ, in the file's order)."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    bad = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in got.items()
+           if k in expected and tuple(v.shape) != tuple(expected[k].shape)]  # fmt: skip
+    return missing, unexpected, bad
+
+
 # -- the projector and any other non-LoRA weights -------------------------------------------
 def load_non_lora(path: Path, projector: torch.nn.Sequential, lm) -> dict:
     """non_lora_trainables.bin: keys normalised as the official builder does
@@ -265,16 +276,13 @@ def load_non_lora(path: Path, projector: torch.nn.Sequential, lm) -> dict:
     if any(k.startswith("model.model.") for k in sd):
         sd = {(k[6:] if k.startswith("model.") else k): v for k, v in sd.items()}
     proj_sd = {k[len("model.mm_projector.") :]: v for k, v in sd.items() if k.startswith("model.mm_projector.")}
-    expected = projector.state_dict()
-    missing = sorted(set(expected) - set(proj_sd))
-    extra = sorted(set(proj_sd) - set(expected))
+    missing, extra, bad = state_mismatch(projector.state_dict(), proj_sd)
     if missing or extra:
         _fail(path, f"projector keys: missing {['model.mm_projector.' + k for k in missing]}, "
                     f"unexpected {['model.mm_projector.' + k for k in extra]}")  # fmt: skip
-    for k, v in proj_sd.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            _fail(path, f"model.mm_projector.{k}: shape {tuple(v.shape)}, expected {tuple(expected[k].shape)} "
-                        "(mm_hidden_size / hidden_size)")  # fmt: skip
+    if bad:
+        k, found, want = bad[0]
+        _fail(path, f"model.mm_projector.{k}: shape {found}, expected {want} (mm_hidden_size / hidden_size)")
     projector.load_state_dict({k: v.float() for k, v in proj_sd.items()}, strict=True)
     lm_sd = lm.state_dict()
     applied, ignored, unknown = [], [], []
