@@ -64,8 +64,12 @@ def _close(a, b, what):
 
 
 def test_maps_equal_autograd_on_the_eager_full_prompt_reference(backend, batched):
+    """Both maps, and gradient x input on a shared prefix with both of a study's questions in one
+    vmapped backward, against autograd on the eager full-prompt reference, question by question."""
     assert set(batched.maps) == set(GRADIENT_KINDS)
     assert batched.layers == {"gradxinput": (0,), "relevancy": (len(backend._attention) - 1,)}
+    vmapped = attribution_maps(backend, items(), ("gradxinput",), rows_per_pass=3, share_prefix=True,
+                               questions_per_backward=2)  # fmt: skip
     for q, (image, question) in enumerate(pairs()):
         ref = reference_attribution(backend, image, question)
         assert abs(batched.margin[q] - ref["margin"]) <= TOL, (question, batched.margin[q], ref["margin"])
@@ -73,6 +77,7 @@ def test_maps_equal_autograd_on_the_eager_full_prompt_reference(backend, batched
         for kind in GRADIENT_KINDS:
             assert batched[kind].shape == (3, 1, ref[kind].numel())
             _close(batched[kind][q, 0], ref[kind].numpy(), f"{backend.name} {kind} question {q}")
+        _close(vmapped["gradxinput"][q, 0], ref["gradxinput"].numpy(), f"{backend.name} vmapped question {q}")
     assert (batched["relevancy"] >= 0).all(), "relevancy is a sum of products of non-negative terms"
     assert (batched["gradxinput"] < 0).any() and (batched["gradxinput"] > 0).any(), "gradxinput is stored signed"
 
